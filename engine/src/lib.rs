@@ -1,0 +1,51 @@
+//! The tessera engine: content-defined chunking, chunk stores, indexes, sync and
+//! verification of disk images.
+//!
+//! Data flows one way:
+//! - [`make()`]: source → [`Chunker`] → hash/compress workers → [`ChunkStore`] + [`Index`];
+//! - [`sync()`]: [`Index`] + store → fetch/verify workers → positional writes → [`verify()`];
+//! - [`verify()`]: target → chunk hashes compared with the index.
+//!
+//! Every chunk that leaves a store passes through [`VerifiedChunk::verify`].
+//!
+//! ```no_run
+//! use std::path::Path;
+//! use tessera_engine::{make, sync, Index, LocalStore, MakeOptions, NoProgress};
+//!
+//! # fn main() -> tessera_engine::Result<()> {
+//! let store = LocalStore::open("store", true)?;
+//! let (index, report) = make(Path::new("disk.img"), &store, Path::new("disk.tidx"),
+//!                            &MakeOptions::default(), &NoProgress)?;
+//! println!("{} chunks, root hash {}", report.chunk_count, report.root_hash);
+//! let index = Index::load(Path::new("disk.tidx"))?;
+//! sync(&index, Path::new("copy.img"), &store, &NoProgress)?;
+//! # Ok(()) }
+//! ```
+#![deny(missing_docs)]
+
+pub mod chunk;
+pub mod chunker;
+pub mod device;
+pub mod error;
+mod fsutil;
+mod id;
+pub mod index;
+pub mod make;
+pub mod progress;
+pub mod store;
+pub mod sync;
+mod sys;
+pub mod verify;
+
+pub use chunk::VerifiedChunk;
+pub use chunker::{Chunker, ChunkerParams};
+pub use device::{Device, DeviceKind};
+pub use error::{Error, ErrorKind, Result};
+pub use fsutil::write_atomic;
+pub use id::{ChunkId, ParseIdError};
+pub use index::{ChunkEntry, Index};
+pub use make::{make, MakeOptions, MakeReport};
+pub use progress::{NoProgress, Progress};
+pub use store::{ChunkStore, LocalStore};
+pub use sync::{sync, SyncReport};
+pub use verify::{verify, verify_ok, VerifyReport};

@@ -1,0 +1,116 @@
+//! A chunk store in a local directory.
+
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+use super::{chunk_path, ChunkStore};
+use crate::error::{Error, Result};
+use crate::fsutil::temp_path_for;
+use crate::ChunkId;
+
+/// Chunk files below a directory. Writes are atomic (temporary file + rename) and never
+/// replace an existing chunk file.
+#[derive(Debug, Clone)]
+pub struct LocalStore {
+    root: PathBuf,
+}
+
+/// Chunk files larger than this are refused before reading: no valid chunk compresses
+/// to more than its 16 MiB maximum plus zstd's small overhead.
+const MAX_CHUNK_FILE: u64 = 17 * 1024 * 1024;
+
+impl LocalStore {
+    /// Opens a store, creating its directory when `create` is set.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the directory cannot be created or is not a directory.
+    pub fn open(root: impl Into<PathBuf>, create: bool) -> Result<LocalStore> {
+        let root = root.into();
+        if create {
+            fs::create_dir_all(root.join("chunks")).map_err(|e| Error::io("creating store", &root, e))?;
+        } else {
+            let meta = fs::metadata(&root).map_err(|e| Error::io("opening store", &root, e))?;
+            if !meta.is_dir() {
+                return Err(Error::io(
+                    "opening store",
+                    &root,
+                    io::Error::new(io::ErrorKind::InvalidInput, "not a directory"),
+                ));
+            }
+        }
+        Ok(LocalStore { root })
+    }
+
+    /// The store directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Absolute path of a chunk's file.
+    pub fn path_of(&self, id: &ChunkId) -> PathBuf {
+        self.root.join(chunk_path(id))
+    }
+}
+
+impl ChunkStore for LocalStore {
+    fn location(&self) -> String {
+        self.root.display().to_string()
+    }
+
+    fn get_compressed(&self, id: &ChunkId) -> Result<Option<Vec<u8>>> {
+        let path = self.path_of(id);
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io("opening chunk file", path, e)),
+        };
+        let mut buf = Vec::new();
+        file.take(MAX_CHUNK_FILE + 1)
+            .read_to_end(&mut buf)
+            .map_err(|e| Error::io("reading chunk file", &path, e))?;
+        if buf.len() as u64 > MAX_CHUNK_FILE {
+            return Err(Error::CorruptChunk {
+                id: *id,
+                origin: path.display().to_string(),
+                reason: format!("chunk file is larger than {MAX_CHUNK_FILE} bytes"),
+            });
+        }
+        Ok(Some(buf))
+    }
+
+    fn contains(&self, id: &ChunkId) -> Result<bool> {
+        let path = self.path_of(id);
+        match fs::symlink_metadata(&path) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(Error::io("checking chunk file", path, e)),
+        }
+    }
+
+    fn put_compressed(&self, id: &ChunkId, compressed: &[u8]) -> Result<bool> {
+        let path = self.path_of(id);
+        if self.contains(id)? {
+            return Ok(false);
+        }
+        let dir = path.parent().expect("chunk paths have a parent");
+        fs::create_dir_all(dir).map_err(|e| Error::io("creating store directory", dir, e))?;
+        let tmp = temp_path_for(&path);
+        let written = (|| {
+            let mut f = File::create(&tmp)?;
+            f.write_all(compressed)?;
+            // No fsync per chunk: `flush` syncs the whole filesystem once before the
+            // index is published.
+            fs::rename(&tmp, &path)
+        })();
+        written.map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            Error::io("writing chunk file", &path, e)
+        })?;
+        Ok(true)
+    }
+
+    fn flush(&self) -> Result<()> {
+        crate::sys::syncfs(&self.root).map_err(|e| Error::io("syncing store", &self.root, e))
+    }
+}
