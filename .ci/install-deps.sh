@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs the Debian packages that tessera's tests and demo use. Idempotent: runs
+# apt-get only when a package is missing. Needs root (CI is root).
+set -euo pipefail
+
+PACKAGES=(
+  e2fsprogs      # mkfs.ext4 -d, debugfs: ext4 fixtures
+  util-linux     # losetup, blockdev: loop-device tests
+  zstd           # zstd -d: chunk files are plain zstd frames
+  casync         # benchmark peer
+  time           # /usr/bin/time -v: peak memory in benchmarks
+)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "installing: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi

@@ -1,0 +1,31 @@
+//! One module per subcommand: arguments in, one engine call, result out.
+
+mod info;
+mod make;
+mod sync;
+mod verify;
+
+use std::process::ExitCode;
+
+use clap::Subcommand;
+
+use crate::output::Output;
+
+/// The subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    Make(make::Args),
+    Sync(sync::Args),
+    Verify(verify::Args),
+    Info(info::Args),
+}
+
+/// Runs a subcommand; `Ok` carries the exit code.
+pub fn run(command: Command, out: &Output) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Make(args) => make::run(args, out),
+        Command::Sync(args) => sync::run(args, out),
+        Command::Verify(args) => verify::run(args, out),
+        Command::Info(args) => info::run(args, out),
+    }
+}

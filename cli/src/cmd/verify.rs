@@ -1,0 +1,67 @@
+//! `tessera verify`: check that a target holds exactly an image.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use tessera_engine::Index;
+
+use crate::output::Output;
+
+/// Check that TARGET holds exactly the image of INDEX.
+///
+/// Every chunk of the target is hashed and compared with the index. Exit status 0 means
+/// the first image-size bytes of TARGET are the image; 1 means they are not (or it could
+/// not be read). Bytes past the image's end are ignored.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The index file.
+    index: PathBuf,
+    /// File or block device to check.
+    target: PathBuf,
+    /// Print the result as JSON (`ok` says whether it matched).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(serde::Serialize)]
+struct Json<'a> {
+    ok: bool,
+    #[serde(flatten)]
+    report: &'a tessera_engine::VerifyReport,
+}
+
+pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
+    let index = Index::load(&args.index)?;
+    let report = tessera_engine::verify(&index, &args.target, out)?;
+    let ok = report.ok();
+    if args.json {
+        out.json(&Json {
+            ok,
+            report: &report,
+        })?;
+    } else if ok {
+        out.line(format!(
+            "{}: OK, {} chunks match {}",
+            args.target.display(),
+            report.chunk_count,
+            args.index.display()
+        ));
+    }
+    if ok {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        let detail = match report.first_bad_offset {
+            Some(off) => format!(
+                "{} of {} chunks differ, the first at offset {off}",
+                report.bad_chunks, report.chunk_count
+            ),
+            None => "the whole-image hash differs from the index".to_string(),
+        };
+        eprintln!(
+            "tessera: {} does not hold the image of {}: {detail}",
+            args.target.display(),
+            args.index.display()
+        );
+        Ok(ExitCode::from(1))
+    }
+}
