@@ -1,0 +1,314 @@
+//! Engine-core behaviour through the real binary: make → sync → verify round trips,
+//! determinism, sparse output, target size rules, loop devices, hostile indexes and chunks.
+
+mod util;
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use tempfile::TempDir;
+use util::*;
+
+/// An image mixing random, zero and repeated regions, `len` bytes long.
+fn mixed_image(len: usize, seed: u64) -> Vec<u8> {
+    let mut img = Vec::with_capacity(len);
+    let mut s = seed;
+    while img.len() < len {
+        s += 1;
+        match s % 3 {
+            0 => img.extend(random_bytes(300_000 + (s as usize * 7919) % 200_000, s)),
+            1 => img.extend(std::iter::repeat_n(0u8, 700_000)),
+            _ => {
+                let start = img.len() / 3;
+                let end = (start + 250_000).min(img.len());
+                let copy = img[start..end].to_vec();
+                img.extend(copy);
+            }
+        }
+    }
+    img.truncate(len);
+    img
+}
+
+struct Made {
+    _dir: TempDir,
+    image: PathBuf,
+    store: PathBuf,
+    index: PathBuf,
+    make: serde_json::Value,
+}
+
+fn make_image(bytes: &[u8], extra: &[&str]) -> Made {
+    let dir = TempDir::new().unwrap();
+    let image = dir.path().join("image.raw");
+    fs::write(&image, bytes).unwrap();
+    let store = dir.path().join("store");
+    let index = dir.path().join("image.tidx");
+    let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> =
+        vec![&"make", &image, &"--store", &store, &"--index", &index, &"--json"];
+    for e in extra {
+        args.push(e);
+    }
+    let make = json(&run_ok(&args));
+    Made {
+        _dir: dir,
+        image,
+        store,
+        index,
+        make,
+    }
+}
+
+fn sync_to(m: &Made, target: &Path) -> serde_json::Value {
+    json(&run_ok(&[&"sync", &m.index, &target, &"--store", &m.store, &"--json"]))
+}
+
+fn round_trip(bytes: &[u8], extra: &[&str]) {
+    let m = make_image(bytes, extra);
+    assert_eq!(m.make["image_size"], bytes.len() as u64);
+    let target = m._dir.path().join("out.raw");
+    let s = sync_to(&m, &target);
+    assert_eq!(s["image_size"], bytes.len() as u64);
+    assert_eq!(fs::read(&target).unwrap(), bytes, "synced image differs");
+    run_ok(&[&"verify", &m.index, &target]);
+}
+
+#[test]
+fn round_trip_sizes_not_multiple_of_any_block() {
+    for (len, seed) in [(1usize, 1u64), (4095, 2), (16_383, 3), (1_048_583, 4), (5_000_011, 5)] {
+        round_trip(&mixed_image(len, seed), &[]);
+    }
+}
+
+#[test]
+fn round_trip_empty_image() {
+    let m = make_image(&[], &[]);
+    assert_eq!(m.make["chunk_count"], 0);
+    let target = m._dir.path().join("out.raw");
+    sync_to(&m, &target);
+    assert_eq!(fs::metadata(&target).unwrap().len(), 0);
+    run_ok(&[&"verify", &m.index, &target]);
+}
+
+#[test]
+fn round_trip_small_chunk_sizes() {
+    round_trip(&mixed_image(3_000_001, 9), &["--chunk-size", "1K:4K:16K"]);
+}
+
+#[test]
+fn make_and_info_report_the_promised_fields() {
+    let img = mixed_image(4_000_000, 11);
+    let m = make_image(&img, &[]);
+    for key in ["image_size", "chunk_count", "unique_chunks", "new_chunks", "stored_bytes", "root_hash"] {
+        assert!(m.make.get(key).is_some(), "make --json lacks {key}: {}", m.make);
+    }
+    assert!(m.make["unique_chunks"].as_u64().unwrap() < m.make["chunk_count"].as_u64().unwrap());
+    let info = json(&run_ok(&[&"info", &m.index, &"--json"]));
+    assert_eq!(info["format_version"], 1);
+    assert_eq!(info["image_size"], 4_000_000);
+    assert_eq!(info["chunk_count"], m.make["chunk_count"]);
+    assert_eq!(info["chunker"]["min"], 16384);
+    assert_eq!(info["chunker"]["avg"], 65536);
+    assert_eq!(info["chunker"]["max"], 262144);
+    assert_eq!(info["image_hash"], blake3::hash(&img).to_hex().as_str());
+    let root = blake3::hash(&fs::read(&m.index).unwrap());
+    assert_eq!(info["root_hash"], root.to_hex().as_str());
+    assert_eq!(m.make["root_hash"], root.to_hex().as_str());
+    // Remaking into the same store writes nothing new.
+    let again = json(&run_ok(&[&"make", &m.image, &"--store", &m.store, &"--index", &m.index, &"--json"]));
+    assert_eq!(again["new_chunks"], 0);
+    assert_eq!(again["stored_bytes"], 0);
+}
+
+#[test]
+fn make_is_deterministic_across_stores() {
+    let img = mixed_image(6_000_000, 21);
+    let a = make_image(&img, &["--threads", "1"]);
+    let b = make_image(&img, &["--threads", "3"]);
+    assert_eq!(fs::read(&a.index).unwrap(), fs::read(&b.index).unwrap());
+    let files_a = tree_contents(&a.store);
+    let files_b = tree_contents(&b.store);
+    assert!(!files_a.is_empty());
+    assert_eq!(files_a, files_b, "chunk files differ between two makes");
+    // Chunk files are plain zstd frames of the chunk bytes.
+    for (path, bytes) in files_a.iter().take(3) {
+        let raw = zstd::decode_all(&bytes[..]).unwrap();
+        let hex = path.file_name().unwrap().to_str().unwrap().trim_end_matches(".zst");
+        assert_eq!(blake3::hash(&raw).to_hex().as_str(), hex);
+    }
+}
+
+#[test]
+fn zero_chunks_are_not_stored_and_become_holes() {
+    let mut img = random_bytes(300_000, 1);
+    img.extend(vec![0u8; 8 << 20]);
+    img.extend(random_bytes(300_000, 2));
+    let m = make_image(&img, &[]);
+    assert!(m.make["zero_chunks"].as_u64().unwrap() > 10);
+    let stored: usize = tree_contents(&m.store).len();
+    assert_eq!(stored as u64, m.make["unique_chunks"].as_u64().unwrap());
+    let target = m._dir.path().join("out.raw");
+    let s = sync_to(&m, &target);
+    assert!(s["bytes_fetched"].as_u64().unwrap() < 2_000_000);
+    assert_eq!(fs::read(&target).unwrap(), img);
+    let allocated = fs::metadata(&target).unwrap().blocks() * 512;
+    assert!(allocated < 4 << 20, "target is not sparse: {allocated} bytes allocated");
+}
+
+#[test]
+fn verify_fails_on_a_one_byte_change() {
+    let img = mixed_image(2_000_000, 31);
+    let m = make_image(&img, &[]);
+    let mut changed = img.clone();
+    changed[1_234_567] ^= 0x01;
+    let target = m._dir.path().join("changed.raw");
+    fs::write(&target, &changed).unwrap();
+    let err = run_err(&[&"verify", &m.index, &target]);
+    assert!(err.contains("does not hold the image"), "{err}");
+    let out = run(&[&"verify", &m.index, &target, &"--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let v = json(std::str::from_utf8(&out.stdout).unwrap());
+    assert_eq!(v["ok"], false);
+    assert_eq!(v["bad_chunks"], 1);
+    run_ok(&[&"verify", &m.index, &m.image]);
+}
+
+#[test]
+fn target_larger_keeps_its_tail_and_smaller_is_refused() {
+    let img = mixed_image(1_500_000, 41);
+    let m = make_image(&img, &[]);
+    let big = m._dir.path().join("big.raw");
+    let tail = random_bytes(100_000, 42);
+    let mut content = random_bytes(img.len(), 43);
+    content.extend(&tail);
+    fs::write(&big, &content).unwrap();
+    sync_to(&m, &big);
+    let after = fs::read(&big).unwrap();
+    assert_eq!(&after[..img.len()], &img[..]);
+    assert_eq!(&after[img.len()..], &tail[..]);
+
+    let small = m._dir.path().join("small.raw");
+    let before = random_bytes(img.len() - 1, 44);
+    fs::write(&small, &before).unwrap();
+    let err = run_err(&[&"sync", &m.index, &small, &"--store", &m.store]);
+    assert!(err.contains("image needs"), "{err}");
+    assert_eq!(fs::read(&small).unwrap(), before, "a refused target was modified");
+}
+
+#[test]
+fn hostile_indexes_give_clear_errors() {
+    let img = mixed_image(2_000_000, 51);
+    let m = make_image(&img, &[]);
+    let good = fs::read(&m.index).unwrap();
+    let dir = m._dir.path();
+    let mut cases: Vec<(String, Vec<u8>)> = vec![
+        ("empty".into(), vec![]),
+        ("random".into(), random_bytes(5000, 52)),
+        ("truncated header".into(), good[..40].to_vec()),
+        ("truncated records".into(), good[..good.len() - 50].to_vec()),
+        ("extended".into(), [good.clone(), vec![0; 36]].concat()),
+    ];
+    for pos in [9usize, 20, 33, 45, 75, 100, good.len() - 40, good.len() - 1] {
+        let mut b = good.clone();
+        b[pos] ^= 0x40;
+        cases.push((format!("flip at {pos}"), b));
+    }
+    let mut random_magic = random_bytes(good.len(), 53);
+    random_magic[..8].copy_from_slice(&good[..8]);
+    cases.push(("random after magic".into(), random_magic));
+    for (name, bytes) in cases {
+        let bad = dir.join("bad.tidx");
+        fs::write(&bad, &bytes).unwrap();
+        let target = dir.join("never.raw");
+        for args in [
+            vec![&"info" as &dyn AsRef<std::ffi::OsStr>, &bad],
+            vec![&"verify", &bad, &m.image],
+            vec![&"sync", &bad, &target, &"--store", &m.store],
+        ] {
+            let err = run_err(&args);
+            assert!(err.contains("invalid index") && err.contains("bad.tidx"), "{name}: {err}");
+        }
+        assert!(!target.exists(), "{name}: sync created a target from a bad index");
+    }
+    let err = run_err(&[&"info", &dir.join("missing.tidx")]);
+    assert!(err.contains("missing.tidx"), "{err}");
+}
+
+#[test]
+fn corrupted_or_missing_chunk_file_fails_sync_with_its_id() {
+    let img = mixed_image(3_000_000, 61);
+    let m = make_image(&img, &[]);
+    let files = tree_contents(&m.store);
+    let (victim_rel, bytes) = &files[files.len() / 2];
+    let victim = m.store.join(victim_rel);
+    let id = victim.file_name().unwrap().to_str().unwrap().trim_end_matches(".zst").to_string();
+
+    // A corrupted but still valid zstd frame: different bytes, same length.
+    let mut raw = zstd::decode_all(&bytes[..]).unwrap();
+    raw[0] ^= 0xff;
+    fs::write(&victim, zstd::encode_all(&raw[..], 3).unwrap()).unwrap();
+    let target = m._dir.path().join("out.raw");
+    let err = run_err(&[&"sync", &m.index, &target, &"--store", &m.store]);
+    assert!(err.contains(&id) && err.contains("corrupt chunk"), "{err}");
+
+    // Garbage instead of a zstd frame.
+    fs::write(&victim, b"definitely not zstd").unwrap();
+    let err = run_err(&[&"sync", &m.index, &target, &"--store", &m.store]);
+    assert!(err.contains(&id), "{err}");
+
+    fs::remove_file(&victim).unwrap();
+    let err = run_err(&[&"sync", &m.index, &target, &"--store", &m.store]);
+    assert!(err.contains(&id) && err.contains("missing"), "{err}");
+}
+
+#[test]
+fn bad_arguments_are_refused() {
+    let img = mixed_image(100_000, 71);
+    let m = make_image(&img, &[]);
+    let out = m._dir.path().join("x.tidx");
+    for cs in ["16K:60K:256K", "1:2", "300K:64K:256K", "abc"] {
+        let err = run_err(&[&"make", &m.image, &"--store", &m.store, &"--index", &out, &"--chunk-size", &cs]);
+        assert!(err.contains("chunk sizes"), "{cs}: {err}");
+    }
+    let err = run_err(&[&"make", &m._dir.path().join("nope.raw"), &"--store", &m.store, &"--index", &out]);
+    assert!(err.contains("nope.raw"), "{err}");
+    let err = run_err(&[&"sync", &m.index, &m._dir.path().join("t.raw"), &"--store", &m._dir.path().join("nostore")]);
+    assert!(err.contains("nostore"), "{err}");
+}
+
+#[test]
+fn loop_device_as_source_and_target() {
+    if skip_unless(loop_available(), "root and loop devices") {
+        return;
+    }
+    let dir = TempDir::new().unwrap();
+    // A loop device is a multiple of 512 bytes; the image inside it need not be.
+    let img = mixed_image(4 * 1024 * 1024, 81);
+    let src_file = dir.path().join("src.raw");
+    fs::write(&src_file, &img).unwrap();
+    let src = LoopDevice::attach(&src_file);
+    let store = dir.path().join("store");
+    let index = dir.path().join("dev.tidx");
+    let made = json(&run_ok(&[&"make", &src.path, &"--store", &store, &"--index", &index, &"--json"]));
+    assert_eq!(made["image_size"], img.len() as u64);
+
+    // Target: a larger loop device full of other bytes.
+    let dst_file = dir.path().join("dst.raw");
+    let junk = random_bytes(6 * 1024 * 1024, 82);
+    fs::write(&dst_file, &junk).unwrap();
+    let dst = LoopDevice::attach(&dst_file);
+    json(&run_ok(&[&"sync", &index, &dst.path, &"--store", &store, &"--json"]));
+    run_ok(&[&"verify", &index, &dst.path]);
+    drop(dst);
+    let after = fs::read(&dst_file).unwrap();
+    assert_eq!(&after[..img.len()], &img[..]);
+    assert_eq!(&after[img.len()..], &junk[img.len()..], "tail past the image changed");
+
+    // A loop device smaller than the image is refused.
+    let small_file = dir.path().join("small.raw");
+    fs::write(&small_file, vec![7u8; 1024 * 1024]).unwrap();
+    let small = LoopDevice::attach(&small_file);
+    let err = run_err(&[&"sync", &index, &small.path, &"--store", &store]);
+    assert!(err.contains("image needs"), "{err}");
+}
