@@ -145,7 +145,7 @@ impl Device {
         if self.kind == DeviceKind::File && crate::sys::punch_hole(&self.file, offset, len).is_ok() {
             return Ok(());
         }
-        const ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+        static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
         let mut done = 0u64;
         while done < len {
             let n = (len - done).min(ZEROS.len() as u64) as usize;
