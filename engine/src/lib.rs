@@ -46,6 +46,6 @@ pub use id::{ChunkId, ParseIdError};
 pub use index::{ChunkEntry, Index};
 pub use make::{make, MakeOptions, MakeReport};
 pub use progress::{NoProgress, Progress};
-pub use store::{ChunkStore, LocalStore};
+pub use store::{CacheOptions, CacheStore, ChunkStore, FetchStream, Fetched, LocalStore};
 pub use sync::{sync, SyncReport};
 pub use verify::{verify, verify_ok, VerifyReport};
