@@ -1,7 +1,44 @@
-//! An NBD server on tokio that serves any [`Backend`]. (Protocol work lands with the NBD issue.)
+//! An NBD (Network Block Device) server on tokio that serves any [`Backend`].
+//!
+//! The protocol is implemented in layers:
+//! - [`wire`]: pure encoding and decoding of magics, options, requests and replies;
+//! - [`handshake`]: fixed newstyle negotiation (GO, INFO, EXPORT_NAME, LIST, ABORT,
+//!   STRUCTURED_REPLY, LIST/SET_META_CONTEXT with `base:allocation`);
+//! - transmission: pipelined requests, replies out of order from one writer task;
+//! - [`Server`]: accept loop with a connection cap and graceful shutdown.
+//!
+//! Everything is generic over `AsyncRead + AsyncWrite`, so a connection can be served
+//! over `tokio::io::duplex` as well as TCP or Unix sockets. The crate knows nothing of
+//! where the bytes come from: a [`Backend`] (size, read, write, flush, trim, zero,
+//! extents, capabilities) provides them. See `docs/NBD.md` for the protocol surface.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use tessera_nbd::{Export, Exports, MemoryBackend, Server};
+//!
+//! # async fn demo() -> std::io::Result<()> {
+//! let mut exports = Exports::new();
+//! exports.add(Export::new("disk", Arc::new(MemoryBackend::new(vec![0; 1 << 20], false))));
+//! let server = Server::builder(exports).build();
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:10809").await?;
+//! server.serve_tcp(listener, async { let _ = tokio::signal::ctrl_c().await; }).await
+//! # }
+//! ```
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
-/// A block device that an NBD export reads from.
-pub trait Backend: Send + Sync {
-    /// Size of the export in bytes.
-    fn size(&self) -> u64;
-}
+mod backend;
+pub mod error;
+mod export;
+pub mod handshake;
+mod server;
+mod transmission;
+pub mod wire;
+
+pub use backend::{
+    Backend, BackendError, BackendResult, BlockState, Capabilities, ErrorKind, Extent,
+    MemoryBackend,
+};
+pub use error::{Error, Result};
+pub use export::{Export, Exports, Limits};
+pub use server::{LogFn, Server, ServerBuilder};

@@ -1,0 +1,476 @@
+//! The transmission phase: read requests, run them on the backend, write replies.
+//!
+//! One reader (this task) decodes requests and checks them; each valid request runs on
+//! tokio's blocking pool, at most `max_in_flight` at a time per connection, and hands its
+//! encoded reply to one writer task, so replies go out as they complete, in any order.
+//! A failed request gets an error reply and the connection carries on; only a broken
+//! stream (bad magic, EOF, socket error) ends it. `NBD_CMD_DISC` and server shutdown stop
+//! reading but let in-flight requests finish and reply first.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::sync::{mpsc, watch, Semaphore};
+
+use crate::backend::{Backend, BackendError, BlockState, Extent};
+use crate::error::{code, errno, Error, Result};
+use crate::export::Limits;
+use crate::handshake::{Negotiated, BASE_ALLOCATION_ID};
+use crate::server::LogFn;
+use crate::wire::{self, cmd, cmd_flag, reply, state, Decoded, Request};
+
+/// Most descriptors sent in one `NBD_REPLY_TYPE_BLOCK_STATUS` chunk.
+const MAX_DESCRIPTORS: usize = 1024;
+
+/// An encoded reply: byte pieces, some of them ranges of a data buffer.
+#[derive(Debug, Default)]
+struct Outgoing {
+    pieces: Vec<Piece>,
+    data: Vec<u8>,
+}
+
+#[derive(Debug)]
+enum Piece {
+    Bytes(Vec<u8>),
+    Data(Range<usize>),
+}
+
+/// Per-connection settings.
+#[derive(Clone)]
+pub(crate) struct Settings {
+    pub limits: Limits,
+    pub max_in_flight: usize,
+    pub log: LogFn,
+}
+
+/// Serves requests until the client disconnects, breaks the protocol, or `shutdown`
+/// turns true.
+pub(crate) async fn transmit<S>(
+    stream: S,
+    neg: Negotiated,
+    settings: Settings,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<()>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (mut rd, wr) = tokio::io::split(stream);
+    let (tx, rx) = mpsc::channel::<Outgoing>(settings.max_in_flight.max(1) * 2);
+    let writer = tokio::spawn(write_replies(wr, rx));
+    let slots = Arc::new(Semaphore::new(settings.max_in_flight.max(1)));
+    let ctx = Arc::new(Context {
+        backend: neg.export.backend().clone(),
+        name: neg.export.name().to_string(),
+        structured: neg.structured,
+        base_allocation: neg.base_allocation,
+        limits: settings.limits,
+        log: settings.log.clone(),
+    });
+    let mut ended: Result<()> = Ok(());
+    loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+            _ = shutdown.wait_for(|s| *s) => break,
+        };
+        let mut header = [0u8; wire::REQUEST_LEN];
+        let read = tokio::select! {
+            r = rd.read_exact(&mut header) => r,
+            _ = shutdown.wait_for(|s| *s) => break,
+        };
+        match read {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                ended = Err(Error::Protocol("client closed without NBD_CMD_DISC".into()));
+                break;
+            }
+            Err(e) => {
+                ended = Err(Error::io("reading a request")(e));
+                break;
+            }
+        }
+        let req = match wire::decode_request(&header) {
+            Ok(Decoded::Done(r, _)) => r,
+            Ok(Decoded::Incomplete(n)) => {
+                ended = Err(Error::Protocol(format!("request needs {n} bytes")));
+                break;
+            }
+            Err(e) => {
+                ended = Err(Error::Protocol(e.0));
+                break;
+            }
+        };
+        if req.kind == cmd::DISC {
+            break;
+        }
+        // A write's payload is always consumed, even when the write is refused.
+        let mut payload = Vec::new();
+        if req.kind == cmd::WRITE {
+            let len = u64::from(req.len);
+            let res = if req.len <= ctx.limits.max_payload {
+                payload = vec![0u8; req.len as usize];
+                rd.read_exact(&mut payload).await.map(|_| len)
+            } else {
+                tokio::io::copy(&mut (&mut rd).take(len), &mut tokio::io::sink()).await
+            };
+            match res {
+                Ok(n) if n == len => {}
+                Ok(_) => {
+                    ended = Err(Error::Protocol(
+                        "client closed inside a write payload".into(),
+                    ));
+                    break;
+                }
+                Err(e) => {
+                    ended = Err(Error::io("reading a write payload")(e));
+                    break;
+                }
+            }
+        }
+        let tx = tx.clone();
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let out = match ctx.check(&req) {
+                Err((err, msg)) => ctx.error_reply(&req, err, &msg),
+                Ok(()) => {
+                    let worker = ctx.clone();
+                    match tokio::task::spawn_blocking(move || worker.run(&req, payload)).await {
+                        Ok(out) => out,
+                        Err(e) => {
+                            ctx.error_reply(&req, code::EIO, &format!("backend task failed: {e}"))
+                        }
+                    }
+                }
+            };
+            // The writer is gone only when the client is; nothing left to tell it.
+            let _ = tx.send(out).await;
+            drop(permit);
+        });
+    }
+    drop(tx);
+    // The writer ends once every in-flight request has replied.
+    match writer.await {
+        Ok(Ok(())) => ended,
+        Ok(Err(e)) => Err(e),
+        Err(e) => Err(Error::Protocol(format!("reply writer failed: {e}"))),
+    }
+}
+
+async fn write_replies<W: AsyncWrite>(wr: W, mut rx: mpsc::Receiver<Outgoing>) -> Result<()> {
+    let wr = BufWriter::with_capacity(256 * 1024, wr);
+    let mut wr = std::pin::pin!(wr);
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(out) = next {
+            for piece in &out.pieces {
+                let bytes = match piece {
+                    Piece::Bytes(b) => &b[..],
+                    Piece::Data(r) => &out.data[r.clone()],
+                };
+                wr.write_all(bytes)
+                    .await
+                    .map_err(Error::io("sending a reply"))?;
+            }
+            next = rx.try_recv().ok();
+        }
+        wr.flush().await.map_err(Error::io("sending a reply"))?;
+    }
+    wr.shutdown()
+        .await
+        .map_err(Error::io("closing the connection"))
+}
+
+struct Context {
+    backend: Arc<dyn Backend>,
+    name: String,
+    structured: bool,
+    base_allocation: bool,
+    limits: Limits,
+    log: LogFn,
+}
+
+fn cmd_name(kind: u16) -> &'static str {
+    match kind {
+        cmd::READ => "READ",
+        cmd::WRITE => "WRITE",
+        cmd::FLUSH => "FLUSH",
+        cmd::TRIM => "TRIM",
+        cmd::CACHE => "CACHE",
+        cmd::WRITE_ZEROES => "WRITE_ZEROES",
+        cmd::BLOCK_STATUS => "BLOCK_STATUS",
+        _ => "unknown command",
+    }
+}
+
+impl Context {
+    /// Checks a request against the spec and the export; the error value and message
+    /// to reply with otherwise.
+    fn check(&self, req: &Request) -> Result<(), (u32, String)> {
+        let name = cmd_name(req.kind);
+        let writes = matches!(req.kind, cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES);
+        let allowed = cmd_flag::FUA
+            | match req.kind {
+                cmd::READ if self.structured => cmd_flag::DF,
+                cmd::WRITE_ZEROES => cmd_flag::NO_HOLE,
+                cmd::BLOCK_STATUS => cmd_flag::REQ_ONE,
+                cmd::READ | cmd::WRITE | cmd::FLUSH | cmd::TRIM | cmd::CACHE => 0,
+                other => return Err((code::EINVAL, format!("unknown command {other}"))),
+            };
+        if req.flags & !allowed != 0 {
+            return Err((
+                code::EINVAL,
+                format!(
+                    "{name}: flags {:#x} are not valid for this command",
+                    req.flags & !allowed
+                ),
+            ));
+        }
+        if writes && !self.backend.capabilities().writable {
+            return Err((
+                code::EPERM,
+                format!("{name}: export {:?} is read-only", self.name),
+            ));
+        }
+        if req.kind == cmd::BLOCK_STATUS && !self.base_allocation {
+            return Err((
+                code::EINVAL,
+                "BLOCK_STATUS without a negotiated metadata context".into(),
+            ));
+        }
+        if req.kind == cmd::FLUSH {
+            return Ok(());
+        }
+        if req.len == 0 {
+            return Err((code::EINVAL, format!("{name} of length 0")));
+        }
+        let size = self.backend.size();
+        let end = req.offset.checked_add(u64::from(req.len));
+        if end.map_or(true, |e| e > size) {
+            let err = if writes { code::ENOSPC } else { code::EINVAL };
+            return Err((
+                err,
+                format!(
+                    "{name} of {} bytes at {} is beyond the export size {size}",
+                    req.len, req.offset
+                ),
+            ));
+        }
+        if req.kind == cmd::READ && req.len > self.limits.max_payload {
+            return Err((
+                code::EOVERFLOW,
+                format!(
+                    "READ of {} bytes exceeds the maximum {}",
+                    req.len, self.limits.max_payload
+                ),
+            ));
+        }
+        if req.kind == cmd::WRITE && req.len > self.limits.max_payload {
+            return Err((
+                code::EINVAL,
+                format!(
+                    "WRITE of {} bytes exceeds the maximum {}",
+                    req.len, self.limits.max_payload
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Runs a checked request on the backend (on a blocking thread).
+    fn run(&self, req: &Request, payload: Vec<u8>) -> Outgoing {
+        let fua = req.flags & cmd_flag::FUA != 0;
+        let (offset, len) = (req.offset, u64::from(req.len));
+        let done = match req.kind {
+            cmd::READ => return self.read(req),
+            cmd::BLOCK_STATUS => return self.block_status(req),
+            cmd::WRITE => self.backend.write(offset, &payload, fua),
+            cmd::FLUSH => self.backend.flush(),
+            cmd::TRIM => self.backend.trim(offset, len, fua),
+            cmd::WRITE_ZEROES => self.backend.write_zeroes(offset, len, fua),
+            cmd::CACHE => self.backend.cache(offset, len),
+            other => Err(BackendError::new(
+                crate::backend::ErrorKind::Invalid,
+                format!("unknown command {other}"),
+            )),
+        };
+        match done {
+            Ok(()) => {
+                let mut head = Vec::with_capacity(16);
+                wire::encode_simple_reply(&mut head, 0, req.cookie);
+                Outgoing {
+                    pieces: vec![Piece::Bytes(head)],
+                    data: Vec::new(),
+                }
+            }
+            Err(e) => self.backend_error(req, &e),
+        }
+    }
+
+    fn backend_error(&self, req: &Request, e: &BackendError) -> Outgoing {
+        (self.log)(&format!(
+            "export {:?}: {} of {} bytes at {}: {}",
+            self.name,
+            cmd_name(req.kind),
+            req.len,
+            req.offset,
+            e.message
+        ));
+        self.error_reply(req, errno(e.kind), &e.message)
+    }
+
+    /// An error reply: structured with the message when negotiated, simple otherwise.
+    fn error_reply(&self, req: &Request, err: u32, msg: &str) -> Outgoing {
+        let mut head = Vec::new();
+        if self.structured {
+            wire::encode_error_chunk(&mut head, req.cookie, err, msg);
+        } else {
+            wire::encode_simple_reply(&mut head, err, req.cookie);
+        }
+        Outgoing {
+            pieces: vec![Piece::Bytes(head)],
+            data: Vec::new(),
+        }
+    }
+
+    fn read(&self, req: &Request) -> Outgoing {
+        let mut data = vec![0u8; req.len as usize];
+        let extents = match self.backend.read(req.offset, &mut data) {
+            Ok(x) => x,
+            Err(e) => return self.backend_error(req, &e),
+        };
+        let mut pieces = Vec::new();
+        if !self.structured {
+            let mut head = Vec::with_capacity(16);
+            wire::encode_simple_reply(&mut head, 0, req.cookie);
+            pieces.push(Piece::Bytes(head));
+            pieces.push(Piece::Data(0..data.len()));
+            return Outgoing { pieces, data };
+        }
+        let runs = if req.flags & cmd_flag::DF != 0 {
+            vec![(0..data.len(), false)]
+        } else {
+            runs_of(&extents, data.len())
+        };
+        let last = runs.len() - 1;
+        for (i, (range, zero)) in runs.into_iter().enumerate() {
+            let flags = if i == last { reply::FLAG_DONE } else { 0 };
+            let at = req.offset + range.start as u64;
+            let mut head = Vec::with_capacity(32);
+            if zero {
+                wire::encode_chunk_header(&mut head, flags, reply::OFFSET_HOLE, req.cookie, 12);
+                head.extend_from_slice(&at.to_be_bytes());
+                head.extend_from_slice(&(range.len() as u32).to_be_bytes());
+                pieces.push(Piece::Bytes(head));
+            } else {
+                let len = 8 + range.len() as u32;
+                wire::encode_chunk_header(&mut head, flags, reply::OFFSET_DATA, req.cookie, len);
+                head.extend_from_slice(&at.to_be_bytes());
+                pieces.push(Piece::Bytes(head));
+                pieces.push(Piece::Data(range));
+            }
+        }
+        Outgoing { pieces, data }
+    }
+
+    fn block_status(&self, req: &Request) -> Outgoing {
+        let extents = match self.backend.extents(req.offset, u64::from(req.len)) {
+            Ok(x) => x,
+            Err(e) => return self.backend_error(req, &e),
+        };
+        let mut descs: Vec<(u32, u32)> = Vec::new();
+        let mut left = u64::from(req.len);
+        for e in extents {
+            if left == 0 || descs.len() == MAX_DESCRIPTORS {
+                break;
+            }
+            let len = e.len.min(left);
+            if len == 0 {
+                continue;
+            }
+            left -= len;
+            let flags = match e.state {
+                BlockState::Data => 0,
+                BlockState::Zero => state::ZERO,
+                BlockState::Hole => state::HOLE | state::ZERO,
+            };
+            match descs.last_mut() {
+                Some(last) if last.1 == flags => last.0 += len as u32,
+                _ => descs.push((len as u32, flags)),
+            }
+        }
+        if descs.is_empty() {
+            descs.push((req.len, 0));
+        }
+        if req.flags & cmd_flag::REQ_ONE != 0 {
+            descs.truncate(1);
+        }
+        let mut head = Vec::with_capacity(24 + 8 * descs.len());
+        let len = 4 + 8 * descs.len() as u32;
+        wire::encode_chunk_header(
+            &mut head,
+            reply::FLAG_DONE,
+            reply::BLOCK_STATUS,
+            req.cookie,
+            len,
+        );
+        head.extend_from_slice(&BASE_ALLOCATION_ID.to_be_bytes());
+        for (len, flags) in descs {
+            head.extend_from_slice(&len.to_be_bytes());
+            head.extend_from_slice(&flags.to_be_bytes());
+        }
+        Outgoing {
+            pieces: vec![Piece::Bytes(head)],
+            data: Vec::new(),
+        }
+    }
+}
+
+/// Turns a backend's zero extents into consecutive (range, is_zero) runs covering
+/// exactly `len` bytes; whatever the backend did not describe counts as data.
+fn runs_of(extents: &[Extent], len: usize) -> Vec<(Range<usize>, bool)> {
+    let mut runs: Vec<(Range<usize>, bool)> = Vec::new();
+    let mut pos = 0usize;
+    for e in extents {
+        if pos == len {
+            break;
+        }
+        let end = pos + usize::try_from(e.len).unwrap_or(usize::MAX).min(len - pos);
+        let zero = e.state.is_zero();
+        match runs.last_mut() {
+            Some((r, z)) if *z == zero => r.end = end,
+            _ => runs.push((pos..end, zero)),
+        }
+        pos = end;
+    }
+    if pos < len {
+        match runs.last_mut() {
+            Some((r, false)) => r.end = len,
+            _ => runs.push((pos..len, false)),
+        }
+    }
+    runs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ext(len: u64, state: BlockState) -> Extent {
+        Extent { len, state }
+    }
+
+    #[test]
+    fn runs_cover_exactly_the_request() {
+        assert_eq!(runs_of(&[], 10), vec![(0..10, false)]);
+        let x = [
+            ext(4, BlockState::Hole),
+            ext(4, BlockState::Zero),
+            ext(100, BlockState::Data),
+        ];
+        assert_eq!(runs_of(&x, 10), vec![(0..8, true), (8..10, false)]);
+        let x = [ext(4, BlockState::Hole)];
+        assert_eq!(runs_of(&x, 10), vec![(0..4, true), (4..10, false)]);
+        let x = [ext(u64::MAX, BlockState::Hole), ext(5, BlockState::Data)];
+        assert_eq!(runs_of(&x, 10), vec![(0..10, true)]);
+    }
+}

@@ -1,0 +1,1 @@
+//! Raw protocol exchanges over `tokio::io::duplex`.
