@@ -35,6 +35,7 @@ pub mod progress;
 pub mod store;
 pub mod sync;
 mod sys;
+pub mod trust;
 pub mod verify;
 
 pub use chunk::VerifiedChunk;
@@ -48,4 +49,5 @@ pub use make::{make, MakeOptions, MakeReport};
 pub use progress::{NoProgress, Progress};
 pub use store::{CacheOptions, CacheStore, ChunkStore, FetchStream, Fetched, LocalStore};
 pub use sync::{sync, SyncReport};
+pub use trust::{TrustPolicy, TrustReport, TrustedKey};
 pub use verify::{verify, verify_ok, VerifyReport};
