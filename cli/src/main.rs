@@ -6,6 +6,7 @@
 
 mod cmd;
 mod output;
+mod trust_args;
 
 use std::process::ExitCode;
 

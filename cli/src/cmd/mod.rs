@@ -1,9 +1,12 @@
 //! One module per subcommand: arguments in, one engine call, result out.
 
 mod info;
+mod keygen;
 mod make;
+mod sign;
 mod sync;
 mod verify;
+mod verity;
 
 use std::process::ExitCode;
 
@@ -18,6 +21,9 @@ pub enum Command {
     Sync(sync::Args),
     Verify(verify::Args),
     Info(info::Args),
+    Keygen(keygen::Args),
+    Sign(sign::Args),
+    Verity(verity::Args),
 }
 
 /// Runs a subcommand; `Ok` carries the exit code.
@@ -27,5 +33,8 @@ pub fn run(command: Command, out: &Output) -> anyhow::Result<ExitCode> {
         Command::Sync(args) => sync::run(args, out),
         Command::Verify(args) => verify::run(args, out),
         Command::Info(args) => info::run(args, out),
+        Command::Keygen(args) => keygen::run(args, out),
+        Command::Sign(args) => sign::run(args, out),
+        Command::Verity(args) => verity::run(args, out),
     }
 }
