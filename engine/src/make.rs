@@ -213,6 +213,7 @@ fn process(
     progress.advance(u64::from(len));
     let zero = zeros.get(len) == id;
     let mut stored = None;
+    // One worker per distinct chunk; skip compression for chunks the store already has.
     if !zero && claimed.lock().expect("claimed set").insert(id) && !store.contains(&id)? {
         let compressed = compress(&cut.data);
         if store.put_compressed(&id, &compressed)? {

@@ -3,6 +3,7 @@
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use super::{chunk_path, ChunkStore};
 use crate::error::{Error, Result};
@@ -14,6 +15,9 @@ use crate::ChunkId;
 #[derive(Debug, Clone)]
 pub struct LocalStore {
     root: PathBuf,
+    /// Fan-out directories known to exist (by first id byte): creating a directory costs
+    /// as much as a chunk file on ext4, so each is created at most once per process.
+    made_dirs: Arc<Mutex<[bool; 256]>>,
 }
 
 /// Chunk files larger than this are refused before reading: no valid chunk compresses
@@ -39,7 +43,10 @@ impl LocalStore {
                 ));
             }
         }
-        Ok(LocalStore { root })
+        Ok(LocalStore {
+            root,
+            made_dirs: Arc::new(Mutex::new([false; 256])),
+        })
     }
 
     /// The store directory.
@@ -90,24 +97,31 @@ impl ChunkStore for LocalStore {
 
     fn put_compressed(&self, id: &ChunkId, compressed: &[u8]) -> Result<bool> {
         let path = self.path_of(id);
-        if self.contains(id)? {
-            return Ok(false);
-        }
         let dir = path.parent().expect("chunk paths have a parent");
-        fs::create_dir_all(dir).map_err(|e| Error::io("creating store directory", dir, e))?;
+        let fan = usize::from(id.as_bytes()[0]);
+        if !self.made_dirs.lock().expect("dir cache")[fan] {
+            fs::create_dir_all(dir).map_err(|e| Error::io("creating store directory", dir, e))?;
+            self.made_dirs.lock().expect("dir cache")[fan] = true;
+        }
         let tmp = temp_path_for(&path);
         let written = (|| {
             let mut f = File::create(&tmp)?;
             f.write_all(compressed)?;
             // No fsync per chunk: `flush` syncs the whole filesystem once before the
-            // index is published.
-            fs::rename(&tmp, &path)
+            // index is published. The rename never replaces an existing chunk file.
+            crate::sys::rename_noreplace(&tmp, &path)
         })();
-        written.map_err(|e| {
-            let _ = fs::remove_file(&tmp);
-            Error::io("writing chunk file", &path, e)
-        })?;
-        Ok(true)
+        match written {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                if e.kind() == io::ErrorKind::AlreadyExists {
+                    Ok(false)
+                } else {
+                    Err(Error::io("writing chunk file", &path, e))
+                }
+            }
+        }
     }
 
     fn flush(&self) -> Result<()> {

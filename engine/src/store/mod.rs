@@ -38,10 +38,11 @@ pub struct Fetched {
 /// Dropping the iterator cancels the requests not yet started.
 pub type FetchStream<'a> = Box<dyn Iterator<Item = Result<Fetched>> + Send + 'a>;
 
-/// The relative path of a chunk file inside a store: `chunks/<first 4 hex>/<hex>.zst`.
+/// The relative path of a chunk file inside a store: `chunks/<first 2 hex>/<hex>.zst`
+/// (256 directories, like git's objects: a million chunks is 4096 files a directory).
 pub fn chunk_path(id: &ChunkId) -> String {
     let hex = id.to_string();
-    format!("chunks/{}/{hex}.zst", &hex[..4])
+    format!("chunks/{}/{hex}.zst", &hex[..2])
 }
 
 /// A place that holds compressed chunks. Implementations must be usable from many
