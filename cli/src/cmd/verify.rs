@@ -3,9 +3,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use tessera_engine::Index;
-
 use crate::output::Output;
+use crate::trust_args::TrustArgs;
 
 /// Check that TARGET holds exactly the image of INDEX.
 ///
@@ -18,6 +17,8 @@ pub struct Args {
     index: PathBuf,
     /// File or block device to check.
     target: PathBuf,
+    #[command(flatten)]
+    trust: TrustArgs,
     /// Print the result as JSON (`ok` says whether it matched).
     #[arg(long)]
     json: bool,
@@ -31,7 +32,7 @@ struct Json<'a> {
 }
 
 pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
-    let index = Index::load(&args.index)?;
+    let index = args.trust.load_index(&args.index)?;
     let report = tessera_engine::verify(&index, &args.target, out)?;
     let ok = report.ok();
     if args.json {
