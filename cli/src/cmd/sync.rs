@@ -5,9 +5,11 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::Context;
-use tessera_engine::{Index, LocalStore};
+use tessera_engine::trust::{build_verity, VerityOptions, VerityReport};
+use tessera_engine::LocalStore;
 
 use crate::output::{human_bytes, Output};
+use crate::trust_args::TrustArgs;
 
 /// Write the image of INDEX into TARGET, then verify every chunk of it.
 ///
@@ -23,19 +25,42 @@ pub struct Args {
     /// Chunk store directory.
     #[arg(long, value_name = "DIR")]
     store: PathBuf,
+    #[command(flatten)]
+    trust: TrustArgs,
+    /// After the sync, write the dm-verity hash tree of TARGET here (see `tessera verity`;
+    /// the salt is the index's root hash).
+    #[arg(long, value_name = "OUT")]
+    verity_hash_file: Option<PathBuf>,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
 }
 
+#[derive(serde::Serialize)]
+struct Json<'a> {
+    #[serde(flatten)]
+    report: &'a tessera_engine::SyncReport,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    verity: Option<&'a VerityReport>,
+}
+
 pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
-    let index = Index::load(&args.index)?;
+    let index = args.trust.load_index(&args.index)?;
     let store = LocalStore::open(&args.store, false)?;
     let started = Instant::now();
     let report = tessera_engine::sync(&index, &args.target, &store, out)
         .with_context(|| format!("syncing {}", args.target.display()))?;
+    let verity = args
+        .verity_hash_file
+        .as_deref()
+        .map(|f| build_verity(&index, &args.target, f, &VerityOptions::default(), out))
+        .transpose()
+        .context("writing the dm-verity hash tree")?;
     if args.json {
-        out.json(&report)?;
+        out.json(&Json {
+            report: &report,
+            verity: verity.as_ref(),
+        })?;
     } else {
         out.line(format!(
             "{}: {} written and verified in {:.2}s ({} fetched in {} chunks, {} downloaded)",
@@ -46,6 +71,9 @@ pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
             report.chunks_fetched,
             human_bytes(report.bytes_downloaded),
         ));
+        if let Some(v) = &verity {
+            out.line(format!("dm-verity root hash {}", v.verity_root_hash));
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
