@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::Context;
+use tessera_engine::trust::{build_verity, VerityOptions, VerityReport};
 use tessera_engine::{ChunkerParams, LocalStore, MakeOptions};
 
 use crate::output::{human_bytes, Output};
@@ -32,9 +33,21 @@ pub struct Args {
     /// Worker threads for hashing and compression [default: number of CPUs].
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
+    /// Also write the image's dm-verity hash tree here (see `tessera verity`; the salt is
+    /// the index's root hash).
+    #[arg(long, value_name = "OUT")]
+    verity: Option<PathBuf>,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(serde::Serialize)]
+struct Json<'a> {
+    #[serde(flatten)]
+    report: &'a tessera_engine::MakeReport,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    verity: Option<&'a VerityReport>,
 }
 
 pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
@@ -49,11 +62,20 @@ pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
     }
     let store = LocalStore::open(&args.store, true)?;
     let started = Instant::now();
-    let (_, report) = tessera_engine::make(&args.source, &store, &args.index, &opts, out)
+    let (index, report) = tessera_engine::make(&args.source, &store, &args.index, &opts, out)
         .with_context(|| format!("making an image of {}", args.source.display()))?;
     let secs = started.elapsed().as_secs_f64();
+    let verity = args
+        .verity
+        .as_deref()
+        .map(|f| build_verity(&index, &args.source, f, &VerityOptions::default(), out))
+        .transpose()
+        .context("writing the dm-verity hash tree")?;
     if args.json {
-        out.json(&report)?;
+        out.json(&Json {
+            report: &report,
+            verity: verity.as_ref(),
+        })?;
     } else {
         out.line(format!(
             "{}: {} in {} chunks ({} unique, {} new, {} zero), {} stored, {:.1} MB/s",
@@ -67,6 +89,9 @@ pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
             report.image_size as f64 / secs.max(1e-9) / 1e6,
         ));
         out.line(format!("root hash {}", report.root_hash));
+        if let Some(v) = &verity {
+            out.line(format!("dm-verity root hash {}", v.verity_root_hash));
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
