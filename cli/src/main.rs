@@ -18,7 +18,12 @@ use clap::Parser;
 /// stored as static zstd files; a small index lists them. `sync` rebuilds the image into a
 /// file or block device, `verify` checks one, `info` describes an index.
 #[derive(Parser, Debug)]
-#[command(name = "tessera", version, propagate_version = true, max_term_width = 100)]
+#[command(
+    name = "tessera",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
 struct Cli {
     /// Print nothing but errors (and --json output).
     #[arg(short, long, global = true)]

@@ -45,8 +45,9 @@ fn make_image(bytes: &[u8], extra: &[&str]) -> Made {
     fs::write(&image, bytes).unwrap();
     let store = dir.path().join("store");
     let index = dir.path().join("image.tidx");
-    let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> =
-        vec![&"make", &image, &"--store", &store, &"--index", &index, &"--json"];
+    let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![
+        &"make", &image, &"--store", &store, &"--index", &index, &"--json",
+    ];
     for e in extra {
         args.push(e);
     }
@@ -61,7 +62,9 @@ fn make_image(bytes: &[u8], extra: &[&str]) -> Made {
 }
 
 fn sync_to(m: &Made, target: &Path) -> serde_json::Value {
-    json(&run_ok(&[&"sync", &m.index, &target, &"--store", &m.store, &"--json"]))
+    json(&run_ok(&[
+        &"sync", &m.index, &target, &"--store", &m.store, &"--json",
+    ]))
 }
 
 fn round_trip(bytes: &[u8], extra: &[&str]) {
@@ -76,7 +79,13 @@ fn round_trip(bytes: &[u8], extra: &[&str]) {
 
 #[test]
 fn round_trip_sizes_not_multiple_of_any_block() {
-    for (len, seed) in [(1usize, 1u64), (4095, 2), (16_383, 3), (1_048_583, 4), (5_000_011, 5)] {
+    for (len, seed) in [
+        (1usize, 1u64),
+        (4095, 2),
+        (16_383, 3),
+        (1_048_583, 4),
+        (5_000_011, 5),
+    ] {
         round_trip(&mixed_image(len, seed), &[]);
     }
 }
@@ -100,8 +109,19 @@ fn round_trip_small_chunk_sizes() {
 fn make_and_info_report_the_promised_fields() {
     let img = mixed_image(4_000_000, 11);
     let m = make_image(&img, &[]);
-    for key in ["image_size", "chunk_count", "unique_chunks", "new_chunks", "stored_bytes", "root_hash"] {
-        assert!(m.make.get(key).is_some(), "make --json lacks {key}: {}", m.make);
+    for key in [
+        "image_size",
+        "chunk_count",
+        "unique_chunks",
+        "new_chunks",
+        "stored_bytes",
+        "root_hash",
+    ] {
+        assert!(
+            m.make.get(key).is_some(),
+            "make --json lacks {key}: {}",
+            m.make
+        );
     }
     assert!(m.make["unique_chunks"].as_u64().unwrap() < m.make["chunk_count"].as_u64().unwrap());
     let info = json(&run_ok(&[&"info", &m.index, &"--json"]));
@@ -116,7 +136,9 @@ fn make_and_info_report_the_promised_fields() {
     assert_eq!(info["root_hash"], root.to_hex().as_str());
     assert_eq!(m.make["root_hash"], root.to_hex().as_str());
     // Remaking into the same store writes nothing new.
-    let again = json(&run_ok(&[&"make", &m.image, &"--store", &m.store, &"--index", &m.index, &"--json"]));
+    let again = json(&run_ok(&[
+        &"make", &m.image, &"--store", &m.store, &"--index", &m.index, &"--json",
+    ]));
     assert_eq!(again["new_chunks"], 0);
     assert_eq!(again["stored_bytes"], 0);
 }
@@ -134,7 +156,12 @@ fn make_is_deterministic_across_stores() {
     // Chunk files are plain zstd frames of the chunk bytes.
     for (path, bytes) in files_a.iter().take(3) {
         let raw = zstd::decode_all(&bytes[..]).unwrap();
-        let hex = path.file_name().unwrap().to_str().unwrap().trim_end_matches(".zst");
+        let hex = path
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .trim_end_matches(".zst");
         assert_eq!(blake3::hash(&raw).to_hex().as_str(), hex);
     }
 }
@@ -153,7 +180,10 @@ fn zero_chunks_are_not_stored_and_become_holes() {
     assert!(s["bytes_fetched"].as_u64().unwrap() < 2_000_000);
     assert_eq!(fs::read(&target).unwrap(), img);
     let allocated = fs::metadata(&target).unwrap().blocks() * 512;
-    assert!(allocated < 4 << 20, "target is not sparse: {allocated} bytes allocated");
+    assert!(
+        allocated < 4 << 20,
+        "target is not sparse: {allocated} bytes allocated"
+    );
 }
 
 #[test]
@@ -193,7 +223,11 @@ fn target_larger_keeps_its_tail_and_smaller_is_refused() {
     fs::write(&small, &before).unwrap();
     let err = run_err(&[&"sync", &m.index, &small, &"--store", &m.store]);
     assert!(err.contains("image needs"), "{err}");
-    assert_eq!(fs::read(&small).unwrap(), before, "a refused target was modified");
+    assert_eq!(
+        fs::read(&small).unwrap(),
+        before,
+        "a refused target was modified"
+    );
 }
 
 #[test]
@@ -227,9 +261,15 @@ fn hostile_indexes_give_clear_errors() {
             vec![&"sync", &bad, &target, &"--store", &m.store],
         ] {
             let err = run_err(&args);
-            assert!(err.contains("invalid index") && err.contains("bad.tidx"), "{name}: {err}");
+            assert!(
+                err.contains("invalid index") && err.contains("bad.tidx"),
+                "{name}: {err}"
+            );
         }
-        assert!(!target.exists(), "{name}: sync created a target from a bad index");
+        assert!(
+            !target.exists(),
+            "{name}: sync created a target from a bad index"
+        );
     }
     let err = run_err(&[&"info", &dir.join("missing.tidx")]);
     assert!(err.contains("missing.tidx"), "{err}");
@@ -242,7 +282,13 @@ fn corrupted_or_missing_chunk_file_fails_sync_with_its_id() {
     let files = tree_contents(&m.store);
     let (victim_rel, bytes) = &files[files.len() / 2];
     let victim = m.store.join(victim_rel);
-    let id = victim.file_name().unwrap().to_str().unwrap().trim_end_matches(".zst").to_string();
+    let id = victim
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .trim_end_matches(".zst")
+        .to_string();
 
     // A corrupted but still valid zstd frame: different bytes, same length.
     let mut raw = zstd::decode_all(&bytes[..]).unwrap();
@@ -268,12 +314,34 @@ fn bad_arguments_are_refused() {
     let m = make_image(&img, &[]);
     let out = m._dir.path().join("x.tidx");
     for cs in ["16K:60K:256K", "1:2", "300K:64K:256K", "abc"] {
-        let err = run_err(&[&"make", &m.image, &"--store", &m.store, &"--index", &out, &"--chunk-size", &cs]);
+        let err = run_err(&[
+            &"make",
+            &m.image,
+            &"--store",
+            &m.store,
+            &"--index",
+            &out,
+            &"--chunk-size",
+            &cs,
+        ]);
         assert!(err.contains("chunk sizes"), "{cs}: {err}");
     }
-    let err = run_err(&[&"make", &m._dir.path().join("nope.raw"), &"--store", &m.store, &"--index", &out]);
+    let err = run_err(&[
+        &"make",
+        &m._dir.path().join("nope.raw"),
+        &"--store",
+        &m.store,
+        &"--index",
+        &out,
+    ]);
     assert!(err.contains("nope.raw"), "{err}");
-    let err = run_err(&[&"sync", &m.index, &m._dir.path().join("t.raw"), &"--store", &m._dir.path().join("nostore")]);
+    let err = run_err(&[
+        &"sync",
+        &m.index,
+        &m._dir.path().join("t.raw"),
+        &"--store",
+        &m._dir.path().join("nostore"),
+    ]);
     assert!(err.contains("nostore"), "{err}");
 }
 
@@ -290,7 +358,9 @@ fn loop_device_as_source_and_target() {
     let src = LoopDevice::attach(&src_file);
     let store = dir.path().join("store");
     let index = dir.path().join("dev.tidx");
-    let made = json(&run_ok(&[&"make", &src.path, &"--store", &store, &"--index", &index, &"--json"]));
+    let made = json(&run_ok(&[
+        &"make", &src.path, &"--store", &store, &"--index", &index, &"--json",
+    ]));
     assert_eq!(made["image_size"], img.len() as u64);
 
     // Target: a larger loop device full of other bytes.
@@ -298,12 +368,18 @@ fn loop_device_as_source_and_target() {
     let junk = random_bytes(6 * 1024 * 1024, 82);
     fs::write(&dst_file, &junk).unwrap();
     let dst = LoopDevice::attach(&dst_file);
-    json(&run_ok(&[&"sync", &index, &dst.path, &"--store", &store, &"--json"]));
+    json(&run_ok(&[
+        &"sync", &index, &dst.path, &"--store", &store, &"--json",
+    ]));
     run_ok(&[&"verify", &index, &dst.path]);
     drop(dst);
     let after = fs::read(&dst_file).unwrap();
     assert_eq!(&after[..img.len()], &img[..]);
-    assert_eq!(&after[img.len()..], &junk[img.len()..], "tail past the image changed");
+    assert_eq!(
+        &after[img.len()..],
+        &junk[img.len()..],
+        "tail past the image changed"
+    );
 
     // A loop device smaller than the image is refused.
     let small_file = dir.path().join("small.raw");

@@ -64,7 +64,8 @@ pub fn compress(data: &[u8]) -> Vec<u8> {
         let comp = c.get_or_insert_with(|| {
             zstd::bulk::Compressor::new(ZSTD_LEVEL).expect("zstd level 3 is valid")
         });
-        comp.compress(data).expect("compressing into a growable buffer cannot fail")
+        comp.compress(data)
+            .expect("compressing into a growable buffer cannot fail")
     })
 }
 
@@ -95,7 +96,11 @@ pub fn decompress_verified(
         let mut out = Vec::with_capacity(expected_len as usize + 1);
         dec.decompress_to_buffer(compressed, &mut out)
             .map(|_| out)
-            .map_err(|e| corrupt(format!("not a valid zstd frame of at most {expected_len} bytes: {e}")))
+            .map_err(|e| {
+                corrupt(format!(
+                    "not a valid zstd frame of at most {expected_len} bytes: {e}"
+                ))
+            })
     })?;
     if data.len() != expected_len as usize {
         return Err(corrupt(format!(

@@ -46,12 +46,18 @@ impl ChunkerParams {
         use fastcdc::v2020::{
             AVERAGE_MAX, AVERAGE_MIN, MAXIMUM_MAX, MAXIMUM_MIN, MINIMUM_MAX, MINIMUM_MIN,
         };
-        let bad = |msg: String| Err(Error::InvalidInput(format!("chunk sizes {min}:{avg}:{max}: {msg}")));
+        let bad = |msg: String| {
+            Err(Error::InvalidInput(format!(
+                "chunk sizes {min}:{avg}:{max}: {msg}"
+            )))
+        };
         if !(MINIMUM_MIN..=MINIMUM_MAX).contains(&min) {
             return bad(format!("min must be {MINIMUM_MIN}..={MINIMUM_MAX}"));
         }
         if !(AVERAGE_MIN..=AVERAGE_MAX).contains(&avg) || !avg.is_power_of_two() {
-            return bad(format!("avg must be a power of two in {AVERAGE_MIN}..={AVERAGE_MAX}"));
+            return bad(format!(
+                "avg must be a power of two in {AVERAGE_MIN}..={AVERAGE_MAX}"
+            ));
         }
         if !(MAXIMUM_MIN..=MAXIMUM_MAX).contains(&max) {
             return bad(format!("max must be {MAXIMUM_MIN}..={MAXIMUM_MAX}"));
@@ -245,7 +251,10 @@ mod tests {
 
     #[test]
     fn params_validation_and_parsing() {
-        assert_eq!(ChunkerParams::parse("16K:64K:256K").unwrap(), ChunkerParams::default());
+        assert_eq!(
+            ChunkerParams::parse("16K:64K:256K").unwrap(),
+            ChunkerParams::default()
+        );
         assert!(ChunkerParams::parse("16K:60K:256K").is_err());
         assert!(ChunkerParams::parse("64K:16K:256K").is_err());
         assert!(ChunkerParams::parse("1:2").is_err());

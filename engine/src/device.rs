@@ -74,7 +74,9 @@ impl Device {
     }
 
     fn from_file(file: File, path: &Path) -> Result<Device> {
-        let meta = file.metadata().map_err(|e| Error::io("inspecting", path, e))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| Error::io("inspecting", path, e))?;
         let ft = meta.file_type();
         let (kind, size) = if ft.is_block_device() {
             let size = crate::sys::block_device_size(&file)
@@ -142,7 +144,8 @@ impl Device {
     /// # Errors
     /// [`Error::Io`] naming the path.
     pub fn write_zeros(&self, offset: u64, len: u64) -> Result<()> {
-        if self.kind == DeviceKind::File && crate::sys::punch_hole(&self.file, offset, len).is_ok() {
+        if self.kind == DeviceKind::File && crate::sys::punch_hole(&self.file, offset, len).is_ok()
+        {
             return Ok(());
         }
         static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];

@@ -12,7 +12,10 @@ static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 /// A temporary name beside `path`, unique within this process and across processes.
 pub(crate) fn temp_path_for(path: &Path) -> PathBuf {
     let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-    let name = path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     path.with_file_name(format!(".{name}.tmp.{}.{n}", std::process::id()))
 }
 

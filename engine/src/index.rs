@@ -195,7 +195,9 @@ impl Index {
         }
         let algorithm = u32_at(16);
         if algorithm != ALGORITHM_FASTCDC2020_NC1 {
-            return Err(bad(format!("unknown chunker algorithm {algorithm} at offset 16")));
+            return Err(bad(format!(
+                "unknown chunker algorithm {algorithm} at offset 16"
+            )));
         }
         let params = ChunkerParams::new(u32_at(20), u32_at(24), u32_at(28))
             .map_err(|e| bad(format!("chunker parameters at offset 20: {e}")))?;
@@ -222,7 +224,10 @@ impl Index {
         let mut zeros = ZeroIds::default();
         let mut chunks = Vec::with_capacity(count as usize);
         let mut offset = 0u64;
-        for (i, rec) in bytes[HEADER_LEN..body_len].chunks_exact(RECORD_LEN).enumerate() {
+        for (i, rec) in bytes[HEADER_LEN..body_len]
+            .chunks_exact(RECORD_LEN)
+            .enumerate()
+        {
             let id = ChunkId(rec[..32].try_into().expect("32 bytes"));
             let len = u32::from_le_bytes(rec[32..36].try_into().expect("4 bytes"));
             if len == 0 || len > params.max {

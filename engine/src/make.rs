@@ -111,7 +111,13 @@ pub fn make(
                     })
                     .map_err(|e| Error::io("reading", device.path(), e))?;
                 let Some(raw) = next else { break };
-                if cut_tx.send(Cut { seq, data: raw.data }).is_err() {
+                if cut_tx
+                    .send(Cut {
+                        seq,
+                        data: raw.data,
+                    })
+                    .is_err()
+                {
                     break; // A worker failed; its error is reported.
                 }
                 seq += 1;
@@ -122,7 +128,9 @@ pub fn make(
                     device.path(),
                     std::io::Error::new(
                         std::io::ErrorKind::UnexpectedEof,
-                        format!("source shrank while reading: got {read_total} of {image_size} bytes"),
+                        format!(
+                            "source shrank while reading: got {read_total} of {image_size} bytes"
+                        ),
                     ),
                 ));
             }

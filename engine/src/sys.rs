@@ -28,7 +28,12 @@ pub(crate) fn block_device_size(file: &File) -> io::Result<u64> {
 pub(crate) fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
     let (off, len) = match (i64::try_from(offset), i64::try_from(len)) {
         (Ok(o), Ok(l)) => (o, l),
-        _ => return Err(io::Error::new(io::ErrorKind::InvalidInput, "range too large")),
+        _ => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "range too large",
+            ))
+        }
     };
     // SAFETY: fallocate takes plain integers; the fd is owned by `file` and stays open.
     let rc = unsafe {
@@ -55,7 +60,6 @@ pub(crate) fn syncfs(path: &Path) -> io::Result<()> {
     }
     Ok(())
 }
-
 
 /// Renames `from` to `to` unless `to` exists (then `AlreadyExists`). Falls back to
 /// link + unlink on filesystems without `RENAME_NOREPLACE`.

@@ -53,7 +53,11 @@ pub fn verify(index: &Index, target: &Path, progress: &dyn Progress) -> Result<V
 ///
 /// # Errors
 /// As [`verify`].
-pub fn verify_device(index: &Index, device: &Device, progress: &dyn Progress) -> Result<VerifyReport> {
+pub fn verify_device(
+    index: &Index,
+    device: &Device,
+    progress: &dyn Progress,
+) -> Result<VerifyReport> {
     if device.size() < index.image_size() {
         return Err(Error::VerifyFailed(format!(
             "{} holds {} bytes, less than the image's {}",

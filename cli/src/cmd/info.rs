@@ -35,7 +35,12 @@ struct Info {
 
 pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
     let index = Index::load(&args.index)?;
-    let mut ids: Vec<_> = index.chunks().iter().filter(|c| !c.zero).map(|c| c.id).collect();
+    let mut ids: Vec<_> = index
+        .chunks()
+        .iter()
+        .filter(|c| !c.zero)
+        .map(|c| c.id)
+        .collect();
     ids.sort_unstable();
     ids.dedup();
     let info = Info {

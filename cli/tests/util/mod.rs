@@ -28,7 +28,9 @@ pub fn run_ok(args: &[&dyn AsRef<std::ffi::OsStr>]) -> String {
     assert!(
         out.status.success(),
         "tessera {:?} failed: {}",
-        args.iter().map(|a| a.as_ref().to_string_lossy().into_owned()).collect::<Vec<_>>(),
+        args.iter()
+            .map(|a| a.as_ref().to_string_lossy().into_owned())
+            .collect::<Vec<_>>(),
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).expect("utf-8 stdout")
@@ -40,7 +42,9 @@ pub fn run_err(args: &[&dyn AsRef<std::ffi::OsStr>]) -> String {
     assert!(
         !out.status.success(),
         "tessera {:?} unexpectedly succeeded",
-        args.iter().map(|a| a.as_ref().to_string_lossy().into_owned()).collect::<Vec<_>>()
+        args.iter()
+            .map(|a| a.as_ref().to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
     );
     String::from_utf8(out.stderr).expect("utf-8 stderr")
 }
@@ -60,7 +64,11 @@ pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
 /// True when this process runs as root (loop devices, mounts).
 pub fn is_root() -> bool {
     // Root's home is /root and `id -u` prints 0; avoid libc in tests.
-    Command::new("id").arg("-u").output().map(|o| o.stdout == b"0\n").unwrap_or(false)
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout == b"0\n")
+        .unwrap_or(false)
 }
 
 /// Skips (returns true) when a prerequisite is missing on a developer machine; fails the
@@ -89,7 +97,11 @@ impl LoopDevice {
             .arg(file)
             .output()
             .expect("running losetup");
-        assert!(out.status.success(), "losetup failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "losetup failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let path = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
         LoopDevice { path }
     }
@@ -117,7 +129,10 @@ pub fn tree_contents(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
             if p.is_dir() {
                 stack.push(p);
             } else {
-                out.push((p.strip_prefix(dir).unwrap().to_path_buf(), std::fs::read(&p).unwrap()));
+                out.push((
+                    p.strip_prefix(dir).unwrap().to_path_buf(),
+                    std::fs::read(&p).unwrap(),
+                ));
             }
         }
     }

@@ -32,7 +32,8 @@ impl LocalStore {
     pub fn open(root: impl Into<PathBuf>, create: bool) -> Result<LocalStore> {
         let root = root.into();
         if create {
-            fs::create_dir_all(root.join("chunks")).map_err(|e| Error::io("creating store", &root, e))?;
+            fs::create_dir_all(root.join("chunks"))
+                .map_err(|e| Error::io("creating store", &root, e))?;
         } else {
             let meta = fs::metadata(&root).map_err(|e| Error::io("opening store", &root, e))?;
             if !meta.is_dir() {
