@@ -245,7 +245,7 @@ impl Context {
         }
         let size = self.backend.size();
         let end = req.offset.checked_add(u64::from(req.len));
-        if end.map_or(true, |e| e > size) {
+        if end.is_none_or(|e| e > size) {
             let err = if writes { code::ENOSPC } else { code::EINVAL };
             return Err((
                 err,
