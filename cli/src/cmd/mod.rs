@@ -3,6 +3,7 @@
 mod info;
 mod keygen;
 mod make;
+mod serve;
 mod sign;
 mod sync;
 mod verify;
@@ -18,6 +19,7 @@ use crate::output::Output;
 #[derive(Subcommand, Debug)]
 pub enum Command {
     Make(make::Args),
+    Serve(serve::Args),
     Sync(sync::Args),
     Verify(verify::Args),
     Info(info::Args),
@@ -30,6 +32,7 @@ pub enum Command {
 pub fn run(command: Command, out: &Output) -> anyhow::Result<ExitCode> {
     match command {
         Command::Make(args) => make::run(args, out),
+        Command::Serve(args) => serve::run(args, out),
         Command::Sync(args) => sync::run(args, out),
         Command::Verify(args) => verify::run(args, out),
         Command::Info(args) => info::run(args, out),
