@@ -280,11 +280,12 @@ impl SigningKey {
             Some(pw) => minisign::SecretKey::from_box(sk_box, Some(pw)),
             None => minisign::SecretKey::from_unencrypted_box(sk_box),
         }
-        .map_err(|e| match e.to_string().as_str() {
-            "Key might be encrypted" => {
-                bad("it is password-protected and no password was given".into())
-            }
-            other => bad(other.to_string()),
+        .or_else(|e| match e.to_string().as_str() {
+            "Key might be encrypted" => Err(bad(
+                "it is password-protected and no password was given".into(),
+            )),
+            "Corrupted key" => minisign_unencrypted_key(&text).ok_or_else(|| bad(e.to_string())),
+            other => Err(bad(other.to_string())),
         })?;
         let pk = minisign::PublicKey::from_secret_key(&sk).map_err(|e| bad(e.to_string()))?;
         let id = KeyId::from_slice(sk.keynum()).ok_or_else(|| bad("no key id".into()))?;
@@ -295,6 +296,22 @@ impl SigningKey {
     pub fn id(&self) -> KeyId {
         self.id
     }
+}
+
+/// `minisign -G -W` (minisign 0.11) writes unencrypted secret keys with an all-zero
+/// checksum, which the `minisign` crate calls corrupted; minisign itself accepts them, so
+/// tessera does too. `None` unless the key is exactly that: unencrypted, zero checksum.
+fn minisign_unencrypted_key(text: &str) -> Option<minisign::SecretKey> {
+    use ct_codecs::{Base64, Decoder};
+    let line = text.lines().nth(1)?.trim();
+    let raw = Base64::decode_to_vec(line, None).ok()?;
+    // sig_alg(2) kdf_alg(2) ... checksum: the last 32 bytes.
+    let unencrypted = raw.get(2..4)? == [0, 0];
+    let zero_checksum = raw.len() >= 32 && raw[raw.len() - 32..].iter().all(|&b| b == 0);
+    if !(unencrypted && zero_checksum) {
+        return None;
+    }
+    minisign::SecretKey::from_bytes(&raw).ok()
 }
 
 /// Generates an unencrypted key pair and writes both minisign key files; the secret key
