@@ -6,6 +6,7 @@
 
 mod cmd;
 mod output;
+mod store_args;
 mod trust_args;
 
 use std::process::ExitCode;

@@ -1,0 +1,155 @@
+//! `--store` and its companions, shared by every subcommand that reads or writes chunks.
+//!
+//! Flatten [`StoreArgs`] into a subcommand's arguments (`#[command(flatten)]`), then
+//! [`StoreArgs::open`] (readers) or [`StoreArgs::open_for_write`] (`make`), and
+//! [`StoreArgs::load_index`] for an index given as a path or URL.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tessera_engine::{ChunkStore, Index};
+use tessera_stores::{IndexDest, IndexFile, S3Options, StoreOptions};
+
+/// Where chunks live, and how to reach them.
+#[derive(clap::Args, Debug, Clone)]
+pub struct StoreArgs {
+    /// Chunk store: a directory, http(s)://HOST/PATH (any web server or CDN, read-only),
+    /// or s3://BUCKET/PREFIX (credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY).
+    #[arg(long, value_name = "DIR|URL")]
+    pub store: String,
+    /// Keep fetched chunks in this local directory, in front of the store; shared safely
+    /// by concurrent processes, least recently used chunks evicted past --cache-size.
+    #[arg(long, value_name = "DIR")]
+    pub cache: Option<PathBuf>,
+    /// Bound of the --cache directory (K, M, G, T suffixes: powers of 1024).
+    #[arg(long, value_name = "SIZE", default_value = "10G")]
+    pub cache_size: String,
+    /// Requests in flight to a remote store (fetches and uploads).
+    #[arg(long, value_name = "N", default_value_t = 32)]
+    pub jobs: usize,
+    /// Seconds without progress before a request is abandoned and retried.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    pub timeout: f64,
+    /// Further attempts after a failed request or a chunk that fails verification.
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    pub retries: u32,
+    /// S3 service URL [default: AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, or AWS].
+    #[arg(long, value_name = "URL")]
+    pub s3_endpoint: Option<String>,
+    /// S3 region for signing [default: AWS_REGION, AWS_DEFAULT_REGION, or us-east-1].
+    #[arg(long, value_name = "REGION")]
+    pub s3_region: Option<String>,
+}
+
+impl StoreArgs {
+    /// The engine-side options these arguments mean.
+    ///
+    /// # Errors
+    /// Out-of-range values.
+    pub fn options(&self, create: bool) -> anyhow::Result<StoreOptions> {
+        anyhow::ensure!(self.jobs > 0, "--jobs must be at least 1");
+        anyhow::ensure!(
+            self.timeout.is_finite() && self.timeout > 0.0,
+            "--timeout must be a positive number of seconds"
+        );
+        Ok(StoreOptions {
+            create,
+            jobs: self.jobs,
+            timeout: Duration::from_secs_f64(self.timeout),
+            retries: self.retries,
+            cache: self.cache.clone(),
+            cache_size: parse_size(&self.cache_size).context("--cache-size")?,
+            s3: S3Options {
+                endpoint: self.s3_endpoint.clone(),
+                region: self.s3_region.clone(),
+                path_style: None,
+            },
+            ..StoreOptions::default()
+        })
+    }
+
+    /// Opens the store for reading.
+    ///
+    /// # Errors
+    /// A missing directory, a malformed URL, bad options.
+    pub fn open(&self) -> anyhow::Result<Arc<dyn ChunkStore>> {
+        tessera_stores::open_store(&self.store, &self.options(false)?)
+            .with_context(|| format!("opening store {}", self.store))
+    }
+
+    /// Opens the store for `make`: a local directory is created if missing.
+    ///
+    /// # Errors
+    /// As [`StoreArgs::open`].
+    pub fn open_for_write(&self) -> anyhow::Result<Arc<dyn ChunkStore>> {
+        tessera_stores::open_store(&self.store, &self.options(true)?)
+            .with_context(|| format!("opening store {}", self.store))
+    }
+
+    /// A local copy of an index given as a path or URL (a URL is downloaded with its
+    /// `.minisig`, if any, into a temporary directory removed when the value is dropped),
+    /// for `TrustArgs::load_index`.
+    ///
+    /// # Errors
+    /// The URL cannot be fetched.
+    pub fn fetch_index(&self, index: &Path) -> anyhow::Result<IndexFile> {
+        let spec = index.to_string_lossy();
+        Ok(tessera_stores::fetch_index_file(&spec, &self.options(false)?)?)
+    }
+
+    /// Loads an index from a path or an http(s):// or s3:// URL.
+    ///
+    /// # Errors
+    /// Unreadable or invalid index.
+    pub fn load_index(&self, index: &Path) -> anyhow::Result<Index> {
+        let spec = index.to_string_lossy();
+        Ok(tessera_stores::load_index(&spec, &self.options(false)?)?)
+    }
+
+    /// Where `make` writes an index given as a path or s3:// URL: write to
+    /// [`IndexDest::path`], then call [`StoreArgs::publish_index`].
+    ///
+    /// # Errors
+    /// An http(s):// destination (read-only) or a malformed URL.
+    pub fn index_dest(&self, index: &Path) -> anyhow::Result<IndexDest> {
+        Ok(IndexDest::new(&index.to_string_lossy())?)
+    }
+
+    /// Uploads an index staged by [`StoreArgs::index_dest`] (no-op for a local path).
+    ///
+    /// # Errors
+    /// The upload failed.
+    pub fn publish_index(&self, dest: &IndexDest) -> anyhow::Result<()> {
+        dest.publish(&self.options(true)?).context("publishing the index")
+    }
+}
+
+/// Parses `10G`, `512M`, `1048576`.
+fn parse_size(s: &str) -> anyhow::Result<u64> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M') => (&s[..s.len() - 1], 1 << 20),
+        Some('G') => (&s[..s.len() - 1], 1 << 30),
+        Some('T') => (&s[..s.len() - 1], 1 << 40),
+        _ => (s, 1),
+    };
+    let n: u64 = num.trim().parse().with_context(|| format!("not a size: {s:?}"))?;
+    n.checked_mul(mult).with_context(|| format!("size too large: {s:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("10G").unwrap(), 10 << 30);
+        assert_eq!(parse_size("512m").unwrap(), 512 << 20);
+        assert_eq!(parse_size("123").unwrap(), 123);
+        assert!(parse_size("x").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+}

@@ -1,0 +1,261 @@
+//! Remote chunk stores for tessera: HTTP(S) servers and CDNs ([`HttpStore`]),
+//! S3-compatible object stores ([`S3Store`]), and [`open_store`], which turns a store
+//! spec (a path, a URL or `s3://bucket/prefix`) into a [`ChunkStore`], with an optional
+//! local cache ([`tessera_engine::CacheStore`]) in front.
+//!
+//! The engine is synchronous, so these clients are too: requests are made by `ureq` on
+//! blocking threads, one pool per store, no async runtime. Every store keeps
+//! [`StoreOptions::jobs`] requests in flight for [`ChunkStore::fetch_ordered`] and for
+//! uploads, reuses connections, and retries transient failures (see `transport`); chunk
+//! bytes are verified against their id before anything sees them, and fetched again when
+//! they do not match.
+//!
+//! ```no_run
+//! use tessera_stores::{load_index, open_store, StoreOptions};
+//!
+//! # fn main() -> tessera_engine::Result<()> {
+//! let opts = StoreOptions { cache: Some("/var/cache/tessera".into()), ..Default::default() };
+//! let store = open_store("https://cdn.example.com/store", &opts)?;
+//! let index = load_index("https://cdn.example.com/rootfs-2.0.tidx", &opts)?;
+//! let wanted: Vec<_> = index.chunks().iter().filter(|c| !c.zero).copied().collect();
+//! for fetched in store.fetch_ordered(wanted) {
+//!     let chunk = fetched?.chunk; // verified: its bytes hash to its id
+//!     # let _ = chunk;
+//! }
+//! # Ok(()) }
+//! ```
+#![deny(missing_docs)]
+
+mod http;
+mod options;
+mod pipeline;
+mod s3;
+mod transport;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+pub use http::HttpStore;
+pub use options::{S3Options, StoreOptions};
+pub use s3::S3Store;
+use tessera_engine::{CacheOptions, CacheStore, ChunkStore, Error, Index, LocalStore, Result};
+
+/// Indexes are refused past this size (a 16 TiB image of 64 KiB chunks needs ~9.4 GiB,
+/// so this allows ~1.7 TiB at that average; raise it when a user needs more).
+const MAX_INDEX: u64 = 1 << 30;
+
+/// What kind of place a spec names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpecKind {
+    /// A local path.
+    Local,
+    /// `http://` or `https://`.
+    Http,
+    /// `s3://`.
+    S3,
+}
+
+/// Tells a local path from a URL.
+pub fn spec_kind(spec: &str) -> SpecKind {
+    if spec.starts_with("http://") || spec.starts_with("https://") {
+        SpecKind::Http
+    } else if spec.starts_with("s3://") {
+        SpecKind::S3
+    } else {
+        SpecKind::Local
+    }
+}
+
+/// Opens the store named by `spec`: a directory path, `http(s)://host/path` (read-only),
+/// or `s3://bucket/prefix`; with [`StoreOptions::cache`] set, a [`CacheStore`] in front.
+///
+/// # Errors
+/// [`Error::Io`] for a local directory that is missing (without `opts.create`) or cannot
+/// be created, [`Error::InvalidInput`] for a malformed URL.
+pub fn open_store(spec: &str, opts: &StoreOptions) -> Result<Arc<dyn ChunkStore>> {
+    let store: Arc<dyn ChunkStore> = match spec_kind(spec) {
+        SpecKind::Http => Arc::new(HttpStore::new(spec, opts)?),
+        SpecKind::S3 => Arc::new(S3Store::new(spec, opts)?),
+        SpecKind::Local => Arc::new(LocalStore::open(spec, opts.create)?),
+    };
+    match &opts.cache {
+        Some(dir) => Ok(Arc::new(CacheStore::open(
+            dir.clone(),
+            store,
+            &CacheOptions {
+                max_bytes: opts.cache_size,
+            },
+        )?)),
+        None => Ok(store),
+    }
+}
+
+/// Loads an index from a path, an `http(s)://` URL or `s3://bucket/key`.
+/// [`Index::load`] keeps working for paths; this adds URLs.
+///
+/// # Errors
+/// [`Error::Io`] naming the path or URL when it cannot be read (a 404 included),
+/// [`Error::InvalidIndex`] when its bytes are not a valid index.
+pub fn load_index(spec: &str, opts: &StoreOptions) -> Result<Index> {
+    if spec_kind(spec) == SpecKind::Local {
+        return Index::load(Path::new(spec));
+    }
+    let bytes = fetch_file(spec, opts, MAX_INDEX)?.ok_or_else(|| not_found(spec))?;
+    Index::from_bytes(&bytes, spec)
+}
+
+/// A local copy of an index given as a path or URL, for code that reads files (the trust
+/// checks read `INDEX` and `INDEX.minisig`): a local path is used as it is; a URL is
+/// downloaded, with its `.minisig` signature when the server has one, into a temporary
+/// directory removed on drop.
+#[derive(Debug)]
+pub struct IndexFile {
+    path: PathBuf,
+    temp_dir: Option<PathBuf>,
+}
+
+impl IndexFile {
+    /// The index's local path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for IndexFile {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.temp_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Fetches an index (and its signature, if any) named by a path or URL; see [`IndexFile`].
+///
+/// # Errors
+/// [`Error::Io`] naming the URL when the index cannot be fetched (a 404 included) or the
+/// temporary copy cannot be written.
+pub fn fetch_index_file(spec: &str, opts: &StoreOptions) -> Result<IndexFile> {
+    if spec_kind(spec) == SpecKind::Local {
+        return Ok(IndexFile {
+            path: PathBuf::from(spec),
+            temp_dir: None,
+        });
+    }
+    let bytes = fetch_file(spec, opts, MAX_INDEX)?.ok_or_else(|| not_found(spec))?;
+    let signature = fetch_file(&format!("{spec}.minisig"), opts, 64 * 1024)?;
+    static N: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "tessera-index-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let name = spec.rsplit('/').next().filter(|n| !n.is_empty()).unwrap_or("index.tidx");
+    let file = IndexFile {
+        path: dir.join(name),
+        temp_dir: Some(dir.clone()),
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io("creating", &dir, e))?;
+    tessera_engine::write_atomic(&file.path, &bytes)?;
+    if let Some(sig) = signature {
+        tessera_engine::write_atomic(&dir.join(format!("{name}.minisig")), &sig)?;
+    }
+    Ok(file)
+}
+
+/// GETs a file by `http(s)://` or `s3://` URL (`None` for a 404), with the store
+/// transport's retries; bodies past `limit` bytes are refused.
+///
+/// # Errors
+/// [`Error::InvalidInput`] for a local path; transport errors naming the URL.
+pub fn fetch_file(spec: &str, opts: &StoreOptions, limit: u64) -> Result<Option<Vec<u8>>> {
+    match spec_kind(spec) {
+        SpecKind::Local => Err(Error::InvalidInput(format!("not a URL: {spec}"))),
+        SpecKind::Http => {
+            let t = transport::Transport::new(opts);
+            match t.get("fetching", spec, limit, false)? {
+                transport::Got::Body(b) => Ok(Some(b)),
+                transport::Got::NotFound => Ok(None),
+            }
+        }
+        SpecKind::S3 => s3::get_object(&s3::S3Path::parse(spec)?, opts, limit),
+    }
+}
+
+fn not_found(spec: &str) -> Error {
+    Error::io(
+        "fetching index",
+        PathBuf::from(spec),
+        std::io::Error::new(std::io::ErrorKind::NotFound, "not found (HTTP 404)"),
+    )
+}
+
+/// Where `make` writes an index: a local path is written in place; an `s3://` key is
+/// written to a local staging file first and uploaded by [`IndexDest::publish`], after the
+/// store was flushed, so no reader sees an index whose chunks are not all there.
+#[derive(Debug)]
+pub struct IndexDest {
+    spec: String,
+    local: PathBuf,
+    staged: bool,
+}
+
+impl IndexDest {
+    /// Prepares the destination `spec`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for an `http(s)://` destination (read-only) or a malformed
+    /// `s3://` one.
+    pub fn new(spec: &str) -> Result<IndexDest> {
+        match spec_kind(spec) {
+            SpecKind::Local => Ok(IndexDest {
+                spec: spec.to_string(),
+                local: PathBuf::from(spec),
+                staged: false,
+            }),
+            SpecKind::Http => Err(Error::InvalidInput(format!(
+                "cannot publish an index to {spec}: HTTP stores are read-only (write it to a \
+                 local directory or s3:// and serve that)"
+            ))),
+            SpecKind::S3 => {
+                s3::S3Path::parse(spec)?;
+                static N: AtomicU64 = AtomicU64::new(0);
+                let local = std::env::temp_dir().join(format!(
+                    "tessera-index-{}-{}.tidx",
+                    std::process::id(),
+                    N.fetch_add(1, Ordering::Relaxed)
+                ));
+                Ok(IndexDest {
+                    spec: spec.to_string(),
+                    local,
+                    staged: true,
+                })
+            }
+        }
+    }
+
+    /// The local file `make` should write.
+    pub fn path(&self) -> &Path {
+        &self.local
+    }
+
+    /// Uploads a staged index (no-op for a local path). Call after `make` returned.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the staged file cannot be read or the upload fails.
+    pub fn publish(&self, opts: &StoreOptions) -> Result<()> {
+        if !self.staged {
+            return Ok(());
+        }
+        let bytes = std::fs::read(&self.local).map_err(|e| Error::io("reading staged index", &self.local, e))?;
+        s3::put_object(&s3::S3Path::parse(&self.spec)?, opts, &bytes)
+    }
+}
+
+impl Drop for IndexDest {
+    fn drop(&mut self) {
+        if self.staged {
+            let _ = std::fs::remove_file(&self.local);
+        }
+    }
+}

@@ -1,0 +1,68 @@
+//! Settings shared by every remote store.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// How stores are opened and how their requests behave. Every field has a default that
+/// suits a CDN over a mediocre link; `StoreOptions::default()` is a good start.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Create a local store directory if it is missing, and prepare remote stores for
+    /// writing (S3 lists the chunks it has once instead of asking per chunk). Default
+    /// false: only `make` sets it.
+    pub create: bool,
+    /// Requests in flight at once per store: the size of the fetch pool and of the
+    /// parallel upload queue. Default 32.
+    pub jobs: usize,
+    /// A request gives up when no byte arrives for this long (stalled connection) or when
+    /// the whole exchange takes longer than ten times this. Default 30 s.
+    pub timeout: Duration,
+    /// Time allowed to connect (TCP and TLS). Default 10 s.
+    pub connect_timeout: Duration,
+    /// Further attempts after a connection error, a timeout, a 5xx/408/429 answer, a
+    /// truncated body or a chunk that fails verification. Default 5.
+    pub retries: u32,
+    /// First pause before a retry; it doubles each time, up to 5 s, with jitter.
+    /// Default 100 ms.
+    pub backoff: Duration,
+    /// A local cache directory in front of the store (see `tessera_engine::CacheStore`).
+    /// Default none.
+    pub cache: Option<PathBuf>,
+    /// Bound of the cache directory in bytes. Default 10 GiB.
+    pub cache_size: u64,
+    /// S3 settings, used by `s3://` specs.
+    pub s3: S3Options,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            create: false,
+            jobs: 32,
+            timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+            retries: 5,
+            backoff: Duration::from_millis(100),
+            cache: None,
+            cache_size: 10 << 30,
+            s3: S3Options::default(),
+        }
+    }
+}
+
+/// Where and how to reach an S3-compatible service. Unset fields come from the usual
+/// AWS environment variables; credentials always do (`AWS_ACCESS_KEY_ID`,
+/// `AWS_SECRET_ACCESS_KEY`, optional `AWS_SESSION_TOKEN`; none means anonymous requests,
+/// which public buckets answer).
+#[derive(Debug, Clone, Default)]
+pub struct S3Options {
+    /// Service URL such as `http://127.0.0.1:9000`. Default: `AWS_ENDPOINT_URL_S3`, then
+    /// `AWS_ENDPOINT_URL`, then AWS itself (`https://s3.REGION.amazonaws.com`).
+    pub endpoint: Option<String>,
+    /// Region used for signing. Default: `AWS_REGION`, then `AWS_DEFAULT_REGION`, then
+    /// `us-east-1`.
+    pub region: Option<String>,
+    /// Address buckets as `ENDPOINT/BUCKET/KEY` rather than `BUCKET.HOST/KEY`. Default:
+    /// path style for a custom endpoint (MinIO, moto, Ceph...), virtual-host style for AWS.
+    pub path_style: Option<bool>,
+}

@@ -1,0 +1,118 @@
+//! A pool of blocking request threads, and the ordered stream built on it.
+//!
+//! Each remote store owns one pool of `jobs` threads; a request occupies one thread while
+//! it waits on the network, so `jobs` is the number of requests in flight. The ordered
+//! stream hands the pool up to `2 × jobs` chunks ahead of its consumer and gives results
+//! back strictly in the order asked: the consumer writes sequentially while requests
+//! overlap, and memory stays bounded by the window.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use tessera_engine::index::ChunkEntry;
+use tessera_engine::store::{FetchStream, Fetched};
+use tessera_engine::{Error, Result};
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Worker threads that run blocking jobs; they end when the pool is dropped.
+#[derive(Debug)]
+pub(crate) struct Pool {
+    tx: Sender<Job>,
+    threads: usize,
+}
+
+impl Pool {
+    pub(crate) fn new(threads: usize, name: &str) -> Pool {
+        let threads = threads.max(1);
+        let (tx, rx) = unbounded::<Job>();
+        for i in 0..threads {
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name(format!("{name}-{i}"))
+                .stack_size(256 * 1024)
+                .spawn(move || {
+                    for job in rx {
+                        job();
+                    }
+                })
+                .expect("spawning a store thread");
+        }
+        Pool { tx, threads }
+    }
+
+    /// Threads in the pool (requests in flight at most).
+    pub(crate) fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Queues a job.
+    pub(crate) fn spawn(&self, job: impl FnOnce() + Send + 'static) {
+        // The threads only stop when `tx` is dropped, so sending cannot fail.
+        let _ = self.tx.send(Box::new(job));
+    }
+}
+
+/// Fetches `entries` on `pool` with `fetch`, yielding results in order.
+pub(crate) fn ordered<F>(pool: &Pool, entries: Vec<ChunkEntry>, fetch: Arc<F>) -> FetchStream<'_>
+where
+    F: Fn(&ChunkEntry) -> Result<Fetched> + Send + Sync + 'static,
+{
+    Box::new(Ordered {
+        pool,
+        fetch,
+        rest: entries.into_iter(),
+        window: pool.threads() * 2,
+        pending: VecDeque::new(),
+        cancelled: Arc::new(AtomicBool::new(false)),
+    })
+}
+
+struct Ordered<'a, F> {
+    pool: &'a Pool,
+    fetch: Arc<F>,
+    rest: std::vec::IntoIter<ChunkEntry>,
+    window: usize,
+    pending: VecDeque<(ChunkEntry, Receiver<Result<Fetched>>)>,
+    cancelled: Arc<AtomicBool>,
+}
+
+impl<F> Iterator for Ordered<'_, F>
+where
+    F: Fn(&ChunkEntry) -> Result<Fetched> + Send + Sync + 'static,
+{
+    type Item = Result<Fetched>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        while self.pending.len() < self.window {
+            let Some(entry) = self.rest.next() else { break };
+            let (tx, rx) = bounded(1);
+            let fetch = self.fetch.clone();
+            let cancelled = self.cancelled.clone();
+            self.pool.spawn(move || {
+                if !cancelled.load(Ordering::Relaxed) {
+                    let _ = tx.send(fetch(&entry));
+                }
+            });
+            self.pending.push_back((entry, rx));
+        }
+        let (entry, rx) = self.pending.pop_front()?;
+        Some(rx.recv().unwrap_or_else(|_| {
+            Err(Error::InvalidInput(format!("a fetch thread died while fetching chunk {}", entry.id)))
+        }))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let n = self.pending.len() + self.rest.len();
+        (n, Some(n))
+    }
+}
+
+impl<F> Drop for Ordered<'_, F> {
+    fn drop(&mut self) {
+        // Jobs not started yet see this and skip their request.
+        self.cancelled.store(true, Ordering::Relaxed);
+    }
+}

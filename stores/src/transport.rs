@@ -1,0 +1,215 @@
+//! HTTP requests with timeouts, connection reuse and retries: the one place that decides
+//! which failures are worth another attempt.
+//!
+//! Retried: connection errors (refused, reset, closed early), timeouts (a stalled
+//! connection or a slow exchange), truncated bodies, and the answers 408, 429 and 5xx.
+//! Not retried: 404/410 (the caller turns it into "missing"), other 4xx (a wrong URL,
+//! bucket or credentials will not heal), malformed URLs and TLS certificate failures.
+//! Pauses double from [`StoreOptions::backoff`] up to 5 s, with jitter so that many
+//! workers do not hammer a recovering server in step.
+
+use std::io;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tessera_engine::Error;
+use ureq::Agent;
+
+use crate::StoreOptions;
+
+/// One attempt's failure.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    /// Worth another attempt.
+    Retry(String),
+    /// Will not get better.
+    Fatal(String),
+}
+
+/// What a GET found.
+pub(crate) enum Got {
+    /// 200 with the whole body.
+    Body(Vec<u8>),
+    /// 404 or 410.
+    NotFound,
+}
+
+/// A shared HTTP agent (connection pool) and the retry policy.
+#[derive(Debug)]
+pub(crate) struct Transport {
+    agent: Agent,
+    retries: u32,
+    backoff: Duration,
+}
+
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+impl Transport {
+    pub(crate) fn new(opts: &StoreOptions) -> Transport {
+        let config = Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(opts.connect_timeout))
+            .timeout_per_read(Some(opts.timeout))
+            .timeout_per_write(Some(opts.timeout))
+            .timeout_per_call(Some(opts.timeout.saturating_mul(10)))
+            // Keep a connection per worker (and some) open to each host.
+            .max_idle_connections(opts.jobs.max(1) * 2 + 8)
+            .max_idle_connections_per_host(opts.jobs.max(1) * 2 + 8)
+            // Chunk files are zstd already: never let a proxy re-encode them.
+            .accept_encoding("identity")
+            .user_agent(concat!("tessera/", env!("CARGO_PKG_VERSION")))
+            .build();
+        Transport {
+            agent: Agent::new_with_config(config),
+            retries: opts.retries,
+            backoff: opts.backoff,
+        }
+    }
+
+    /// Attempts beyond the first.
+    pub(crate) fn retries(&self) -> u32 {
+        self.retries
+    }
+
+    /// Sleeps before retry number `attempt` (1-based).
+    pub(crate) fn pause(&self, attempt: u32) {
+        let base = self
+            .backoff
+            .saturating_mul(1u32 << attempt.saturating_sub(1).min(16))
+            .min(MAX_BACKOFF);
+        // Up to +50 % jitter, from the clock: no RNG dependency for this.
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        let jitter = base.mul_f64(f64::from(nanos % 1000) / 2000.0);
+        std::thread::sleep(base + jitter);
+    }
+
+    /// Runs `attempt` until it succeeds, fails for good, or the retries run out.
+    pub(crate) fn retrying<T>(
+        &self,
+        what: &'static str,
+        url: &str,
+        mut attempt: impl FnMut(u32) -> Result<T, Failure>,
+    ) -> Result<T, Error> {
+        let mut n = 0;
+        loop {
+            match attempt(n) {
+                Ok(v) => return Ok(v),
+                Err(Failure::Fatal(msg)) => return Err(remote_error(what, url, msg)),
+                Err(Failure::Retry(msg)) if n >= self.retries => {
+                    let msg = format!("{msg} (gave up after {} attempts)", n + 1);
+                    return Err(remote_error(what, url, msg));
+                }
+                Err(Failure::Retry(_)) => {
+                    n += 1;
+                    self.pause(n);
+                }
+            }
+        }
+    }
+
+    /// GETs `url` with retries; bodies over `limit` bytes are refused. `fresh` asks
+    /// caches on the way (CDNs, proxies) to revalidate, for a re-fetch after bad bytes.
+    pub(crate) fn get(&self, what: &'static str, url: &str, limit: u64, fresh: bool) -> Result<Got, Error> {
+        self.retrying(what, url, |_| self.get_once(url, limit, fresh))
+    }
+
+    /// One GET.
+    pub(crate) fn get_once(&self, url: &str, limit: u64, fresh: bool) -> Result<Got, Failure> {
+        let mut req = self.agent.get(url);
+        if fresh {
+            req = req.header("cache-control", "no-cache");
+        }
+        let mut resp = req.call().map_err(classify)?;
+        let status = resp.status().as_u16();
+        match status {
+            200 => {}
+            404 | 410 => return Ok(Got::NotFound),
+            _ => return Err(status_failure(status, resp.status().canonical_reason())),
+        }
+        let declared = resp
+            .headers()
+            .get("content-length")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if let Some(n) = declared.filter(|&n| n > limit) {
+            return Err(Failure::Fatal(format!("the body is {n} bytes, more than the {limit} allowed")));
+        }
+        let body = resp
+            .body_mut()
+            .with_config()
+            .limit(limit)
+            .read_to_vec()
+            .map_err(|e| match e {
+                ureq::Error::BodyExceedsLimit(_) => {
+                    Failure::Fatal(format!("the body is more than the {limit} bytes allowed"))
+                }
+                e => Failure::Retry(format!("reading the body: {e}")),
+            })?;
+        if let Some(n) = declared.filter(|&n| n != body.len() as u64) {
+            return Err(Failure::Retry(format!("truncated body: {} of {n} bytes", body.len())));
+        }
+        Ok(Got::Body(body))
+    }
+
+    /// HEAD with retries: whether the object exists.
+    pub(crate) fn exists(&self, url: &str) -> Result<bool, Error> {
+        self.retrying("checking", url, |_| {
+            let resp = self.agent.head(url).call().map_err(classify)?;
+            match resp.status().as_u16() {
+                200 => Ok(true),
+                404 | 410 => Ok(false),
+                s => Err(status_failure(s, resp.status().canonical_reason())),
+            }
+        })
+    }
+
+    /// PUT with retries; `url` is computed per attempt (signed URLs).
+    pub(crate) fn put(
+        &self,
+        url_for_errors: &str,
+        url: impl Fn() -> String,
+        body: &[u8],
+    ) -> Result<(), Error> {
+        self.retrying("uploading", url_for_errors, |_| {
+            let mut resp = self.agent.put(url()).send(body).map_err(classify)?;
+            let status = resp.status().as_u16();
+            // Drain the (small) answer so the connection can be reused.
+            let _ = resp.body_mut().with_config().limit(1 << 20).read_to_vec();
+            match status {
+                200..=299 => Ok(()),
+                s => Err(status_failure(s, resp.status().canonical_reason())),
+            }
+        })
+    }
+}
+
+/// Whether a transport error is worth another attempt.
+fn classify(e: ureq::Error) -> Failure {
+    use ureq::Error as E;
+    match e {
+        E::BadUri(_)
+        | E::Http(_)
+        | E::RequireHttpsOnly(_)
+        | E::InvalidProxyUrl
+        | E::TooManyRedirects
+        | E::RedirectFailed
+        | E::Tls(_)
+        | E::Rustls(_) => Failure::Fatal(e.to_string()),
+        E::Timeout(t) => Failure::Retry(format!("timed out ({t})")),
+        e => Failure::Retry(e.to_string()),
+    }
+}
+
+fn status_failure(status: u16, reason: Option<&str>) -> Failure {
+    let msg = format!("HTTP {status} {}", reason.unwrap_or(""));
+    let msg = msg.trim_end().to_string();
+    match status {
+        408 | 429 | 500..=599 => Failure::Retry(msg),
+        _ => Failure::Fatal(msg),
+    }
+}
+
+/// An engine error naming the URL; `msg` becomes the source so `{:#}` prints both once.
+pub(crate) fn remote_error(what: &'static str, url: &str, msg: String) -> Error {
+    Error::io(what, PathBuf::from(url), io::Error::other(msg))
+}
