@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use super::{chunk_path, ChunkStore, FetchStream, Fetched, LocalStore};
+use super::{ChunkStore, FetchStream, Fetched, LocalStore};
 use crate::chunk::decompress_verified;
 use crate::error::{Error, Result};
 use crate::index::ChunkEntry;
@@ -281,6 +281,7 @@ fn scan(root: &Path) -> Result<Vec<CachedFile>> {
 mod tests {
     use super::*;
     use crate::chunk::compress;
+    use crate::store::chunk_path;
     use std::sync::atomic::AtomicUsize;
 
     /// A store that counts fetches from a local directory.
