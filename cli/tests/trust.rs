@@ -575,3 +575,60 @@ fn verity_rejects_bad_salts_and_short_targets() {
     assert!(err.contains("less than the image"), "{err}");
     assert!(!hash.exists());
 }
+
+/// Runs `tessera ARGS`, killing it after 30 s; returns (exited in time, success, stderr).
+fn run_bounded(args: &[&dyn AsRef<std::ffi::OsStr>]) -> (bool, bool, String) {
+    let mut child = tessera()
+        .args(args.iter().map(|a| a.as_ref()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+            return (true, status.success(), err);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return (false, false, String::new());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn serve_refuses_untrusted_indexes_before_listening() {
+    let s = signed();
+    let (_, other) = keygen(s.dir.path(), "other");
+    let (sock, overlay) = (s.path("nbd.sock"), s.path("overlay.cow"));
+    let wrong = "0".repeat(64);
+    let cases: [Vec<&dyn AsRef<std::ffi::OsStr>>; 3] = [
+        vec![&"--root-hash", &wrong],
+        vec![&"--trusted-key", &other],
+        vec![&"--trusted-key", &s.public, &"--min-version", &"4"],
+    ];
+    for extra in cases {
+        let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![
+            &"serve",
+            &s.index,
+            &"--store",
+            &s.store,
+            &"--unix",
+            &sock,
+            &"--overlay",
+            &overlay,
+        ];
+        args.extend(extra);
+        let (exited, ok, err) = run_bounded(&args);
+        assert!(exited, "serve kept running with an untrusted index");
+        assert!(!ok && err.contains("refusing index"), "{err}");
+        assert!(
+            !sock.exists() && !overlay.exists(),
+            "serve listened or wrote: {err}"
+        );
+    }
+}
