@@ -6,9 +6,9 @@ use std::time::Instant;
 
 use anyhow::Context;
 use tessera_engine::trust::{build_verity, VerityOptions, VerityReport};
-use tessera_engine::LocalStore;
 
 use crate::output::{human_bytes, Output};
+use crate::store_args::StoreArgs;
 use crate::trust_args::TrustArgs;
 
 /// Write the image of INDEX into TARGET, then verify every chunk of it.
@@ -18,13 +18,12 @@ use crate::trust_args::TrustArgs;
 /// Success is reported only after the whole target was read back and hashed.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// The index of the image to write.
+    /// The index of the image to write: a path or an http(s):// or s3:// URL.
     index: PathBuf,
     /// File or block device to write.
     target: PathBuf,
-    /// Chunk store directory.
-    #[arg(long, value_name = "DIR")]
-    store: PathBuf,
+    #[command(flatten)]
+    store: StoreArgs,
     #[command(flatten)]
     trust: TrustArgs,
     /// After the sync, write the dm-verity hash tree of TARGET here (see `tessera verity`;
@@ -45,8 +44,8 @@ struct Json<'a> {
 }
 
 pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
-    let index = args.trust.load_index(&args.index)?;
-    let store = LocalStore::open(&args.store, false)?;
+    let index = args.trust.load_index(args.store.fetch_index(&args.index)?.path())?;
+    let store = args.store.open()?;
     let started = Instant::now();
     let report = tessera_engine::sync(&index, &args.target, &store, out)
         .with_context(|| format!("syncing {}", args.target.display()))?;
