@@ -6,9 +6,10 @@ use std::time::Instant;
 
 use anyhow::Context;
 use tessera_engine::trust::{build_verity, VerityOptions, VerityReport};
-use tessera_engine::{ChunkerParams, LocalStore, MakeOptions};
+use tessera_engine::{ChunkerParams, MakeOptions};
 
 use crate::output::{human_bytes, Output};
+use crate::store_args::StoreArgs;
 
 /// Cut an image (file or block device) into chunks, store the new ones, write the index.
 ///
@@ -21,10 +22,10 @@ use crate::output::{human_bytes, Output};
 pub struct Args {
     /// The image: a file or a block device.
     source: PathBuf,
-    /// Chunk store directory (created if missing).
-    #[arg(long, value_name = "DIR")]
-    store: PathBuf,
-    /// Where to write the index.
+    /// Where chunks go: a directory (created if missing) or s3://BUCKET/PREFIX.
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Where to write the index: a path or s3://BUCKET/KEY (uploaded after every chunk).
     #[arg(long, value_name = "OUT.tidx")]
     index: PathBuf,
     /// Chunk sizes as MIN:AVG:MAX (K and M suffixes; AVG a power of two).
@@ -60,10 +61,12 @@ pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
         anyhow::ensure!(n > 0, "--threads must be at least 1");
         opts.workers = n;
     }
-    let store = LocalStore::open(&args.store, true)?;
+    let store = args.store.open_for_write()?;
+    let dest = args.store.index_dest(&args.index)?;
     let started = Instant::now();
-    let (index, report) = tessera_engine::make(&args.source, &store, &args.index, &opts, out)
+    let (index, report) = tessera_engine::make(&args.source, &store, dest.path(), &opts, out)
         .with_context(|| format!("making an image of {}", args.source.display()))?;
+    args.store.publish_index(&dest)?;
     let secs = started.elapsed().as_secs_f64();
     let verity = args
         .verity
