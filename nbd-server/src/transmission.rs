@@ -243,18 +243,6 @@ impl Context {
         if req.len == 0 {
             return Err((code::EINVAL, format!("{name} of length 0")));
         }
-        let size = self.backend.size();
-        let end = req.offset.checked_add(u64::from(req.len));
-        if end.is_none_or(|e| e > size) {
-            let err = if writes { code::ENOSPC } else { code::EINVAL };
-            return Err((
-                err,
-                format!(
-                    "{name} of {} bytes at {} is beyond the export size {size}",
-                    req.len, req.offset
-                ),
-            ));
-        }
         if req.kind == cmd::READ && req.len > self.limits.max_payload {
             return Err((
                 code::EOVERFLOW,
@@ -270,6 +258,18 @@ impl Context {
                 format!(
                     "WRITE of {} bytes exceeds the maximum {}",
                     req.len, self.limits.max_payload
+                ),
+            ));
+        }
+        let size = self.backend.size();
+        let end = req.offset.checked_add(u64::from(req.len));
+        if !matches!(end, Some(e) if e <= size) {
+            let err = if writes { code::ENOSPC } else { code::EINVAL };
+            return Err((
+                err,
+                format!(
+                    "{name} of {} bytes at {} is beyond the export size {size}",
+                    req.len, req.offset
                 ),
             ));
         }

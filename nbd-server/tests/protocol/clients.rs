@@ -64,3 +64,41 @@ fn nbdcopy_writes_through_a_writable_export() {
         .arg(srv.uri("rw")));
     assert!(rw.contents() == pattern(1 << 20));
 }
+
+#[test]
+fn garbage_connections_and_eight_concurrent_clients_leave_the_server_serving() {
+    use std::io::{Read, Write};
+    if !have("nbdcopy") {
+        return;
+    }
+    let (exports, _) = two_exports();
+    let srv = serve(exports);
+    // Garbage after the greeting, a truncated option, and a silent client.
+    let mut garbage = std::net::TcpStream::connect(srv.addr).unwrap();
+    garbage.write_all(&[0xff; 64]).unwrap();
+    let mut truncated = std::net::TcpStream::connect(srv.addr).unwrap();
+    truncated.write_all(&[0, 0, 0, 1, 0x49, 0x48]).unwrap();
+    drop(truncated);
+    let _silent = std::net::TcpStream::connect(srv.addr).unwrap();
+    let mut sink = Vec::new();
+    let _ = garbage.read_to_end(&mut sink);
+    let dir = tempfile::tempdir().unwrap();
+    let copies: Vec<_> = (0..8)
+        .map(|i| {
+            let out = dir.path().join(format!("c{i}"));
+            let uri = srv.uri("mem");
+            std::thread::spawn(move || {
+                run(Command::new("nbdcopy").arg(&uri).arg(&out));
+                std::fs::read(&out).unwrap()
+            })
+        })
+        .collect();
+    for c in copies {
+        assert!(c.join().unwrap() == pattern(1 << 20));
+    }
+    let log = srv.log.lock().unwrap().join("\n");
+    assert!(
+        log.contains("unknown client flags") || log.contains("protocol violation"),
+        "{log}"
+    );
+}
