@@ -71,10 +71,18 @@ pub fn spec_kind(spec: &str) -> SpecKind {
 /// or `s3://bucket/prefix`; with [`StoreOptions::cache`] set, a [`CacheStore`] in front.
 ///
 /// # Errors
+/// [`Error::InvalidInput`] for an `http(s)://` store with [`StoreOptions::create`] (writers
+/// need a directory or S3).
 /// [`Error::Io`] for a local directory that is missing (without `opts.create`) or cannot
 /// be created, [`Error::InvalidInput`] for a malformed URL.
 pub fn open_store(spec: &str, opts: &StoreOptions) -> Result<Arc<dyn ChunkStore>> {
     let store: Arc<dyn ChunkStore> = match spec_kind(spec) {
+        SpecKind::Http if opts.create => {
+            return Err(Error::InvalidInput(format!(
+                "{spec} is an HTTP store, which is read-only: make into a local directory or \
+                 an s3:// store and serve that over HTTP"
+            )))
+        }
         SpecKind::Http => Arc::new(HttpStore::new(spec, opts)?),
         SpecKind::S3 => Arc::new(S3Store::new(spec, opts)?),
         SpecKind::Local => Arc::new(LocalStore::open(spec, opts.create)?),

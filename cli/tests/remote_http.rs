@@ -1,0 +1,153 @@
+//! HTTP stores through the real binary, with nginx serving a store that `make` wrote:
+//! sync by URL (index too), the local cache, a missing chunk, a read-only store.
+
+mod remote_support;
+mod util;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use remote_support::*;
+use tempfile::TempDir;
+use util::*;
+
+/// An image of random data with a run of zeros, and its store made by `make`, the index
+/// inside the store directory so that nginx serves it too.
+struct Published {
+    dir: TempDir,
+    image: PathBuf,
+    store: PathBuf,
+}
+
+fn publish(len: usize, seed: u64) -> Published {
+    let dir = TempDir::new().unwrap();
+    let mut bytes = random_bytes(len, seed);
+    bytes[len / 3..len / 3 + 600_000].fill(0);
+    let image = dir.path().join("image.raw");
+    fs::write(&image, &bytes).unwrap();
+    let store = dir.path().join("store");
+    run_ok(&[&"make", &image, &"--store", &store, &"--index", &store.join("image.tidx")]);
+    Published { dir, image, store }
+}
+
+fn chunk_files(store: &Path) -> Vec<PathBuf> {
+    let mut out = vec![];
+    for d in fs::read_dir(store.join("chunks")).unwrap() {
+        for f in fs::read_dir(d.unwrap().path()).unwrap() {
+            out.push(f.unwrap().path());
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn sync_from_nginx_by_url_gives_the_exact_image() {
+    if skip_unless(nginx_available(), "nginx") {
+        return;
+    }
+    let p = publish(6_000_000, 1);
+    let nginx = Nginx::start(&p.store);
+    let target = p.dir.path().join("out.raw");
+    let out = json(&run_ok(&[
+        &"sync",
+        &format!("{}/image.tidx", nginx.url()),
+        &target,
+        &"--store",
+        &format!("{}/", nginx.url()),
+        &"--json",
+    ]));
+    assert_eq!(fs::read(&target).unwrap(), fs::read(&p.image).unwrap());
+    assert!(out["bytes_downloaded"].as_u64().unwrap() > 0, "{out}");
+}
+
+#[test]
+fn cache_fills_on_first_sync_and_serves_the_second_offline() {
+    if skip_unless(nginx_available(), "nginx") {
+        return;
+    }
+    let p = publish(4_000_000, 2);
+    let cache = p.dir.path().join("cache");
+    let nginx = Nginx::start(&p.store);
+    let url = nginx.url();
+    let first = p.dir.path().join("first.raw");
+    run_ok(&[&"sync", &p.store.join("image.tidx"), &first, &"--store", &url, &"--cache", &cache]);
+    assert_eq!(fs::read(&first).unwrap(), fs::read(&p.image).unwrap());
+    assert_eq!(
+        chunk_files(&cache).len(),
+        chunk_files(&p.store).len(),
+        "every fetched chunk is cached"
+    );
+    drop(nginx);
+    // The server is gone; every chunk comes from the cache.
+    let second = p.dir.path().join("second.raw");
+    run_ok(&[&"sync", &p.store.join("image.tidx"), &second, &"--store", &url, &"--cache", &cache, &"--retries", &"0"]);
+    assert_eq!(fs::read(&second).unwrap(), fs::read(&p.image).unwrap());
+    // Without the cache the same command fails, naming the server.
+    let err = run_err(&[&"sync", &p.store.join("image.tidx"), &p.dir.path().join("third.raw"), &"--store", &url, &"--retries", &"1"]);
+    assert!(err.contains(&url), "{err}");
+}
+
+#[test]
+fn cache_is_bounded_by_its_size() {
+    if skip_unless(nginx_available(), "nginx") {
+        return;
+    }
+    let p = publish(6_000_000, 3);
+    let cache = p.dir.path().join("cache");
+    let nginx = Nginx::start(&p.store);
+    let target = p.dir.path().join("out.raw");
+    run_ok(&[&"sync", &p.store.join("image.tidx"), &target, &"--store", &nginx.url(), &"--cache", &cache, &"--cache-size", &"2M"]);
+    assert_eq!(fs::read(&target).unwrap(), fs::read(&p.image).unwrap());
+    let cached: u64 = chunk_files(&cache).iter().map(|f| f.metadata().unwrap().len()).sum();
+    assert!(cached <= 2 << 20, "cache holds {cached} bytes, bound 2 MiB");
+    assert!(cached > 0);
+}
+
+#[test]
+fn missing_chunk_is_an_error_naming_the_chunk_and_its_url() {
+    if skip_unless(nginx_available(), "nginx") {
+        return;
+    }
+    let p = publish(3_000_000, 4);
+    let victim = chunk_files(&p.store)[0].clone();
+    let id = victim.file_stem().unwrap().to_string_lossy().trim_end_matches(".zst").to_string();
+    fs::remove_file(&victim).unwrap();
+    let nginx = Nginx::start(&p.store);
+    let err = run_err(&[
+        &"sync",
+        &p.store.join("image.tidx"),
+        &p.dir.path().join("out.raw"),
+        &"--store",
+        &nginx.url(),
+    ]);
+    assert!(err.contains(&id), "{err}");
+    assert!(err.contains(&format!("{}/chunks/", nginx.url())), "{err}");
+    assert!(err.contains("missing"), "{err}");
+}
+
+#[test]
+fn index_url_errors_name_the_url() {
+    if skip_unless(nginx_available(), "nginx") {
+        return;
+    }
+    let p = publish(1_000_000, 5);
+    let nginx = Nginx::start(&p.store);
+    let missing = format!("{}/nope.tidx", nginx.url());
+    let err = run_err(&[&"sync", &missing, &p.dir.path().join("o"), &"--store", &nginx.url()]);
+    assert!(err.contains(&missing) && err.contains("404"), "{err}");
+    // A chunk file served as an index is refused as invalid.
+    let chunk = chunk_files(&p.store)[0].strip_prefix(&p.store).unwrap().display().to_string();
+    let bogus = format!("{}/{chunk}", nginx.url());
+    let err = run_err(&[&"sync", &bogus, &p.dir.path().join("o"), &"--store", &nginx.url()]);
+    assert!(err.contains("invalid index") || err.contains("not a tessera index"), "{err}");
+}
+
+#[test]
+fn http_stores_are_read_only() {
+    let dir = TempDir::new().unwrap();
+    let image = dir.path().join("i");
+    fs::write(&image, random_bytes(100_000, 6)).unwrap();
+    let err = run_err(&[&"make", &image, &"--store", &"http://127.0.0.1:9/store", &"--index", &dir.path().join("i.tidx")]);
+    assert!(err.contains("read-only"), "{err}");
+}

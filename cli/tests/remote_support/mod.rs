@@ -1,0 +1,353 @@
+//! Servers for the remote-store tests: nginx serving a store directory, moto's S3 server,
+//! and a fault-injecting HTTP proxy. Each listens on a free loopback port and is stopped
+//! when dropped.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+/// A free loopback port (the listener is closed again, so a child may bind it).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Waits until something accepts connections on `port`.
+fn wait_listening(port: u16, what: &str, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited early with {status}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{what} did not listen on port {port} within 30 s");
+}
+
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
+}
+
+fn nginx_binary() -> Option<PathBuf> {
+    ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+}
+
+/// Whether nginx is installed.
+pub fn nginx_available() -> bool {
+    nginx_binary().is_some()
+}
+
+/// nginx serving a directory as static files, in the foreground, single process.
+pub struct Nginx {
+    pub port: u16,
+    child: Child,
+    _dir: TempDir,
+}
+
+impl Nginx {
+    /// Serves `root` at `http://127.0.0.1:PORT/`.
+    pub fn start(root: &Path) -> Nginx {
+        let dir = TempDir::new().unwrap();
+        let port = free_port();
+        let d = dir.path().display();
+        // master_process off: one process that keeps our (root) identity, so it can read
+        // the temporary directories the tests create.
+        let conf = format!(
+            "daemon off;\nmaster_process off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {d}/t1;\n  proxy_temp_path {d}/t2;\n\
+             \x20 fastcgi_temp_path {d}/t3;\n  uwsgi_temp_path {d}/t4;\n  scgi_temp_path {d}/t5;\n\
+             \x20 keepalive_requests 100000;\n\
+             \x20 server {{ listen 127.0.0.1:{port}; root {root}; }}\n}}\n",
+            root = root.display()
+        );
+        let conf_path = dir.path().join("nginx.conf");
+        std::fs::write(&conf_path, conf).unwrap();
+        let mut child = Command::new(nginx_binary().expect("nginx"))
+            .arg("-c")
+            .arg(&conf_path)
+            .arg("-p")
+            .arg(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting nginx");
+        wait_listening(port, "nginx", &mut child);
+        Nginx {
+            port,
+            child,
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        ([127, 0, 0, 1], self.port).into()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether moto's S3 server can be started.
+pub fn moto_available() -> bool {
+    on_path("moto_server")
+}
+
+/// moto's S3-compatible server, with a bucket made.
+pub struct Moto {
+    pub port: u16,
+    child: Child,
+}
+
+/// Credentials moto accepts (it checks none); set in every tessera command's environment.
+pub const S3_ENV: [(&str, &str); 3] = [
+    ("AWS_ACCESS_KEY_ID", "tessera-test"),
+    ("AWS_SECRET_ACCESS_KEY", "tessera-test-secret"),
+    ("AWS_REGION", "us-east-1"),
+];
+
+impl Moto {
+    pub fn start() -> Moto {
+        let port = free_port();
+        let mut child = Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting moto_server");
+        wait_listening(port, "moto_server", &mut child);
+        Moto { port, child }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Creates a bucket.
+    pub fn create_bucket(&self, name: &str) {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        write!(
+            s,
+            "PUT /{name} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            self.port
+        )
+        .unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "creating bucket {name}: {answer}");
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What the proxy does to one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Forward it.
+    Pass,
+    /// Close the connection without answering.
+    Reset,
+    /// Answer 500.
+    Status500,
+    /// Say nothing for this long, then close.
+    Stall(Duration),
+    /// Forward the headers (with the full Content-Length) and half the body, then close.
+    Truncate,
+    /// Forward the answer with one body byte flipped.
+    Corrupt,
+    /// Forward the answer after this long.
+    Delay(Duration),
+}
+
+/// Decides the fault of request number `n` (from 0) for `method` and `path`.
+pub type Plan = dyn Fn(u64, &str, &str) -> Fault + Send + Sync;
+
+/// An HTTP/1.1 proxy in front of one upstream, injecting faults.
+pub struct Proxy {
+    pub port: u16,
+    state: Arc<ProxyState>,
+}
+
+struct ProxyState {
+    upstream: SocketAddr,
+    plan: Mutex<Arc<Plan>>,
+    requests: AtomicU64,
+    /// Every request gets its connection closed: the server went away.
+    down: AtomicBool,
+    stop: AtomicBool,
+}
+
+impl Proxy {
+    pub fn start(upstream: SocketAddr, plan: Arc<Plan>) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let state = Arc::new(ProxyState {
+            upstream,
+            plan: Mutex::new(plan),
+            requests: AtomicU64::new(0),
+            down: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+        });
+        let st = state.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if st.stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let Ok(conn) = conn else { continue };
+                let st = st.clone();
+                std::thread::spawn(move || {
+                    let _ = serve_client(conn, &st);
+                });
+            }
+        });
+        Proxy { port, state }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Requests seen so far.
+    pub fn requests(&self) -> u64 {
+        self.state.requests.load(Ordering::Relaxed)
+    }
+
+    pub fn set_plan(&self, plan: Arc<Plan>) {
+        *self.state.plan.lock().unwrap() = plan;
+    }
+
+    /// Takes the server away (every connection closed at once) or brings it back.
+    pub fn set_down(&self, down: bool) {
+        self.state.down.store(down, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.state.stop.store(true, Ordering::Relaxed);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+fn serve_client(client: TcpStream, st: &ProxyState) -> std::io::Result<()> {
+    let mut reader = BufReader::new(client.try_clone()?);
+    let mut client = client;
+    loop {
+        // Request line and headers.
+        let mut head = Vec::new();
+        let mut content_length = 0usize;
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line)? == 0 {
+                return Ok(()); // Client closed.
+            }
+            if line == "\r\n" || line == "\n" {
+                break;
+            }
+            let lower = line.to_ascii_lowercase();
+            if let Some(v) = lower.strip_prefix("content-length:") {
+                content_length = v.trim().parse().unwrap_or(0);
+            }
+            if !lower.starts_with("connection:") {
+                head.push(line);
+            }
+        }
+        let mut body = vec![0u8; content_length];
+        reader.read_exact(&mut body)?;
+        let first = head.first().cloned().unwrap_or_default();
+        let mut parts = first.split_whitespace();
+        let method = parts.next().unwrap_or("").to_string();
+        let path = parts.next().unwrap_or("").to_string();
+        let n = st.requests.fetch_add(1, Ordering::Relaxed);
+        if st.down.load(Ordering::Relaxed) {
+            let _ = client.shutdown(Shutdown::Both);
+            return Ok(());
+        }
+        let plan = st.plan.lock().unwrap().clone();
+        let fault = plan(n, &method, &path);
+        match fault {
+            Fault::Reset => {
+                let _ = client.shutdown(Shutdown::Both);
+                return Ok(());
+            }
+            Fault::Stall(d) => {
+                std::thread::sleep(d);
+                let _ = client.shutdown(Shutdown::Both);
+                return Ok(());
+            }
+            Fault::Status500 => {
+                client.write_all(
+                    b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n",
+                )?;
+                continue;
+            }
+            _ => {}
+        }
+        // Forward with one request per upstream connection.
+        let mut up = TcpStream::connect(st.upstream)?;
+        for line in &head {
+            up.write_all(line.as_bytes())?;
+        }
+        up.write_all(b"Connection: close\r\n\r\n")?;
+        up.write_all(&body)?;
+        let mut answer = Vec::new();
+        up.read_to_end(&mut answer)?;
+        let split = answer
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map_or(answer.len(), |p| p + 4);
+        let (resp_head, resp_body) = answer.split_at(split);
+        // Keep the client connection open: drop the upstream's "Connection: close".
+        let resp_head: String = String::from_utf8_lossy(resp_head)
+            .split("\r\n")
+            .filter(|l| !l.to_ascii_lowercase().starts_with("connection:"))
+            .collect::<Vec<_>>()
+            .join("\r\n");
+        let mut resp_body = resp_body.to_vec();
+        match fault {
+            Fault::Truncate => {
+                client.write_all(resp_head.as_bytes())?;
+                client.write_all(&resp_body[..resp_body.len() / 2])?;
+                let _ = client.shutdown(Shutdown::Both);
+                return Ok(());
+            }
+            Fault::Corrupt if !resp_body.is_empty() => {
+                let mid = resp_body.len() / 2;
+                resp_body[mid] ^= 0x5a;
+            }
+            Fault::Delay(d) => std::thread::sleep(d),
+            _ => {}
+        }
+        client.write_all(resp_head.as_bytes())?;
+        client.write_all(&resp_body)?;
+    }
+}
