@@ -9,6 +9,8 @@ PACKAGES=(
   zstd           # zstd -d: chunk files are plain zstd frames
   casync         # benchmark peer
   time           # /usr/bin/time -v: peak memory in benchmarks
+  minisign       # trust tests: signatures cross-checked both ways
+  cryptsetup-bin # trust tests: veritysetup format/verify of dm-verity trees
 )
 
 missing=()
