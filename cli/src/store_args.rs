@@ -96,7 +96,10 @@ impl StoreArgs {
     /// The URL cannot be fetched.
     pub fn fetch_index(&self, index: &Path) -> anyhow::Result<IndexFile> {
         let spec = index.to_string_lossy();
-        Ok(tessera_stores::fetch_index_file(&spec, &self.options(false)?)?)
+        Ok(tessera_stores::fetch_index_file(
+            &spec,
+            &self.options(false)?,
+        )?)
     }
 
     /// Loads an index from a path or an http(s):// or s3:// URL.
@@ -122,7 +125,8 @@ impl StoreArgs {
     /// # Errors
     /// The upload failed.
     pub fn publish_index(&self, dest: &IndexDest) -> anyhow::Result<()> {
-        dest.publish(&self.options(true)?).context("publishing the index")
+        dest.publish(&self.options(true)?)
+            .context("publishing the index")
     }
 }
 
@@ -136,8 +140,12 @@ fn parse_size(s: &str) -> anyhow::Result<u64> {
         Some('T') => (&s[..s.len() - 1], 1 << 40),
         _ => (s, 1),
     };
-    let n: u64 = num.trim().parse().with_context(|| format!("not a size: {s:?}"))?;
-    n.checked_mul(mult).with_context(|| format!("size too large: {s:?}"))
+    let n: u64 = num
+        .trim()
+        .parse()
+        .with_context(|| format!("not a size: {s:?}"))?;
+    n.checked_mul(mult)
+        .with_context(|| format!("size too large: {s:?}"))
 }
 
 #[cfg(test)]

@@ -26,7 +26,14 @@ fn publish(len: usize, seed: u64) -> Published {
     let image = dir.path().join("image.raw");
     fs::write(&image, &bytes).unwrap();
     let store = dir.path().join("store");
-    run_ok(&[&"make", &image, &"--store", &store, &"--index", &store.join("image.tidx")]);
+    run_ok(&[
+        &"make",
+        &image,
+        &"--store",
+        &store,
+        &"--index",
+        &store.join("image.tidx"),
+    ]);
     Published { dir, image, store }
 }
 
@@ -71,7 +78,15 @@ fn cache_fills_on_first_sync_and_serves_the_second_offline() {
     let nginx = Nginx::start(&p.store);
     let url = nginx.url();
     let first = p.dir.path().join("first.raw");
-    run_ok(&[&"sync", &p.store.join("image.tidx"), &first, &"--store", &url, &"--cache", &cache]);
+    run_ok(&[
+        &"sync",
+        &p.store.join("image.tidx"),
+        &first,
+        &"--store",
+        &url,
+        &"--cache",
+        &cache,
+    ]);
     assert_eq!(fs::read(&first).unwrap(), fs::read(&p.image).unwrap());
     assert_eq!(
         chunk_files(&cache).len(),
@@ -81,10 +96,28 @@ fn cache_fills_on_first_sync_and_serves_the_second_offline() {
     drop(nginx);
     // The server is gone; every chunk comes from the cache.
     let second = p.dir.path().join("second.raw");
-    run_ok(&[&"sync", &p.store.join("image.tidx"), &second, &"--store", &url, &"--cache", &cache, &"--retries", &"0"]);
+    run_ok(&[
+        &"sync",
+        &p.store.join("image.tidx"),
+        &second,
+        &"--store",
+        &url,
+        &"--cache",
+        &cache,
+        &"--retries",
+        &"0",
+    ]);
     assert_eq!(fs::read(&second).unwrap(), fs::read(&p.image).unwrap());
     // Without the cache the same command fails, naming the server.
-    let err = run_err(&[&"sync", &p.store.join("image.tidx"), &p.dir.path().join("third.raw"), &"--store", &url, &"--retries", &"1"]);
+    let err = run_err(&[
+        &"sync",
+        &p.store.join("image.tidx"),
+        &p.dir.path().join("third.raw"),
+        &"--store",
+        &url,
+        &"--retries",
+        &"1",
+    ]);
     assert!(err.contains(&url), "{err}");
 }
 
@@ -97,9 +130,22 @@ fn cache_is_bounded_by_its_size() {
     let cache = p.dir.path().join("cache");
     let nginx = Nginx::start(&p.store);
     let target = p.dir.path().join("out.raw");
-    run_ok(&[&"sync", &p.store.join("image.tidx"), &target, &"--store", &nginx.url(), &"--cache", &cache, &"--cache-size", &"2M"]);
+    run_ok(&[
+        &"sync",
+        &p.store.join("image.tidx"),
+        &target,
+        &"--store",
+        &nginx.url(),
+        &"--cache",
+        &cache,
+        &"--cache-size",
+        &"2M",
+    ]);
     assert_eq!(fs::read(&target).unwrap(), fs::read(&p.image).unwrap());
-    let cached: u64 = chunk_files(&cache).iter().map(|f| f.metadata().unwrap().len()).sum();
+    let cached: u64 = chunk_files(&cache)
+        .iter()
+        .map(|f| f.metadata().unwrap().len())
+        .sum();
     assert!(cached <= 2 << 20, "cache holds {cached} bytes, bound 2 MiB");
     assert!(cached > 0);
 }
@@ -111,7 +157,12 @@ fn missing_chunk_is_an_error_naming_the_chunk_and_its_url() {
     }
     let p = publish(3_000_000, 4);
     let victim = chunk_files(&p.store)[0].clone();
-    let id = victim.file_stem().unwrap().to_string_lossy().trim_end_matches(".zst").to_string();
+    let id = victim
+        .file_stem()
+        .unwrap()
+        .to_string_lossy()
+        .trim_end_matches(".zst")
+        .to_string();
     fs::remove_file(&victim).unwrap();
     let nginx = Nginx::start(&p.store);
     let err = run_err(&[
@@ -134,13 +185,32 @@ fn index_url_errors_name_the_url() {
     let p = publish(1_000_000, 5);
     let nginx = Nginx::start(&p.store);
     let missing = format!("{}/nope.tidx", nginx.url());
-    let err = run_err(&[&"sync", &missing, &p.dir.path().join("o"), &"--store", &nginx.url()]);
+    let err = run_err(&[
+        &"sync",
+        &missing,
+        &p.dir.path().join("o"),
+        &"--store",
+        &nginx.url(),
+    ]);
     assert!(err.contains(&missing) && err.contains("404"), "{err}");
     // A chunk file served as an index is refused as invalid.
-    let chunk = chunk_files(&p.store)[0].strip_prefix(&p.store).unwrap().display().to_string();
+    let chunk = chunk_files(&p.store)[0]
+        .strip_prefix(&p.store)
+        .unwrap()
+        .display()
+        .to_string();
     let bogus = format!("{}/{chunk}", nginx.url());
-    let err = run_err(&[&"sync", &bogus, &p.dir.path().join("o"), &"--store", &nginx.url()]);
-    assert!(err.contains("invalid index") || err.contains("not a tessera index"), "{err}");
+    let err = run_err(&[
+        &"sync",
+        &bogus,
+        &p.dir.path().join("o"),
+        &"--store",
+        &nginx.url(),
+    ]);
+    assert!(
+        err.contains("invalid index") || err.contains("not a tessera index"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -148,6 +218,13 @@ fn http_stores_are_read_only() {
     let dir = TempDir::new().unwrap();
     let image = dir.path().join("i");
     fs::write(&image, random_bytes(100_000, 6)).unwrap();
-    let err = run_err(&[&"make", &image, &"--store", &"http://127.0.0.1:9/store", &"--index", &dir.path().join("i.tidx")]);
+    let err = run_err(&[
+        &"make",
+        &image,
+        &"--store",
+        &"http://127.0.0.1:9/store",
+        &"--index",
+        &dir.path().join("i.tidx"),
+    ]);
     assert!(err.contains("read-only"), "{err}");
 }

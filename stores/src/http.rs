@@ -107,7 +107,11 @@ impl ChunkStore for HttpStore {
 
     fn get_compressed(&self, id: &ChunkId) -> Result<Option<Vec<u8>>> {
         let url = self.inner.chunk_url(id);
-        match self.inner.transport.get("fetching", &url, MAX_CHUNK_FILE, false)? {
+        match self
+            .inner
+            .transport
+            .get("fetching", &url, MAX_CHUNK_FILE, false)?
+        {
             Got::Body(b) => Ok(Some(b)),
             Got::NotFound => Ok(None),
         }
@@ -131,7 +135,11 @@ impl ChunkStore for HttpStore {
 
     fn fetch_ordered<'a>(&'a self, entries: Vec<ChunkEntry>) -> FetchStream<'a> {
         let inner = self.inner.clone();
-        ordered(&self.pool, entries, Arc::new(move |e: &ChunkEntry| inner.fetch(e)))
+        ordered(
+            &self.pool,
+            entries,
+            Arc::new(move |e: &ChunkEntry| inner.fetch(e)),
+        )
     }
 
     fn in_flight(&self) -> usize {

@@ -158,7 +158,11 @@ pub fn fetch_index_file(spec: &str, opts: &StoreOptions) -> Result<IndexFile> {
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed)
     ));
-    let name = spec.rsplit('/').next().filter(|n| !n.is_empty()).unwrap_or("index.tidx");
+    let name = spec
+        .rsplit('/')
+        .next()
+        .filter(|n| !n.is_empty())
+        .unwrap_or("index.tidx");
     let file = IndexFile {
         path: dir.join(name),
         temp_dir: Some(dir.clone()),
@@ -255,7 +259,8 @@ impl IndexDest {
         if !self.staged {
             return Ok(());
         }
-        let bytes = std::fs::read(&self.local).map_err(|e| Error::io("reading staged index", &self.local, e))?;
+        let bytes = std::fs::read(&self.local)
+            .map_err(|e| Error::io("reading staged index", &self.local, e))?;
         s3::put_object(&s3::S3Path::parse(&self.spec)?, opts, &bytes)
     }
 }

@@ -100,7 +100,10 @@ where
         }
         let (entry, rx) = self.pending.pop_front()?;
         Some(rx.recv().unwrap_or_else(|_| {
-            Err(Error::InvalidInput(format!("a fetch thread died while fetching chunk {}", entry.id)))
+            Err(Error::InvalidInput(format!(
+                "a fetch thread died while fetching chunk {}",
+                entry.id
+            )))
         }))
     }
 

@@ -71,7 +71,9 @@ impl S3Path {
             .ok_or_else(|| Error::InvalidInput(format!("not an s3:// URL: {spec}")))?;
         let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
         if bucket.is_empty() {
-            return Err(Error::InvalidInput(format!("no bucket in {spec} (expected s3://BUCKET/PREFIX)")));
+            return Err(Error::InvalidInput(format!(
+                "no bucket in {spec} (expected s3://BUCKET/PREFIX)"
+            )));
         }
         Ok(S3Path {
             bucket: bucket.to_string(),
@@ -99,19 +101,31 @@ pub(crate) fn bucket(name: &str, opts: &S3Options) -> Result<(Bucket, Option<Cre
     let url = endpoint
         .parse()
         .map_err(|e| Error::InvalidInput(format!("S3 endpoint {endpoint}: {e}")))?;
-    let style = if path_style { UrlStyle::Path } else { UrlStyle::VirtualHost };
+    let style = if path_style {
+        UrlStyle::Path
+    } else {
+        UrlStyle::VirtualHost
+    };
     let bucket = Bucket::new(url, style, name.to_string(), region)
         .map_err(|e| Error::InvalidInput(format!("S3 bucket {name} at {endpoint}: {e}")))?;
     Ok((bucket, Credentials::from_env()))
 }
 
 /// GETs one object (an index) by key.
-pub(crate) fn get_object(path: &S3Path, opts: &StoreOptions, limit: u64) -> Result<Option<Vec<u8>>> {
+pub(crate) fn get_object(
+    path: &S3Path,
+    opts: &StoreOptions,
+    limit: u64,
+) -> Result<Option<Vec<u8>>> {
     let (bucket, creds) = bucket(&path.bucket, &opts.s3)?;
-    let url = bucket.get_object(creds.as_ref(), &path.key).sign(SIGNED_FOR);
+    let url = bucket
+        .get_object(creds.as_ref(), &path.key)
+        .sign(SIGNED_FOR);
     let shown = format!("s3://{}/{}", path.bucket, path.key);
     let transport = Transport::new(opts);
-    match transport.retrying("fetching", &shown, |_| transport.get_once(url.as_str(), limit, false))? {
+    match transport.retrying("fetching", &shown, |_| {
+        transport.get_once(url.as_str(), limit, false)
+    })? {
         Got::Body(b) => Ok(Some(b)),
         Got::NotFound => Ok(None),
     }
@@ -123,7 +137,12 @@ pub(crate) fn put_object(path: &S3Path, opts: &StoreOptions, body: &[u8]) -> Res
     let shown = format!("s3://{}/{}", path.bucket, path.key);
     Transport::new(opts).put(
         &shown,
-        || bucket.put_object(creds.as_ref(), &path.key).sign(SIGNED_FOR).to_string(),
+        || {
+            bucket
+                .put_object(creds.as_ref(), &path.key)
+                .sign(SIGNED_FOR)
+                .to_string()
+        },
         body,
     )
 }
@@ -137,7 +156,11 @@ impl S3Store {
     pub fn new(spec: &str, opts: &StoreOptions) -> Result<S3Store> {
         let path = S3Path::parse(spec)?;
         let (bucket, credentials) = bucket(&path.bucket, &opts.s3)?;
-        let prefix = if path.key.is_empty() { String::new() } else { format!("{}/", path.key) };
+        let prefix = if path.key.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", path.key)
+        };
         Ok(S3Store {
             inner: Arc::new(Inner {
                 bucket,
@@ -158,12 +181,20 @@ impl S3Store {
     /// Transport errors, or the service's refusal.
     pub fn create_bucket(&self) -> Result<()> {
         let creds = self.inner.credentials.as_ref().ok_or_else(|| {
-            Error::InvalidInput("creating a bucket needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY".into())
+            Error::InvalidInput(
+                "creating a bucket needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY".into(),
+            )
         })?;
         let shown = format!("s3://{}", self.inner.bucket.name());
         self.inner.transport.put(
             &shown,
-            || self.inner.bucket.create_bucket(creds).sign(SIGNED_FOR).to_string(),
+            || {
+                self.inner
+                    .bucket
+                    .create_bucket(creds)
+                    .sign(SIGNED_FOR)
+                    .to_string()
+            },
             b"",
         )
     }
@@ -179,11 +210,16 @@ impl Inner {
     }
 
     fn get_url(&self, id: &ChunkId) -> String {
-        self.bucket.get_object(self.credentials.as_ref(), &self.key(id)).sign(SIGNED_FOR).to_string()
+        self.bucket
+            .get_object(self.credentials.as_ref(), &self.key(id))
+            .sign(SIGNED_FOR)
+            .to_string()
     }
 
     fn fetch(&self, entry: &ChunkEntry) -> Result<Fetched> {
-        fetch_verified(&self.transport, entry, &self.shown(&entry.id), &|_| self.get_url(&entry.id))
+        fetch_verified(&self.transport, entry, &self.shown(&entry.id), &|_| {
+            self.get_url(&entry.id)
+        })
     }
 
     /// Lists every chunk under the prefix (1,000 keys per request).
@@ -203,7 +239,11 @@ impl Inner {
             })? {
                 Got::Body(b) => b,
                 Got::NotFound => {
-                    return Err(remote_error("listing", &shown, "HTTP 404 (no such bucket?)".into()))
+                    return Err(remote_error(
+                        "listing",
+                        &shown,
+                        "HTTP 404 (no such bucket?)".into(),
+                    ))
                 }
             };
             let text = String::from_utf8_lossy(&body);
@@ -234,14 +274,20 @@ impl Inner {
 
 impl ChunkStore for S3Store {
     fn location(&self) -> String {
-        format!("s3://{}/{}", self.inner.bucket.name(), self.inner.prefix.trim_end_matches('/'))
+        format!(
+            "s3://{}/{}",
+            self.inner.bucket.name(),
+            self.inner.prefix.trim_end_matches('/')
+        )
     }
 
     fn get_compressed(&self, id: &ChunkId) -> Result<Option<Vec<u8>>> {
         let url = self.inner.get_url(id);
         let shown = self.inner.shown(id);
         let t = &self.inner.transport;
-        match t.retrying("fetching", &shown, |_| t.get_once(&url, MAX_CHUNK_FILE, false))? {
+        match t.retrying("fetching", &shown, |_| {
+            t.get_once(&url, MAX_CHUNK_FILE, false)
+        })? {
             Got::Body(b) => Ok(Some(b)),
             Got::NotFound => Ok(None),
         }
@@ -252,7 +298,11 @@ impl ChunkStore for S3Store {
             return self.inner.known_contains(id);
         }
         let key = self.inner.key(id);
-        let url = self.inner.bucket.head_object(self.inner.credentials.as_ref(), &key).sign(SIGNED_FOR);
+        let url = self
+            .inner
+            .bucket
+            .head_object(self.inner.credentials.as_ref(), &key)
+            .sign(SIGNED_FOR);
         self.inner.transport.exists(url.as_str())
     }
 
@@ -263,7 +313,9 @@ impl ChunkStore for S3Store {
         {
             let mut state = self.uploads.state.lock().expect("upload state");
             if let Some(e) = &state.failed {
-                return Err(Error::InvalidInput(format!("an earlier upload failed: {e}")));
+                return Err(Error::InvalidInput(format!(
+                    "an earlier upload failed: {e}"
+                )));
             }
             // Backpressure: at most two uploads per thread queued, so memory stays bounded.
             while state.pending >= self.pool.threads() * 2 {
@@ -272,14 +324,30 @@ impl ChunkStore for S3Store {
             state.pending += 1;
         }
         // Claimed now so that no other worker uploads it too; forgotten again on failure.
-        self.inner.known.lock().expect("known set").as_mut().expect("listed").insert(*id);
-        let (inner, uploads, id, body) =
-            (self.inner.clone(), self.uploads.clone(), *id, compressed.to_vec());
+        self.inner
+            .known
+            .lock()
+            .expect("known set")
+            .as_mut()
+            .expect("listed")
+            .insert(*id);
+        let (inner, uploads, id, body) = (
+            self.inner.clone(),
+            self.uploads.clone(),
+            *id,
+            compressed.to_vec(),
+        );
         self.pool.spawn(move || {
             let key = inner.key(&id);
             let result = inner.transport.put(
                 &inner.shown(&id),
-                || inner.bucket.put_object(inner.credentials.as_ref(), &key).sign(SIGNED_FOR).to_string(),
+                || {
+                    inner
+                        .bucket
+                        .put_object(inner.credentials.as_ref(), &key)
+                        .sign(SIGNED_FOR)
+                        .to_string()
+                },
                 &body,
             );
             if result.is_err() {
@@ -314,7 +382,11 @@ impl ChunkStore for S3Store {
 
     fn fetch_ordered<'a>(&'a self, entries: Vec<ChunkEntry>) -> FetchStream<'a> {
         let inner = self.inner.clone();
-        ordered(&self.pool, entries, Arc::new(move |e: &ChunkEntry| inner.fetch(e)))
+        ordered(
+            &self.pool,
+            entries,
+            Arc::new(move |e: &ChunkEntry| inner.fetch(e)),
+        )
     }
 
     fn in_flight(&self) -> usize {

@@ -78,7 +78,9 @@ impl Transport {
             .saturating_mul(1u32 << attempt.saturating_sub(1).min(16))
             .min(MAX_BACKOFF);
         // Up to +50 % jitter, from the clock: no RNG dependency for this.
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
         let jitter = base.mul_f64(f64::from(nanos % 1000) / 2000.0);
         std::thread::sleep(base + jitter);
     }
@@ -109,7 +111,13 @@ impl Transport {
 
     /// GETs `url` with retries; bodies over `limit` bytes are refused. `fresh` asks
     /// caches on the way (CDNs, proxies) to revalidate, for a re-fetch after bad bytes.
-    pub(crate) fn get(&self, what: &'static str, url: &str, limit: u64, fresh: bool) -> Result<Got, Error> {
+    pub(crate) fn get(
+        &self,
+        what: &'static str,
+        url: &str,
+        limit: u64,
+        fresh: bool,
+    ) -> Result<Got, Error> {
         self.retrying(what, url, |_| self.get_once(url, limit, fresh))
     }
 
@@ -132,7 +140,9 @@ impl Transport {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if let Some(n) = declared.filter(|&n| n > limit) {
-            return Err(Failure::Fatal(format!("the body is {n} bytes, more than the {limit} allowed")));
+            return Err(Failure::Fatal(format!(
+                "the body is {n} bytes, more than the {limit} allowed"
+            )));
         }
         let body = resp
             .body_mut()
@@ -146,7 +156,10 @@ impl Transport {
                 e => Failure::Retry(format!("reading the body: {e}")),
             })?;
         if let Some(n) = declared.filter(|&n| n != body.len() as u64) {
-            return Err(Failure::Retry(format!("truncated body: {} of {n} bytes", body.len())));
+            return Err(Failure::Retry(format!(
+                "truncated body: {} of {n} bytes",
+                body.len()
+            )));
         }
         Ok(Got::Body(body))
     }

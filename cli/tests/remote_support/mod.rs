@@ -15,7 +15,11 @@ use tempfile::TempDir;
 
 /// A free loopback port (the listener is closed again, so a child may bind it).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Waits until something accepts connections on `port`.
@@ -157,7 +161,10 @@ impl Moto {
         .unwrap();
         let mut answer = String::new();
         s.read_to_string(&mut answer).unwrap();
-        assert!(answer.starts_with("HTTP/1.1 200"), "creating bucket {name}: {answer}");
+        assert!(
+            answer.starts_with("HTTP/1.1 200"),
+            "creating bucket {name}: {answer}"
+        );
     }
 }
 

@@ -117,7 +117,9 @@ impl CacheStore {
     fn keep(&self, fetched: &Fetched) {
         let id = fetched.chunk.id();
         if let Ok(true) = self.local.put_compressed(&id, &fetched.compressed) {
-            let used = self.used.fetch_add(fetched.compressed.len() as u64, Ordering::Relaxed)
+            let used = self
+                .used
+                .fetch_add(fetched.compressed.len() as u64, Ordering::Relaxed)
                 + fetched.compressed.len() as u64;
             if used > self.max_bytes {
                 let _ = self.evict();
@@ -213,21 +215,26 @@ impl ChunkStore for CacheStore {
             .map(|(e, _)| *e)
             .collect();
         let mut remote = self.remote.fetch_ordered(misses);
-        Box::new(entries.into_iter().zip(cached).map(move |(entry, was_cached)| {
-            if was_cached {
-                // Evicted or damaged since: fetch it alone.
-                return self.fetch_verified(&entry);
-            }
-            let fetched = remote.next().unwrap_or_else(|| {
-                Err(Error::InvalidInput(format!(
-                    "store {} ended its stream before chunk {}",
-                    self.remote.location(),
-                    entry.id
-                )))
-            })?;
-            self.keep(&fetched);
-            Ok(fetched)
-        }))
+        Box::new(
+            entries
+                .into_iter()
+                .zip(cached)
+                .map(move |(entry, was_cached)| {
+                    if was_cached {
+                        // Evicted or damaged since: fetch it alone.
+                        return self.fetch_verified(&entry);
+                    }
+                    let fetched = remote.next().unwrap_or_else(|| {
+                        Err(Error::InvalidInput(format!(
+                            "store {} ended its stream before chunk {}",
+                            self.remote.location(),
+                            entry.id
+                        )))
+                    })?;
+                    self.keep(&fetched);
+                    Ok(fetched)
+                }),
+        )
     }
 
     fn in_flight(&self) -> usize {
@@ -311,7 +318,11 @@ mod tests {
             .map(|i| {
                 // Incompressible-ish bytes so that file sizes are predictable.
                 let data: Vec<u8> = (0..size)
-                    .map(|j| ((i * 7919 + j * 31) as u32).wrapping_mul(2654435761).to_le_bytes()[3])
+                    .map(|j| {
+                        ((i * 7919 + j * 31) as u32)
+                            .wrapping_mul(2654435761)
+                            .to_le_bytes()[3]
+                    })
                     .collect();
                 let id = ChunkId::of(&data);
                 remote.put_compressed(&id, &compress(&data)).unwrap();
@@ -334,14 +345,20 @@ mod tests {
             inner: remote,
             fetches: AtomicUsize::new(0),
         });
-        let cache =
-            CacheStore::open(dir.path().join("cache"), counting.clone(), &CacheOptions::default())
-                .unwrap();
+        let cache = CacheStore::open(
+            dir.path().join("cache"),
+            counting.clone(),
+            &CacheOptions::default(),
+        )
+        .unwrap();
         for e in &es {
             cache.fetch(e).unwrap();
         }
         assert_eq!(counting.fetches.load(Ordering::Relaxed), 4);
-        let got: Vec<_> = cache.fetch_ordered(es.clone()).map(|r| r.unwrap()).collect();
+        let got: Vec<_> = cache
+            .fetch_ordered(es.clone())
+            .map(|r| r.unwrap())
+            .collect();
         assert_eq!(got.len(), 4);
         assert_eq!(counting.fetches.load(Ordering::Relaxed), 4, "all hits");
         // A damaged cache file is dropped and fetched again.
