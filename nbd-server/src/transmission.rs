@@ -80,10 +80,8 @@ where
         };
         match read {
             Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                ended = Err(Error::Protocol("client closed without NBD_CMD_DISC".into()));
-                break;
-            }
+            // Many clients (nbdfuse, qemu on exit) just close between requests.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
             Err(e) => {
                 ended = Err(Error::io("reading a request")(e));
                 break;

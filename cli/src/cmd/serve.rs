@@ -262,12 +262,9 @@ pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
             remove_stale_socket(path)?;
             let listener = tokio::net::UnixListener::bind(path)
                 .with_context(|| format!("listening on {}", path.display()))?;
-            for n in &names {
-                out.line(format!(
-                    "serving {n:?} on nbd+unix:///{n}?socket={}",
-                    path.display()
-                ));
-            }
+            announce(out, &names, |n| {
+                format!("nbd+unix:///{n}?socket={}", path.display())
+            });
             let served = server.serve_unix(listener, shutdown).await;
             let _ = std::fs::remove_file(path);
             served.context("accepting connections")
@@ -278,9 +275,7 @@ pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
             let addr = listener
                 .local_addr()
                 .context("reading the listening address")?;
-            for n in &names {
-                out.line(format!("serving {n:?} on nbd://{addr}/{n}"));
-            }
+            announce(out, &names, |n| format!("nbd://{addr}/{n}"));
             server
                 .serve_tcp(listener, shutdown)
                 .await
@@ -293,6 +288,16 @@ pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
             .context("flushing the overlay on shutdown")?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Prints one line per export in a single write: whoever reads the first line (a script
+/// waiting for the address) may close the pipe, and no later print must fail.
+fn announce(out: &Output, names: &[String], uri: impl Fn(&str) -> String) {
+    let lines: Vec<String> = names
+        .iter()
+        .map(|n| format!("serving {n:?} on {}", uri(n)))
+        .collect();
+    out.line(lines.join("\n"));
 }
 
 /// Removes a socket file left by a server that did not stop cleanly; refuses to remove

@@ -94,8 +94,8 @@ impl Overlay {
             file.sync_all().map_err(io("syncing overlay"))?;
         } else {
             let mut h = vec![0u8; HEADER_LEN as usize];
-            if len < data_offset + image_size {
-                return Err(bad(format!("{len} bytes is too short for this image")));
+            if len < HEADER_LEN {
+                return Err(bad(format!("not a tessera overlay ({len} bytes)")));
             }
             file.read_exact_at(&mut h, 0)
                 .map_err(io("reading overlay header"))?;
@@ -123,6 +123,9 @@ impl Overlay {
                 return Err(bad(
                     "bitmap or data offset does not match its image size".into()
                 ));
+            }
+            if len < data_offset + image_size {
+                return Err(bad(format!("truncated to {len} bytes")));
             }
         }
         let mut raw = vec![0u8; words * 8];
