@@ -11,6 +11,12 @@ PACKAGES=(
   time           # /usr/bin/time -v: peak memory in benchmarks
   minisign       # trust tests: signatures cross-checked both ways
   cryptsetup-bin # trust tests: veritysetup format/verify of dm-verity trees
+  qemu-utils     # NBD tests: qemu-img convert, qemu-io; benchmark peer qemu-nbd
+  libnbd-bin     # NBD tests: nbdinfo, nbdcopy, nbdsh, nbdfuse
+  python3-libnbd # NBD tests: nbdsh scripts
+  nbd-client     # NBD tests: nbd-client -l
+  nbdkit         # NBD benchmark peer: nbdkit file
+  fuse3          # NBD tests: fusermount3 for nbdfuse mounts
 )
 
 missing=()
