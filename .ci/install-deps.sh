@@ -29,3 +29,10 @@ if ((${#missing[@]})); then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
+
+# moto's S3-compatible server (PyPI, pinned) for the S3 store tests.
+if ! python3 -c 'import moto.server, flask_cors' 2>/dev/null; then
+  echo "installing: moto[server]==5.2.1 (PyPI)"
+  python3 -m pip install --quiet 'moto[server]==5.2.1' ||
+    python3 -m pip install --quiet --break-system-packages 'moto[server]==5.2.1'
+fi

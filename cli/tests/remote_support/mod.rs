@@ -116,7 +116,17 @@ impl Drop for Nginx {
 
 /// Whether moto's S3 server can be started.
 pub fn moto_available() -> bool {
-    on_path("moto_server")
+    on_path("moto_server") || moto_module()
+}
+
+/// Whether `python3 -m moto.server` works (pip's script may not be on PATH).
+fn moto_module() -> bool {
+    Command::new("python3")
+        .args(["-c", "import moto.server, flask_cors"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// moto's S3-compatible server, with a bucket made.
@@ -135,7 +145,14 @@ pub const S3_ENV: [(&str, &str); 3] = [
 impl Moto {
     pub fn start() -> Moto {
         let port = free_port();
-        let mut child = Command::new("moto_server")
+        let mut cmd = if on_path("moto_server") {
+            Command::new("moto_server")
+        } else {
+            let mut c = Command::new("python3");
+            c.args(["-m", "moto.server"]);
+            c
+        };
+        let mut child = cmd
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
