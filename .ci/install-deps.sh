@@ -7,6 +7,7 @@ PACKAGES=(
   e2fsprogs      # mkfs.ext4 -d, debugfs: ext4 fixtures
   util-linux     # losetup, blockdev: loop-device tests
   zstd           # zstd -d: chunk files are plain zstd frames
+  nginx          # remote store tests: nginx serving a store over HTTP
   casync         # benchmark peer
   time           # /usr/bin/time -v: peak memory in benchmarks
   minisign       # trust tests: signatures cross-checked both ways
