@@ -2,14 +2,14 @@
 //!
 //! Flatten [`StoreArgs`] into a subcommand's arguments (`#[command(flatten)]`), then
 //! [`StoreArgs::open`] (readers) or [`StoreArgs::open_for_write`] (`make`), and
-//! [`StoreArgs::load_index`] for an index given as a path or URL.
+//! [`StoreArgs::fetch_index`] for an index given as a path or URL.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tessera_engine::{ChunkStore, Index};
+use tessera_engine::ChunkStore;
 use tessera_stores::{IndexDest, IndexFile, S3Options, StoreOptions};
 
 /// Where chunks live, and how to reach them.
@@ -20,12 +20,12 @@ pub struct StoreArgs {
     #[arg(long, value_name = "DIR|URL")]
     pub store: String,
     /// Keep fetched chunks in this local directory, in front of the store; shared safely
-    /// by concurrent processes, least recently used chunks evicted past --cache-size.
+    /// by concurrent processes, least recently used chunks evicted past --cache-limit.
     #[arg(long, value_name = "DIR")]
     pub cache: Option<PathBuf>,
     /// Bound of the --cache directory (K, M, G, T suffixes: powers of 1024).
     #[arg(long, value_name = "SIZE", default_value = "10G")]
-    pub cache_size: String,
+    pub cache_limit: String,
     /// Requests in flight to a remote store (fetches and uploads).
     #[arg(long, value_name = "N", default_value_t = 32)]
     pub jobs: usize,
@@ -60,7 +60,7 @@ impl StoreArgs {
             timeout: Duration::from_secs_f64(self.timeout),
             retries: self.retries,
             cache: self.cache.clone(),
-            cache_size: parse_size(&self.cache_size).context("--cache-size")?,
+            cache_size: parse_size(&self.cache_limit).context("--cache-limit")?,
             s3: S3Options {
                 endpoint: self.s3_endpoint.clone(),
                 region: self.s3_region.clone(),
@@ -100,15 +100,6 @@ impl StoreArgs {
             &spec,
             &self.options(false)?,
         )?)
-    }
-
-    /// Loads an index from a path or an http(s):// or s3:// URL.
-    ///
-    /// # Errors
-    /// Unreadable or invalid index.
-    pub fn load_index(&self, index: &Path) -> anyhow::Result<Index> {
-        let spec = index.to_string_lossy();
-        Ok(tessera_stores::load_index(&spec, &self.options(false)?)?)
     }
 
     /// Where `make` writes an index given as a path or s3:// URL: write to

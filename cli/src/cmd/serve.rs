@@ -6,13 +6,14 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use tessera_engine::{ChunkStore, ImageReader, LocalStore, Overlay, ReaderOptions};
+use tessera_engine::{ChunkStore, ImageReader, Overlay, ReaderOptions};
 use tessera_nbd::{
     Backend, BackendError, BackendResult, BlockState, Capabilities, ErrorKind, Export, Exports,
     Extent, Server,
 };
 
 use crate::output::{human_bytes, Output};
+use crate::store_args::StoreArgs;
 use crate::trust_args::TrustArgs;
 
 /// Serve images over NBD (nbd-client, qemu nbd://, nbdcopy, nbdfuse...).
@@ -25,12 +26,11 @@ use crate::trust_args::TrustArgs;
 /// Stops cleanly on SIGINT or SIGTERM.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Index files, one export each.
+    /// Index files (paths or http(s):// or s3:// URLs), one export each.
     #[arg(required = true, value_name = "INDEX")]
     indexes: Vec<PathBuf>,
-    /// Chunk store directory.
-    #[arg(long, value_name = "DIR")]
-    store: PathBuf,
+    #[command(flatten)]
+    store: StoreArgs,
     /// TCP address to listen on (port 0 picks a free port; the address is printed).
     #[arg(
         long,
@@ -201,7 +201,7 @@ pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
     if args.indexes.len() > 1 && (args.name.is_some() || args.overlay.is_some()) {
         bail!("--name and --overlay need exactly one INDEX");
     }
-    let store: Arc<dyn ChunkStore> = Arc::new(LocalStore::open(&args.store, false)?);
+    let store: Arc<dyn ChunkStore> = args.store.open()?;
     let options = ReaderOptions {
         cache_bytes: args.cache_size,
         ..ReaderOptions::default()
@@ -210,7 +210,7 @@ pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
     let mut names = HashSet::new();
     let mut backends = Vec::new();
     for path in &args.indexes {
-        let index = args.trust.load_index(path)?;
+        let index = args.trust.load_index(args.store.fetch_index(path)?.path())?;
         let name = args.name.clone().unwrap_or_else(|| export_name(path));
         if !names.insert(name.clone()) {
             bail!("two indexes would both be exported as {name:?}; rename one");
