@@ -69,6 +69,23 @@ fn sync_from_nginx_by_url_gives_the_exact_image() {
 }
 
 #[test]
+fn serve_from_nginx_by_url_gives_the_exact_image() {
+    if skip_unless(nginx_available(), "nginx") || skip_unless(nbdcopy_available(), "nbdcopy") {
+        return;
+    }
+    let p = publish(5_000_000, 7);
+    let nginx = Nginx::start(&p.store);
+    let index = format!("{}/image.tidx", nginx.url());
+    let cache = p.dir.path().join("cache").display().to_string();
+    let served = serve_and_copy(
+        p.dir.path(),
+        &[&index, "--store", &nginx.url(), "--cache", &cache],
+        &[],
+    );
+    assert!(served == fs::read(&p.image).unwrap(), "served bytes differ");
+}
+
+#[test]
 fn cache_fills_on_first_sync_and_serves_the_second_offline() {
     if skip_unless(nginx_available(), "nginx") {
         return;
@@ -138,7 +155,7 @@ fn cache_is_bounded_by_its_size() {
         &nginx.url(),
         &"--cache",
         &cache,
-        &"--cache-size",
+        &"--cache-limit",
         &"2M",
     ]);
     assert_eq!(fs::read(&target).unwrap(), fs::read(&p.image).unwrap());

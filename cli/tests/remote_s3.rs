@@ -126,6 +126,20 @@ fn make_into_s3_then_sync_from_it_by_url() {
     ));
     assert_eq!(fs::read(&target2).unwrap(), v2);
 
+    // `serve` from the bucket, the index by URL too.
+    if nbdcopy_available() {
+        let mut envs: Vec<(&str, &str)> = S3_ENV.to_vec();
+        envs.push(("AWS_ENDPOINT_URL", &ep));
+        let served = serve_and_copy(
+            dir.path(),
+            &["s3://images/fleet/v2.tidx", "--store", "s3://images/fleet"],
+            &envs,
+        );
+        assert!(served == v2, "served bytes differ");
+    } else {
+        skip_unless(false, "nbdcopy");
+    }
+
     // The --s3-endpoint flag works in place of the environment.
     let target3 = dir.path().join("out3.raw");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tessera"));

@@ -375,3 +375,43 @@ fn serve_client(client: TcpStream, st: &ProxyState) -> std::io::Result<()> {
         client.write_all(&resp_body)?;
     }
 }
+
+/// Whether `nbdcopy` (libnbd-bin) is installed.
+pub fn nbdcopy_available() -> bool {
+    on_path("nbdcopy")
+}
+
+/// Runs `tessera serve ARGS --unix SOCK` with `envs`, copies the default export out with
+/// nbdcopy, stops the server and returns the bytes.
+pub fn serve_and_copy(dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> Vec<u8> {
+    let sock = dir.join(format!("nbd-{}.sock", free_port()));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .arg("serve")
+        .args(args)
+        .arg("--unix")
+        .arg(&sock)
+        .envs(envs.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("starting tessera serve");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let uri = line
+        .split_whitespace()
+        .find(|w| w.starts_with("nbd+unix://"))
+        .unwrap_or_else(|| panic!("no NBD URI in {line:?}"))
+        .to_string();
+    let out = dir.join("served.raw");
+    let status = Command::new("nbdcopy")
+        .arg(&uri)
+        .arg(&out)
+        .status()
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(status.success(), "nbdcopy {uri} failed");
+    std::fs::read(&out).unwrap()
+}
