@@ -5,3 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash .ci/install-deps.sh
 cargo test --workspace --no-fail-fast
+# Every parser of untrusted bytes, fuzzed for a bounded time from the seed corpus (docs/TRUST.md).
+bash fuzz/run.sh "${FUZZ_SECONDS:-30}"
