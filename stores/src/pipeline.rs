@@ -119,3 +119,89 @@ impl<F> Drop for Ordered<'_, F> {
         self.cancelled.store(true, Ordering::Relaxed);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Duration;
+
+    use tessera_engine::{ChunkId, VerifiedChunk};
+
+    use super::*;
+
+    fn entries(n: usize) -> Vec<ChunkEntry> {
+        (0..n)
+            .map(|i| {
+                let data = i.to_le_bytes();
+                ChunkEntry {
+                    id: ChunkId::of(&data),
+                    offset: i as u64 * 8,
+                    len: 8,
+                    zero: false,
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn yields_in_order_with_requests_overlapping() {
+        let pool = Pool::new(8, "test");
+        let running = Arc::new(AtomicUsize::new(0));
+        let peak = Arc::new(AtomicUsize::new(0));
+        let (r, p) = (running.clone(), peak.clone());
+        let fetch = Arc::new(move |e: &ChunkEntry| {
+            let now = r.fetch_add(1, Ordering::SeqCst) + 1;
+            p.fetch_max(now, Ordering::SeqCst);
+            // Later entries finish first half of the time.
+            let i = e.offset / 8;
+            std::thread::sleep(Duration::from_millis(if i % 2 == 0 { 20 } else { 2 }));
+            r.fetch_sub(1, Ordering::SeqCst);
+            let data = i.to_le_bytes().to_vec();
+            let chunk = VerifiedChunk::verify(e.id, data, "test")?;
+            Ok(Fetched {
+                chunk,
+                compressed: vec![],
+            })
+        });
+        let es = entries(40);
+        let got: Vec<ChunkId> = ordered(&pool, es.clone(), fetch)
+            .map(|r| r.unwrap().chunk.id())
+            .collect();
+        assert_eq!(got, es.iter().map(|e| e.id).collect::<Vec<_>>());
+        assert!(peak.load(Ordering::SeqCst) > 4, "requests overlapped");
+        assert!(peak.load(Ordering::SeqCst) <= 8, "never more than the pool");
+    }
+
+    #[test]
+    fn errors_are_per_item_and_dropping_cancels_the_rest() {
+        let pool = Pool::new(2, "test");
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = calls.clone();
+        let fetch = Arc::new(move |e: &ChunkEntry| {
+            c.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(5));
+            if e.offset == 8 {
+                return Err(Error::InvalidInput("boom".into()));
+            }
+            let chunk = VerifiedChunk::verify(e.id, (e.offset / 8).to_le_bytes().to_vec(), "t")?;
+            Ok(Fetched {
+                chunk,
+                compressed: vec![],
+            })
+        });
+        let mut stream = ordered(&pool, entries(1000), fetch);
+        assert!(stream.next().unwrap().is_ok());
+        assert!(stream.next().unwrap().is_err());
+        assert!(
+            stream.next().unwrap().is_ok(),
+            "the stream goes on after an error"
+        );
+        drop(stream);
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            calls.load(Ordering::SeqCst) < 20,
+            "{} fetches",
+            calls.load(Ordering::SeqCst)
+        );
+    }
+}
