@@ -86,6 +86,66 @@ fn serve_from_nginx_by_url_gives_the_exact_image() {
 }
 
 #[test]
+fn signed_index_by_url_is_checked_against_the_trusted_key() {
+    if skip_unless(nginx_available(), "nginx") {
+        return;
+    }
+    let p = publish(2_000_000, 8);
+    let index = p.store.join("image.tidx");
+    let (secret, public) = (p.dir.path().join("k.sec"), p.dir.path().join("k.pub"));
+    run_ok(&[
+        &"keygen",
+        &"--secret-key",
+        &secret,
+        &"--public-key",
+        &public,
+    ]);
+    run_ok(&[&"sign", &index, &"--secret-key", &secret]);
+    let nginx = Nginx::start(&p.store);
+    let url = format!("{}/image.tidx", nginx.url());
+    let target = p.dir.path().join("out.raw");
+    run_ok(&[
+        &"sync",
+        &url,
+        &target,
+        &"--store",
+        &nginx.url(),
+        &"--trusted-key",
+        &public,
+    ]);
+    assert_eq!(fs::read(&target).unwrap(), fs::read(&p.image).unwrap());
+    // Another key: refused before any chunk is fetched.
+    let (s2, p2) = (p.dir.path().join("o.sec"), p.dir.path().join("o.pub"));
+    run_ok(&[&"keygen", &"--secret-key", &s2, &"--public-key", &p2]);
+    let err = run_err(&[
+        &"sync",
+        &url,
+        &p.dir.path().join("o.raw"),
+        &"--store",
+        &nginx.url(),
+        &"--trusted-key",
+        &p2,
+    ]);
+    assert!(err.contains("refusing index"), "{err}");
+    assert!(
+        !p.dir.path().join("o.raw").exists(),
+        "nothing written for an untrusted index"
+    );
+    // Without the signature on the server, a required signature is missing.
+    fs::remove_file(p.store.join("image.tidx.minisig")).unwrap();
+    let err = run_err(&[
+        &"sync",
+        &url,
+        &p.dir.path().join("o.raw"),
+        &"--store",
+        &nginx.url(),
+        &"--trusted-key",
+        &public,
+    ]);
+    assert!(err.contains("signature"), "{err}");
+}
+
+#[test]
 fn cache_fills_on_first_sync_and_serves_the_second_offline() {
     if skip_unless(nginx_available(), "nginx") {
         return;
