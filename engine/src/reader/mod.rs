@@ -181,6 +181,10 @@ impl ImageReader {
             .index
             .chunk_at(offset)
             .expect("offset checked to be inside");
+        // The background threads fetch the later chunks while this one fetches the first.
+        if chunks[i].end() < end {
+            self.enqueue(chunks[i].end(), end);
+        }
         let mut pos = 0usize;
         while pos < buf.len() {
             let entry = &chunks[i];
