@@ -12,7 +12,7 @@ use tokio::task::JoinSet;
 use crate::error::{Error, Result};
 use crate::export::{Exports, Limits};
 use crate::handshake::negotiate;
-use crate::transmission::{transmit, Settings};
+use crate::transmission::{transmit, Settings, BUDGET_UNIT};
 
 /// Where the server reports what it cannot tell a client directly: failed requests
 /// (with the backend's message, such as a corrupt chunk's id) and dropped connections.
@@ -27,6 +27,7 @@ pub struct ServerBuilder {
     max_in_flight: usize,
     handshake_timeout: Duration,
     shutdown_grace: Duration,
+    buffer_budget: u64,
     log: LogFn,
 }
 
@@ -62,6 +63,13 @@ impl ServerBuilder {
         self
     }
 
+    /// Memory for READ and WRITE payloads of all connections together; requests wait
+    /// for their share. Never less than one maximum payload. Default 512 MiB.
+    pub fn buffer_budget(mut self, bytes: u64) -> Self {
+        self.buffer_budget = bytes;
+        self
+    }
+
     /// Where log lines go. Default: standard error, prefixed with `nbd: `.
     pub fn log(mut self, log: LogFn) -> Self {
         self.log = log;
@@ -70,7 +78,13 @@ impl ServerBuilder {
 
     /// The server.
     pub fn build(self) -> Server {
+        let bytes = self.buffer_budget.max(u64::from(self.limits.max_payload));
+        let units = bytes.div_ceil(u64::from(BUDGET_UNIT));
+        let units = usize::try_from(units)
+            .unwrap_or(usize::MAX)
+            .min(Semaphore::MAX_PERMITS);
         Server {
+            buffers: Arc::new(Semaphore::new(units)),
             inner: Arc::new(self),
         }
     }
@@ -80,6 +94,7 @@ impl ServerBuilder {
 #[derive(Clone)]
 pub struct Server {
     inner: Arc<ServerBuilder>,
+    buffers: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for Server {
@@ -101,6 +116,7 @@ impl Server {
             max_in_flight: 16,
             handshake_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
+            buffer_budget: 512 << 20,
             log: Arc::new(|line| eprintln!("nbd: {line}")),
         }
     }
@@ -136,6 +152,7 @@ impl Server {
             limits: cfg.limits,
             max_in_flight: cfg.max_in_flight,
             log: cfg.log.clone(),
+            buffers: self.buffers.clone(),
         };
         transmit(stream, neg, settings, shutdown).await
     }

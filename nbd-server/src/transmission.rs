@@ -11,7 +11,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::backend::{Backend, BackendError, BlockState, Extent};
 use crate::error::{code, errno, Error, Result};
@@ -28,6 +28,8 @@ const MAX_DESCRIPTORS: usize = 1024;
 struct Outgoing {
     pieces: Vec<Piece>,
     data: Vec<u8>,
+    /// Share of the server's buffer budget, returned once the reply is written.
+    budget: Option<OwnedSemaphorePermit>,
 }
 
 #[derive(Debug)]
@@ -42,7 +44,12 @@ pub(crate) struct Settings {
     pub limits: Limits,
     pub max_in_flight: usize,
     pub log: LogFn,
+    /// Server-wide budget of payload buffer memory, in [`BUDGET_UNIT`]s.
+    pub buffers: Arc<Semaphore>,
 }
+
+/// Bytes per permit of the buffer budget.
+pub(crate) const BUDGET_UNIT: u32 = 64 * 1024;
 
 /// Serves requests until the client disconnects, breaks the protocol, or `shutdown`
 /// turns true.
@@ -101,6 +108,18 @@ where
         if req.kind == cmd::DISC {
             break;
         }
+        // READ and WRITE buffers come out of the server-wide budget, so that many
+        // clients sending large requests cannot exhaust memory; they wait instead.
+        let mut budget = None;
+        if matches!(req.kind, cmd::READ | cmd::WRITE) && req.len <= ctx.limits.max_payload {
+            let units = req.len.div_ceil(BUDGET_UNIT).max(1);
+            budget = tokio::select! {
+                p = settings.buffers.clone().acquire_many_owned(units) => {
+                    Some(p.expect("the semaphore is never closed"))
+                }
+                _ = shutdown.wait_for(|s| *s) => break,
+            };
+        }
         // A write's payload is always consumed, even when the write is refused.
         let mut payload = Vec::new();
         if req.kind == cmd::WRITE {
@@ -128,7 +147,7 @@ where
         let tx = tx.clone();
         let ctx = ctx.clone();
         tokio::spawn(async move {
-            let out = match ctx.check(&req) {
+            let mut out = match ctx.check(&req) {
                 Err((err, msg)) => ctx.error_reply(&req, err, &msg),
                 Ok(()) => {
                     let worker = ctx.clone();
@@ -140,6 +159,7 @@ where
                     }
                 }
             };
+            out.budget = budget;
             // The writer is gone only when the client is; nothing left to tell it.
             let _ = tx.send(out).await;
             drop(permit);
@@ -298,6 +318,7 @@ impl Context {
                 Outgoing {
                     pieces: vec![Piece::Bytes(head)],
                     data: Vec::new(),
+                    budget: None,
                 }
             }
             Err(e) => self.backend_error(req, &e),
@@ -327,6 +348,7 @@ impl Context {
         Outgoing {
             pieces: vec![Piece::Bytes(head)],
             data: Vec::new(),
+            budget: None,
         }
     }
 
@@ -342,7 +364,11 @@ impl Context {
             wire::encode_simple_reply(&mut head, 0, req.cookie);
             pieces.push(Piece::Bytes(head));
             pieces.push(Piece::Data(0..data.len()));
-            return Outgoing { pieces, data };
+            return Outgoing {
+                pieces,
+                data,
+                budget: None,
+            };
         }
         let runs = if req.flags & cmd_flag::DF != 0 {
             vec![(0..data.len(), false)]
@@ -367,7 +393,11 @@ impl Context {
                 pieces.push(Piece::Data(range));
             }
         }
-        Outgoing { pieces, data }
+        Outgoing {
+            pieces,
+            data,
+            budget: None,
+        }
     }
 
     fn block_status(&self, req: &Request) -> Outgoing {
@@ -419,6 +449,7 @@ impl Context {
         Outgoing {
             pieces: vec![Piece::Bytes(head)],
             data: Vec::new(),
+            budget: None,
         }
     }
 }

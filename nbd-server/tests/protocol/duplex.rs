@@ -499,3 +499,57 @@ async fn a_client_vanishing_mid_request_ends_only_its_connection() {
     let e = c.server.await.unwrap().unwrap_err();
     assert!(e.to_string().contains("write payload"), "{e}");
 }
+
+#[tokio::test]
+async fn a_small_buffer_budget_makes_requests_wait_not_fail() {
+    let limits = tessera_nbd::Limits {
+        max_payload: 65536,
+        ..Default::default()
+    };
+    let server = Server::builder(two_exports().0)
+        .limits(limits)
+        .buffer_budget(100_000)
+        .max_in_flight(64)
+        .build();
+    let (c, s) = tokio::io::duplex(1 << 16);
+    let task = tokio::spawn(async move { server.serve_connection(s).await });
+    let mut c = Client {
+        s: c,
+        server: task,
+        log: Arc::new(Mutex::new(Vec::new())),
+    };
+    c.go("mem", false).await;
+    let data = pattern(1 << 20);
+    let (mut rd, mut wr) = tokio::io::split(c.s);
+    let sender = tokio::spawn(async move {
+        for i in 0..16u64 {
+            let r = Request {
+                flags: 0,
+                kind: cmd::READ,
+                cookie: i,
+                offset: i * 65536,
+                len: 65536,
+            };
+            wr.write_all(&wire::encode_request(&r)).await.unwrap();
+        }
+        let r = Request {
+            flags: 0,
+            kind: cmd::DISC,
+            cookie: 99,
+            offset: 0,
+            len: 0,
+        };
+        wr.write_all(&wire::encode_request(&r)).await.unwrap();
+        wr
+    });
+    for _ in 0..16 {
+        assert_eq!(rd.read_u32().await.unwrap(), wire::SIMPLE_REPLY_MAGIC);
+        assert_eq!(rd.read_u32().await.unwrap(), 0);
+        let cookie = rd.read_u64().await.unwrap() as usize;
+        let mut b = vec![0u8; 65536];
+        rd.read_exact(&mut b).await.unwrap();
+        assert!(b == data[cookie * 65536..(cookie + 1) * 65536]);
+    }
+    sender.await.unwrap();
+    assert!(c.server.await.unwrap().is_ok());
+}
