@@ -98,6 +98,7 @@ t_store=$(du -sb "$WORK/run1/t-store" | cut -f1)
 c_store=$(du -sb "$WORK/run1/c-store" | cut -f1)
 c_chunks=$(find "$WORK/run1/c-store" -name '*.cacnk' | wc -l)
 ratio() { awk -v a="$(secs "$1")" -v b="$(secs "$2")" 'BEGIN {printf "%.1f", b/a}'; }
+cpu_ratio() { awk -v a="$(cpu_secs "$1")" -v b="$(cpu_secs "$2")" 'BEGIN {printf "%.1f", b/a}'; }
 
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
 mem=$(free -g | awk '/^Mem:/ {print $2}')
@@ -111,14 +112,14 @@ echo "\`old.img\`, release N+1 \`new.img\`), page cache warm, median of $RUNS ru
 echo "the largest of the runs. Both tools cut chunks at $CHUNKS bytes and compress"
 echo "with zstd; casync hashes with its default SHA-512/256, tessera with BLAKE3."
 echo
-echo "| step | tessera wall, rate, CPU, peak RSS | casync wall, rate, CPU, peak RSS | speed-up (wall) |"
+echo "| step | tessera: wall, rate, CPU, peak RSS | casync: wall, rate, CPU, peak RSS | speed-up wall / CPU |"
 echo "| --- | --- | --- | --- |"
 cell() { echo "$(secs "$1") s, $(mbps "$(secs "$1")") MB/s, $(cpu_secs "$1") CPU-s, $(rss_mib "$1") MiB"; }
 for step in "make:t-make:c-make" "make vs casync make + sync:t-make:c-make-sync" \
     "make next release, same store:t-make-next:c-make-next" \
     "sync / extract into a new file:t-sync:c-extract"; do
     IFS=: read -r label t c <<<"$step"
-    echo "| $label | $(cell "$t") | $(cell "$c") | $(ratio "$t" "$c")× |"
+    echo "| $label | $(cell "$t") | $(cell "$c") | $(ratio "$t" "$c")× / $(cpu_ratio "$t" "$c")× |"
 done
 echo
 echo "Stores after both releases: tessera $((t_store / 1048576)) MiB (release N: $(json t-make chunk_count) chunks,"
