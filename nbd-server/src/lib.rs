@@ -2,7 +2,7 @@
 //!
 //! The protocol is implemented in layers:
 //! - [`wire`]: pure encoding and decoding of magics, options, requests and replies;
-//! - [`handshake`]: fixed newstyle negotiation (GO, INFO, EXPORT_NAME, LIST, ABORT,
+//! - handshake: fixed newstyle negotiation (GO, INFO, EXPORT_NAME, LIST, ABORT,
 //!   STRUCTURED_REPLY, LIST/SET_META_CONTEXT with `base:allocation`);
 //! - transmission: pipelined requests, replies out of order from one writer task;
 //! - [`Server`]: accept loop with a connection cap and graceful shutdown.
@@ -30,7 +30,7 @@
 mod backend;
 pub mod error;
 mod export;
-pub mod handshake;
+mod handshake;
 mod server;
 mod transmission;
 pub mod wire;
