@@ -13,7 +13,8 @@
 # fresh mkfs of the next tree) from a static HTTP store. Each tool gets release N as its
 # seed: tessera syncs in place into a copy of it (its A/B-less mode; the copy is not
 # timed), casync extracts with `--seed=old`, bita clones with `--seed old`. All three are
-# published with 16K/64K/256K chunks and zstd. Every request crosses benches/latency-proxy.py,
+# published with 16K/64K/256K chunks; tessera and casync compress with zstd, bita with brotli
+# (its default build has no zstd). Every request crosses benches/latency-proxy.py,
 # which delays each request by DELAY_MS and counts the bytes sent back; its totals are the
 # "downloaded" column. Outputs are compared with the image (`cmp`).
 set -euo pipefail
@@ -58,7 +59,8 @@ echo "== publishing release N+1 with each tool" >&2
 mkdir -p "$W/c"
 casync make --store="$W/c/store" --compression=zstd --chunk-size=$CHUNKS "$W/c/new.caibx" "$NEW" >/dev/null
 mkdir -p "$W/b"
-"$BITA" compress --compression zstd --compression-level 3 \
+# bita as `cargo install bita` builds it compresses with brotli (or nothing), not zstd.
+"$BITA" compress --compression brotli --compression-level 6 \
     --min-chunk-size 16KiB --avg-chunk-size 64KiB --max-chunk-size 256KiB \
     -i "$NEW" "$W/b/new.cba" >/dev/null 2>&1
 
@@ -150,7 +152,7 @@ echo "$(date -u +%Y-%m-%d), \`nproc\` $(nproc), $cpu, $(uname -r); load average 
 echo "start $LOAD (the machine is shared). Image: ext4 fixture pair \`ext4 --size $SIZE\`"
 echo "($BYTES bytes): each tool updates release N (\`old\`, its seed) to release N+1"
 echo "(\`rebuilt\`) from nginx on loopback through a proxy adding $DELAY_MS ms to every request."
-echo "All three stores use 16K/64K/256K chunks and zstd. Median of $RUNS runs; downloaded ="
+echo "All three stores use 16K/64K/256K chunks (zstd; bita brotli, its default build). Median of $RUNS runs; downloaded ="
 echo "bytes the proxy sent back (HTTP headers included); tessera with \`--jobs $JOBS\`, in place"
 echo "into a copy of release N; casync \`extract --seed\`; bita \`clone --seed\`."
 echo
