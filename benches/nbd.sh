@@ -59,6 +59,8 @@ start_tessera() {
     wait_port "$PORT_T" img
 }
 stop_tessera() { kill -TERM "$TPID"; wait "$TPID" || true; }
+# CPU seconds (user + sys) the tessera server has used so far.
+cpu_tessera() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$TPID/stat"; }
 
 # copy URI MODE: wall seconds of one nbdcopy of URI to null:
 copy() {
@@ -83,20 +85,26 @@ PIDS+=($!)
 wait_port "$PORT_Q" img
 wait_port "$PORT_K" img
 
-declare -A T
+declare -A T CPU
+LOAD0=$(cut -d' ' -f1 /proc/loadavg)
 for mode in all extents; do
     echo "== cold tessera ($mode)" >&2
-    cold=()
+    cold=() cpu=()
     for _ in $(seq "$RUNS"); do
         start_tessera
+        c0=$(cpu_tessera)
         cold+=("$(copy "nbd://127.0.0.1:$PORT_T/img" "$mode")")
+        cpu+=("$(echo "$(cpu_tessera) - $c0" | bc -l)")
         stop_tessera
     done
     T[cold-$mode]=$(printf '%s\n' "${cold[@]}" | median)
+    CPU[cold-$mode]=$(printf '%s\n' "${cpu[@]}" | median)
     echo "== warm tessera ($mode)" >&2
     start_tessera
     copy "nbd://127.0.0.1:$PORT_T/img" all >/dev/null
+    c0=$(cpu_tessera)
     T[tessera-$mode]=$(runs "nbd://127.0.0.1:$PORT_T/img" "$mode")
+    CPU[tessera-$mode]=$(echo "($(cpu_tessera) - $c0) / $RUNS" | bc -l)
     stop_tessera
     echo "== qemu-nbd ($mode)" >&2
     T[qemu-$mode]=$(runs "nbd://127.0.0.1:$PORT_Q/img" "$mode")
@@ -114,6 +122,8 @@ ratio() { echo "$2 / $1" | bc -l | xargs printf '%.2f'; }
     echo "qemu-nbd ($(qemu-nbd --version | head -1 | awk '{print $NF}')) and nbdkit file serve the raw image from the page cache;"
     echo "tessera serves index + local store, warm = every chunk in its decompressed cache,"
     echo "cold = fresh server (store files in the page cache: decompression + BLAKE3 bound)."
+    echo
+    echo "Load average $LOAD0 at the start, $(cut -d' ' -f1 /proc/loadavg) at the end (other sessions share the 2 cores)."
     echo
     echo "| server | all bytes (--no-extents) s | GiB/s | extents (default) s | GiB/s | tessera speed relative to it (all / extents) |"
     echo "| --- | --- | --- | --- | --- | --- |"
@@ -133,4 +143,6 @@ ratio() { echo "$2 / $1" | bc -l | xargs printf '%.2f'; }
     done
     echo
     echo "Relative speed = other server's time / warm tessera time (> 1: tessera is faster)."
+    printf 'tessera server CPU per full read (user + sys): warm %.2f s (all) / %.2f s (extents), cold %.2f s / %.2f s.\n' \
+        "${CPU[tessera-all]}" "${CPU[tessera-extents]}" "${CPU[cold-all]}" "${CPU[cold-extents]}"
 } | tee "$WORK/nbd.md"

@@ -26,6 +26,9 @@ use crate::store::ChunkStore;
 use crate::VerifiedChunk;
 use cache::{ChunkCache, Slot};
 
+/// Reads at least this long fetch their chunks in parallel.
+const PARALLEL_READ: usize = 1 << 20;
+
 /// Settings of an [`ImageReader`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReaderOptions {
@@ -181,8 +184,9 @@ impl ImageReader {
             .index
             .chunk_at(offset)
             .expect("offset checked to be inside");
-        // The background threads fetch the later chunks while this one fetches the first.
-        if chunks[i].end() < end {
+        // A large read has the background threads fetch its later chunks while this one
+        // fetches the first (smaller reads come many at a time, already in parallel).
+        if buf.len() >= PARALLEL_READ && chunks[i].end() < end {
             self.enqueue(chunks[i].end(), end);
         }
         let mut pos = 0usize;
