@@ -228,6 +228,56 @@ fn cache_is_bounded_by_its_size() {
 }
 
 #[test]
+fn concurrent_syncs_share_one_small_cache() {
+    if skip_unless(nginx_available(), "nginx") {
+        return;
+    }
+    let p = publish(6_000_000, 9);
+    let cache = p.dir.path().join("cache");
+    let nginx = Nginx::start(&p.store);
+    // Four processes at once, the cache bound well under the image: files come and go
+    // under each other's feet while they read and evict.
+    let children: Vec<_> = (0..4)
+        .map(|i| {
+            tessera()
+                .arg("sync")
+                .arg(p.store.join("image.tidx"))
+                .arg(p.dir.path().join(format!("out{i}.raw")))
+                .args([
+                    "--store",
+                    &nginx.url(),
+                    "--cache-limit",
+                    "1M",
+                    "--jobs",
+                    "4",
+                ])
+                .arg("--cache")
+                .arg(&cache)
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let image = fs::read(&p.image).unwrap();
+    for (i, c) in children.into_iter().enumerate() {
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "sync {i}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(fs::read(p.dir.path().join(format!("out{i}.raw"))).unwrap() == image);
+    }
+    let cached: u64 = chunk_files(&cache)
+        .iter()
+        .map(|f| f.metadata().unwrap().len())
+        .sum();
+    // Each process counts the others' writes only when it rescans, so the bound holds
+    // up to what the others wrote since their last eviction.
+    assert!(cached <= 2 << 20, "cache holds {cached} bytes, bound 1 MiB");
+}
+
+#[test]
 fn missing_chunk_is_an_error_naming_the_chunk_and_its_url() {
     if skip_unless(nginx_available(), "nginx") {
         return;
