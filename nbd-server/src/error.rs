@@ -43,7 +43,7 @@ pub enum ErrorKind {
     Io,
     /// The client broke the protocol (bad magic, unknown flags, truncated message).
     Protocol,
-    /// The client took too long to negotiate.
+    /// The client took too long to negotiate, or to read its replies.
     Timeout,
 }
 
@@ -66,6 +66,9 @@ pub enum Error {
     /// The handshake did not finish in time.
     #[error("handshake not finished within {0} seconds")]
     Timeout(u64),
+    /// The client took no reply bytes for this long.
+    #[error("client read no reply for {0:?}")]
+    Stalled(std::time::Duration),
 }
 
 impl Error {
@@ -74,7 +77,7 @@ impl Error {
         match self {
             Error::Io { .. } => ErrorKind::Io,
             Error::Protocol(_) => ErrorKind::Protocol,
-            Error::Timeout(_) => ErrorKind::Timeout,
+            Error::Timeout(_) | Error::Stalled(_) => ErrorKind::Timeout,
         }
     }
 

@@ -27,6 +27,7 @@ pub struct ServerBuilder {
     max_in_flight: usize,
     handshake_timeout: Duration,
     shutdown_grace: Duration,
+    reply_timeout: Duration,
     buffer_budget: u64,
     log: LogFn,
 }
@@ -60,6 +61,13 @@ impl ServerBuilder {
     /// Default 10 s.
     pub fn shutdown_grace(mut self, t: Duration) -> Self {
         self.shutdown_grace = t;
+        self
+    }
+
+    /// How long a client may take no reply bytes before it is dropped (its unsent
+    /// replies hold buffer budget). Default 60 s.
+    pub fn reply_timeout(mut self, t: Duration) -> Self {
+        self.reply_timeout = t;
         self
     }
 
@@ -116,6 +124,7 @@ impl Server {
             max_in_flight: 16,
             handshake_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
+            reply_timeout: Duration::from_secs(60),
             buffer_budget: 512 << 20,
             log: Arc::new(|line| eprintln!("nbd: {line}")),
         }
@@ -153,6 +162,7 @@ impl Server {
             max_in_flight: cfg.max_in_flight,
             log: cfg.log.clone(),
             buffers: self.buffers.clone(),
+            reply_timeout: cfg.reply_timeout,
         };
         transmit(stream, neg, settings, shutdown).await
     }

@@ -9,6 +9,7 @@
 
 use std::ops::Range;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
@@ -46,6 +47,8 @@ pub(crate) struct Settings {
     pub log: LogFn,
     /// Server-wide budget of payload buffer memory, in [`BUDGET_UNIT`]s.
     pub buffers: Arc<Semaphore>,
+    /// How long a client may leave replies unread.
+    pub reply_timeout: Duration,
 }
 
 /// Bytes per permit of the buffer budget.
@@ -64,7 +67,7 @@ where
 {
     let (mut rd, wr) = tokio::io::split(stream);
     let (tx, rx) = mpsc::channel::<Outgoing>(settings.max_in_flight.max(1) * 2);
-    let writer = tokio::spawn(write_replies(wr, rx));
+    let writer = tokio::spawn(write_replies(wr, rx, settings.reply_timeout));
     let slots = Arc::new(Semaphore::new(settings.max_in_flight.max(1)));
     let ctx = Arc::new(Context {
         backend: neg.export.backend().clone(),
@@ -79,11 +82,14 @@ where
         let permit = tokio::select! {
             p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
             _ = shutdown.wait_for(|s| *s) => break,
+            // The writer gave up on this client: stop reading its requests.
+            _ = tx.closed() => break,
         };
         let mut header = [0u8; wire::REQUEST_LEN];
         let read = tokio::select! {
             r = rd.read_exact(&mut header) => r,
             _ = shutdown.wait_for(|s| *s) => break,
+            _ = tx.closed() => break,
         };
         match read {
             Ok(_) => {}
@@ -118,6 +124,7 @@ where
                     Some(p.expect("the semaphore is never closed"))
                 }
                 _ = shutdown.wait_for(|s| *s) => break,
+                _ = tx.closed() => break,
             };
         }
         // A write's payload is always consumed, even when the write is refused.
@@ -174,7 +181,25 @@ where
     }
 }
 
-async fn write_replies<W: AsyncWrite>(wr: W, mut rx: mpsc::Receiver<Outgoing>) -> Result<()> {
+/// Runs one write of a reply, failing if the client takes nothing for `stall`.
+async fn timed<F: std::future::Future<Output = std::io::Result<()>>>(
+    stall: Duration,
+    what: &'static str,
+    f: F,
+) -> Result<()> {
+    match tokio::time::timeout(stall, f).await {
+        Ok(r) => r.map_err(Error::io(what)),
+        Err(_) => Err(Error::Stalled(stall)),
+    }
+}
+
+/// Writes replies as they come; a client that reads nothing for `stall` is dropped, as
+/// its unsent replies hold buffer budget that other clients need.
+async fn write_replies<W: AsyncWrite>(
+    wr: W,
+    mut rx: mpsc::Receiver<Outgoing>,
+    stall: Duration,
+) -> Result<()> {
     let wr = BufWriter::with_capacity(256 * 1024, wr);
     let mut wr = std::pin::pin!(wr);
     while let Some(first) = rx.recv().await {
@@ -185,17 +210,13 @@ async fn write_replies<W: AsyncWrite>(wr: W, mut rx: mpsc::Receiver<Outgoing>) -
                     Piece::Bytes(b) => &b[..],
                     Piece::Data(r) => &out.data[r.clone()],
                 };
-                wr.write_all(bytes)
-                    .await
-                    .map_err(Error::io("sending a reply"))?;
+                timed(stall, "sending a reply", wr.write_all(bytes)).await?;
             }
             next = rx.try_recv().ok();
         }
-        wr.flush().await.map_err(Error::io("sending a reply"))?;
+        timed(stall, "sending a reply", wr.flush()).await?;
     }
-    wr.shutdown()
-        .await
-        .map_err(Error::io("closing the connection"))
+    timed(stall, "closing the connection", wr.shutdown()).await
 }
 
 struct Context {

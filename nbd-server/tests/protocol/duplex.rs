@@ -553,3 +553,36 @@ async fn a_small_buffer_budget_makes_requests_wait_not_fail() {
     sender.await.unwrap();
     assert!(c.server.await.unwrap().is_ok());
 }
+
+#[tokio::test]
+async fn a_client_that_reads_no_replies_is_dropped() {
+    let server = Server::builder(two_exports().0)
+        .reply_timeout(std::time::Duration::from_millis(300))
+        .build();
+    let (mut c, s) = tokio::io::duplex(1 << 16);
+    let task = tokio::spawn(async move { server.serve_connection(s).await });
+    let mut client = Client {
+        s: c,
+        server: task,
+        log: Arc::new(Mutex::new(Vec::new())),
+    };
+    client.go("mem", false).await;
+    c = client.s;
+    for i in 0..64u64 {
+        let r = Request {
+            flags: 0,
+            kind: cmd::READ,
+            cookie: i,
+            offset: 0,
+            len: 65536,
+        };
+        c.write_all(&wire::encode_request(&r)).await.unwrap();
+    }
+    let e = tokio::time::timeout(std::time::Duration::from_secs(10), client.server)
+        .await
+        .expect("the server gives up on the client")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(e.kind(), tessera_nbd::error::ErrorKind::Timeout, "{e}");
+    drop(c);
+}
