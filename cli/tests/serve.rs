@@ -671,3 +671,81 @@ fn unix_socket_and_nbdcopy() {
     assert!(wait_for(&mut child, Duration::from_secs(15)).success());
     assert!(!sock.exists(), "socket removed on shutdown");
 }
+
+#[test]
+fn overlay_takes_writes_zeroes_and_trims_from_nbdsh_and_keeps_them() {
+    if !have("nbdsh") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = image_bytes();
+    let idx = make(dir.path(), "disk", &data);
+    let store = dir.path().join("store");
+    let overlay = dir.path().join("disk.overlay");
+    let img = dir.path().join("disk.img");
+    // The expected contents after the writes below, computed the same way in Python.
+    let model = r#"
+import random
+rnd = random.Random(5)
+patch = bytes(rnd.getrandbits(8) for _ in range(1 << 20))
+want = bytearray(expected)
+want[12345:12345 + len(patch)] = patch
+want[4 << 20:6 << 20] = bytes(2 << 20)
+want[(8 << 20) + 100:(8 << 20) + 100 + 65536] = bytes(65536)
+want[(16 << 20) - 3:] = b"end"
+"#;
+    let args: [&dyn AsRef<std::ffi::OsStr>; 5] = [&idx, &"--store", &store, &"--overlay", &overlay];
+    let srv = Served::start(dir.path(), &args);
+    nbdsh(
+        &format!(
+            r#"{model}
+h.connect_uri(uri)
+assert not h.is_read_only() and h.can_fua() and h.can_trim() and h.can_zero() and h.can_multi_conn()
+h.pwrite(patch, 12345, nbd.CMD_FLAG_FUA)
+h.zero(2 << 20, 4 << 20)
+h.trim(65536, (8 << 20) + 100)
+h.pwrite(b"end", (16 << 20) - 3)
+h.flush()
+assert h.pread(16 << 20, 0) == want
+"#
+        ),
+        &srv.uri("disk"),
+        &img,
+    );
+    srv.stop();
+    // After a restart the writes are still there; --readonly serves them but refuses more.
+    let srv = Served::start(
+        dir.path(),
+        &[
+            &idx,
+            &"--store",
+            &store,
+            &"--overlay",
+            &overlay,
+            &"--readonly",
+        ],
+    );
+    nbdsh(
+        &format!(
+            r#"{model}
+h.set_strict_mode(0)
+h.connect_uri(uri)
+assert h.is_read_only()
+assert h.pread(16 << 20, 0) == want
+try:
+    h.pwrite(b"x", 0)
+except nbd.Error as e:
+    assert e.errnum == errno.EPERM, e
+else:
+    raise AssertionError("write accepted by a --readonly export")
+"#
+        ),
+        &srv.uri("disk"),
+        &img,
+    );
+    srv.stop();
+    assert!(
+        std::fs::read(&img).unwrap() == data,
+        "the image file changed"
+    );
+}

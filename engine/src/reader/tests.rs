@@ -224,3 +224,32 @@ fn overlay_refuses_another_index_and_garbage() {
     assert!(err.contains("bad magic"), "{err}");
     assert!(Overlay::open(Path::new("/nonexistent/dir/ovl"), &f.index).is_err());
 }
+
+#[test]
+fn overlay_keeps_flushed_writes_when_later_ones_are_lost() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ovl");
+    let r = reader(&f, ReaderOptions::default());
+    {
+        let o = Overlay::open(&path, &f.index).unwrap();
+        o.write_at(&r, 5000, &[1; 10_000], false).unwrap();
+        o.flush().unwrap();
+        // Never flushed: the process "dies" here (no Drop flushes the overlay).
+        o.write_at(&r, 100_000, &[2; 10_000], false).unwrap();
+    }
+    let o = Overlay::open(&path, &f.index).unwrap();
+    let mut buf = vec![0u8; 10_000];
+    o.read_at(&r, 5000, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 1), "flushed write lost");
+    // The unflushed write is either entirely there or entirely absent, block by block.
+    o.read_at(&r, 100_000, &mut buf).unwrap();
+    let image = &f.data[100_000..110_000];
+    for (k, block) in buf.chunks(1000).enumerate() {
+        let old = &image[k * 1000..(k + 1) * 1000];
+        assert!(
+            block.iter().all(|&b| b == 2) || block == old,
+            "garbage at block {k}"
+        );
+    }
+}
