@@ -586,3 +586,72 @@ async fn a_client_that_reads_no_replies_is_dropped() {
     assert_eq!(e.kind(), tessera_nbd::error::ErrorKind::Timeout, "{e}");
     drop(c);
 }
+
+/// xorshift64*: deterministic noise without a dependency.
+fn noise(state: &mut u64) -> u64 {
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
+    state.wrapping_mul(0x2545_f491_4f6c_dd1d)
+}
+
+#[tokio::test]
+async fn random_handshakes_and_requests_never_panic_the_server() {
+    let mut seed = 0x1234_5678_9abc_def1u64;
+    for round in 0..300 {
+        let mut c = start(two_exports().0);
+        let structured = round % 2 == 0;
+        if round < 150 {
+            // Random option traffic after a valid greeting, with valid magics half the time.
+            c.greet(1).await;
+            let mut bytes = Vec::new();
+            for _ in 0..(noise(&mut seed) % 6) {
+                if noise(&mut seed) % 2 == 0 {
+                    bytes.extend_from_slice(&wire::IHAVEOPT.to_be_bytes());
+                    bytes.extend_from_slice(&((noise(&mut seed) % 13) as u32).to_be_bytes());
+                    let len = (noise(&mut seed) % 40) as u32;
+                    bytes.extend_from_slice(&len.to_be_bytes());
+                }
+                for _ in 0..(noise(&mut seed) % 48) {
+                    bytes.push(noise(&mut seed) as u8);
+                }
+            }
+            let _ = c.s.write_all(&bytes).await;
+        } else {
+            // Requests with a valid magic and random everything else.
+            c.go(if round % 3 == 0 { "rw" } else { "mem" }, structured)
+                .await;
+            for _ in 0..20 {
+                let r = Request {
+                    flags: noise(&mut seed) as u16 & 0x3f,
+                    kind: (noise(&mut seed) % 10) as u16,
+                    cookie: noise(&mut seed),
+                    offset: match noise(&mut seed) % 3 {
+                        0 => noise(&mut seed),
+                        _ => noise(&mut seed) % (2 << 20),
+                    },
+                    len: match noise(&mut seed) % 3 {
+                        0 => noise(&mut seed) as u32,
+                        _ => (noise(&mut seed) % 300_000) as u32,
+                    },
+                };
+                if r.kind == cmd::WRITE || r.kind == cmd::DISC {
+                    continue;
+                }
+                let _ = c.s.write_all(&wire::encode_request(&r)).await;
+            }
+        }
+        // Drain whatever the server answers, then hang up.
+        let _ = c.s.shutdown().await;
+        let mut s = c.s;
+        let drain = tokio::spawn(async move {
+            let mut sink = Vec::new();
+            let _ = s.read_to_end(&mut sink).await;
+        });
+        let done = tokio::time::timeout(std::time::Duration::from_secs(10), c.server)
+            .await
+            .expect("the server ends the connection");
+        assert!(done.is_ok(), "round {round}: the connection task panicked");
+        drain.abort();
+    }
+}
