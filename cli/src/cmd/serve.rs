@@ -45,7 +45,8 @@ pub struct Args {
     /// Export name (one INDEX only) [default: the index file name without extension].
     #[arg(long, value_name = "NAME")]
     name: Option<String>,
-    /// Bytes of decompressed chunks kept in memory (K, M, G suffixes: powers of 1024).
+    /// Bytes of decompressed chunks kept in memory, per export (K, M, G suffixes: powers
+    /// of 1024).
     #[arg(long, value_name = "BYTES", default_value = "256M", value_parser = parse_bytes)]
     cache_size: u64,
     /// Make the export writable: writes go to this copy-on-write file (created if
