@@ -36,7 +36,9 @@ pub struct ReaderOptions {
     pub cache_bytes: u64,
     /// Bytes read ahead past the end of each read (0 disables). Default 4 MiB.
     pub readahead_bytes: u64,
-    /// Background threads fetching read-ahead and `prefetch` chunks. Default 2.
+    /// Background threads fetching read-ahead and `prefetch` chunks (0 disables them);
+    /// raised to [`ChunkStore::in_flight`] for remote stores, whose fetches wait on the
+    /// network rather than the CPU. Default 2.
     pub prefetch_threads: usize,
 }
 
@@ -110,9 +112,13 @@ impl ImageReader {
             hits: AtomicU64::new(0),
             fetches: AtomicU64::new(0),
         });
-        let (queue, workers) = if options.prefetch_threads > 0 {
+        let threads = match options.prefetch_threads {
+            0 => 0,
+            n => n.max(inner.store.in_flight()),
+        };
+        let (queue, workers) = if threads > 0 {
             let (tx, rx) = bounded::<usize>(1024);
-            let workers = (0..options.prefetch_threads)
+            let workers = (0..threads)
                 .map(|_| {
                     let inner = inner.clone();
                     let rx: Receiver<usize> = rx.clone();
