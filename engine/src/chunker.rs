@@ -92,6 +92,27 @@ impl ChunkerParams {
         let bits = self.avg.trailing_zeros() as usize;
         (MASKS[bits + 1], MASKS[bits - 1])
     }
+
+    /// Length of the chunk that starts at `data[0]`.
+    ///
+    /// The cut is the one a stream would get only when `data` holds at least `max` bytes
+    /// or ends where the stream ends: a shorter slice is cut at its end. This lets callers
+    /// chunk any window of a stream they hold in memory (sync scans seeds in parallel
+    /// segments this way).
+    pub fn cut_len(&self, data: &[u8]) -> usize {
+        let (mask_s, mask_l) = self.masks();
+        let (_, len) = cut(
+            data,
+            self.min as usize,
+            self.avg as usize,
+            self.max as usize,
+            mask_s,
+            mask_l,
+            mask_s << 1,
+            mask_l << 1,
+        );
+        len
+    }
 }
 
 fn parse_size(s: &str) -> Option<u32> {
@@ -119,7 +140,6 @@ pub struct RawChunk {
 pub struct Chunker<R> {
     source: R,
     params: ChunkerParams,
-    masks: (u64, u64),
     buf: Vec<u8>,
     start: usize,
     end: usize,
@@ -137,7 +157,6 @@ impl<R: Read> Chunker<R> {
         Chunker {
             source,
             params,
-            masks: params.masks(),
             buf: vec![0; cap],
             start: 0,
             end: 0,
@@ -174,17 +193,7 @@ impl<R: Read> Chunker<R> {
         if self.start == self.end {
             return Ok(None);
         }
-        let (mask_s, mask_l) = self.masks;
-        let (_, len) = cut(
-            &self.buf[self.start..self.end],
-            self.params.min as usize,
-            self.params.avg as usize,
-            max,
-            mask_s,
-            mask_l,
-            mask_s << 1,
-            mask_l << 1,
-        );
+        let len = self.params.cut_len(&self.buf[self.start..self.end]);
         let data = self.buf[self.start..self.start + len].to_vec();
         let chunk = RawChunk {
             offset: self.offset,

@@ -50,6 +50,6 @@ pub use make::{make, MakeOptions, MakeReport};
 pub use progress::{NoProgress, Progress};
 pub use reader::{ImageReader, Overlay, ReaderOptions, ReaderStats};
 pub use store::{CacheOptions, CacheStore, ChunkStore, FetchStream, Fetched, LocalStore};
-pub use sync::{sync, SyncReport};
+pub use sync::{sync, sync_with, SeedSpec, SyncOptions, SyncPlan, SyncReport};
 pub use trust::{TrustPolicy, TrustReport, TrustedKey};
 pub use verify::{verify, verify_ok, VerifyReport};

@@ -1,21 +1,29 @@
-//! `tessera sync`: write an image into a file or block device.
+//! `tessera sync`: write an image into a file or block device, in place.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::Context;
+use tessera_engine::sync::DEFAULT_SCRATCH_SIZE;
 use tessera_engine::trust::{build_verity, VerityOptions, VerityReport};
+use tessera_engine::{Index, SeedSpec, SyncOptions, SyncReport};
 
 use crate::output::{human_bytes, Output};
-use crate::store_args::StoreArgs;
+use crate::store_args::{parse_size, StoreArgs};
 use crate::trust_args::TrustArgs;
 
-/// Write the image of INDEX into TARGET, then verify every chunk of it.
+/// Write the image of INDEX into TARGET in place, then verify every chunk of it.
 ///
 /// TARGET is a file (created if missing; zero chunks become holes) or a block device.
 /// It must be at least as large as the image; bytes past the image are left untouched.
-/// Success is reported only after the whole target was read back and hashed.
+/// Every chunk TARGET or a seed already holds is reused (chunks already in place are not
+/// written at all); only the rest is fetched from the store. Everything read from TARGET,
+/// a seed or the store is hashed before it is written.
+///
+/// A sync killed at any moment (including a power cut) is completed by running the same
+/// command again: it resumes from its journal. Success is reported only after every chunk
+/// of TARGET was hashed against the index.
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// The index of the image to write: a path or an http(s):// or s3:// URL.
@@ -24,6 +32,8 @@ pub struct Args {
     target: PathBuf,
     #[command(flatten)]
     store: StoreArgs,
+    #[command(flatten)]
+    in_place: InPlaceArgs,
     #[command(flatten)]
     trust: TrustArgs,
     /// After the sync, write the dm-verity hash tree of TARGET here (see `tessera verity`;
@@ -35,44 +45,137 @@ pub struct Args {
     json: bool,
 }
 
+/// Seeds, planning and crash safety.
+#[derive(clap::Args, Debug)]
+#[command(next_help_heading = "Seeds and in-place updates")]
+struct InPlaceArgs {
+    /// A file or block device that may hold chunks of the image (e.g. the other A/B slot);
+    /// it is scanned with the image's chunk sizes. Repeatable. TARGET is always a seed.
+    #[arg(long, value_name = "PATH")]
+    seed: Vec<PathBuf>,
+    /// A seed whose index is known: it is not scanned, each chunk is still hashed when
+    /// read. PATH may be TARGET itself (its current release). Repeatable.
+    #[arg(long, value_name = "PATH=INDEX", value_parser = parse_seed_index)]
+    seed_index: Vec<(PathBuf, PathBuf)>,
+    /// Plan and print what would be done (see --json), change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// The resume journal [default: .TARGET.tessera-journal beside a file target; for a
+    /// block device, under $TESSERA_STATE_DIR or ~/.local/state/tessera].
+    #[arg(long, value_name = "PATH")]
+    journal: Option<PathBuf>,
+    /// Memory for breaking cycles of moves within TARGET (K, M, G suffixes); moves that
+    /// do not fit are fetched from the store instead.
+    #[arg(long, value_name = "BYTES", value_parser = parse_size, default_value_t = DEFAULT_SCRATCH_SIZE)]
+    scratch_size: u64,
+}
+
+impl InPlaceArgs {
+    fn options(&self) -> anyhow::Result<SyncOptions> {
+        let mut seeds: Vec<SeedSpec> = self
+            .seed
+            .iter()
+            .map(|p| SeedSpec {
+                path: p.clone(),
+                index: None,
+            })
+            .collect();
+        for (path, index) in &self.seed_index {
+            let index = Index::load(index)
+                .with_context(|| format!("--seed-index for {}", path.display()))?;
+            seeds.push(SeedSpec {
+                path: path.clone(),
+                index: Some(index),
+            });
+        }
+        Ok(SyncOptions {
+            seeds,
+            journal: self.journal.clone(),
+            dry_run: self.dry_run,
+            scratch_size: self.scratch_size,
+            ..SyncOptions::default()
+        })
+    }
+}
+
+/// Parses `PATH=INDEX` (split at the first `=`).
+fn parse_seed_index(s: &str) -> Result<(PathBuf, PathBuf), String> {
+    match s.split_once('=') {
+        Some((p, i)) if !p.is_empty() && !i.is_empty() => Ok((p.into(), i.into())),
+        _ => Err(format!("expected PATH=INDEX, got {s:?}")),
+    }
+}
+
 #[derive(serde::Serialize)]
 struct Json<'a> {
     #[serde(flatten)]
-    report: &'a tessera_engine::SyncReport,
+    report: &'a SyncReport,
     #[serde(skip_serializing_if = "Option::is_none")]
     verity: Option<&'a VerityReport>,
 }
 
 pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
-    let index = args.trust.load_index(args.store.fetch_index(&args.index)?.path())?;
+    let index = args
+        .trust
+        .load_index(args.store.fetch_index(&args.index)?.path())?;
     let store = args.store.open()?;
+    let opts = args.in_place.options()?;
     let started = Instant::now();
-    let report = tessera_engine::sync(&index, &args.target, &store, out)
+    let report = tessera_engine::sync_with(&index, &args.target, &store, &opts, out)
         .with_context(|| format!("syncing {}", args.target.display()))?;
-    let verity = args
-        .verity_hash_file
-        .as_deref()
-        .map(|f| build_verity(&index, &args.target, f, &VerityOptions::default(), out))
-        .transpose()
-        .context("writing the dm-verity hash tree")?;
+    let verity = match &args.verity_hash_file {
+        Some(f) if !report.dry_run => Some(
+            build_verity(&index, &args.target, f, &VerityOptions::default(), out)
+                .context("writing the dm-verity hash tree")?,
+        ),
+        _ => None,
+    };
     if args.json {
         out.json(&Json {
             report: &report,
             verity: verity.as_ref(),
         })?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let r = &report;
+    let sources = format!(
+        "{} in place, {} from seeds, {} moved, {} fetched in {} chunks ({} downloaded)",
+        human_bytes(r.bytes_in_place),
+        human_bytes(r.bytes_from_seeds),
+        human_bytes(r.bytes_moved),
+        human_bytes(r.bytes_fetched),
+        r.chunks_fetched,
+        human_bytes(r.bytes_downloaded),
+    );
+    if r.dry_run {
+        out.line(format!(
+            "{}: would write {} of {} in {} phases: {sources}; nothing changed{}",
+            args.target.display(),
+            human_bytes(r.bytes_written),
+            human_bytes(r.image_size),
+            r.phases,
+            if r.resumed {
+                " (an interrupted sync would be resumed)"
+            } else {
+                ""
+            },
+        ));
     } else {
         out.line(format!(
-            "{}: {} written and verified in {:.2}s ({} fetched in {} chunks, {} downloaded)",
+            "{}: {} verified in {:.2}s, {} written: {sources}{}",
             args.target.display(),
-            human_bytes(report.image_size),
+            human_bytes(r.image_size),
             started.elapsed().as_secs_f64(),
-            human_bytes(report.bytes_fetched),
-            report.chunks_fetched,
-            human_bytes(report.bytes_downloaded),
+            human_bytes(r.bytes_written),
+            if r.resumed {
+                "; resumed an interrupted sync"
+            } else {
+                ""
+            },
         ));
-        if let Some(v) = &verity {
-            out.line(format!("dm-verity root hash {}", v.verity_root_hash));
-        }
+    }
+    if let Some(v) = &verity {
+        out.line(format!("dm-verity root hash {}", v.verity_root_hash));
     }
     Ok(ExitCode::SUCCESS)
 }

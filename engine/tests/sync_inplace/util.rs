@@ -1,0 +1,209 @@
+//! Helpers shared by the in-place sync tests: an in-memory store, in-memory devices and
+//! journals, and index making through the real `make`.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
+
+use rand::{RngCore, SeedableRng};
+use tessera_engine::sync::JournalIo;
+use tessera_engine::sync::{ReadAt, WriteAt};
+use tessera_engine::{
+    make, ChunkId, ChunkStore, ChunkerParams, DeviceKind, Error, Index, MakeOptions, NoProgress,
+    Result,
+};
+
+/// Small chunks, so that test images of a few MiB have hundreds of them.
+pub fn small_params() -> ChunkerParams {
+    ChunkerParams::new(1024, 4096, 16384).unwrap()
+}
+
+/// Deterministic random bytes.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    rand_chacha::ChaCha8Rng::seed_from_u64(seed).fill_bytes(&mut v);
+    v
+}
+
+/// A store in memory that counts what is fetched from it.
+#[derive(Default)]
+pub struct MemStore {
+    chunks: Mutex<HashMap<ChunkId, Vec<u8>>>,
+    /// Compressed bytes served.
+    pub served: AtomicU64,
+}
+
+impl MemStore {
+    pub fn served(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
+    }
+    pub fn remove(&self, id: &ChunkId) -> Option<Vec<u8>> {
+        self.chunks.lock().unwrap().remove(id)
+    }
+    pub fn insert(&self, id: ChunkId, compressed: Vec<u8>) {
+        self.chunks.lock().unwrap().insert(id, compressed);
+    }
+}
+
+impl ChunkStore for MemStore {
+    fn location(&self) -> String {
+        "mem-store".into()
+    }
+    fn get_compressed(&self, id: &ChunkId) -> Result<Option<Vec<u8>>> {
+        let got = self.chunks.lock().unwrap().get(id).cloned();
+        if let Some(c) = &got {
+            self.served.fetch_add(c.len() as u64, Ordering::Relaxed);
+        }
+        Ok(got)
+    }
+    fn contains(&self, id: &ChunkId) -> Result<bool> {
+        Ok(self.chunks.lock().unwrap().contains_key(id))
+    }
+    fn put_compressed(&self, id: &ChunkId, compressed: &[u8]) -> Result<bool> {
+        let mut c = self.chunks.lock().unwrap();
+        Ok(c.insert(*id, compressed.to_vec()).is_none())
+    }
+}
+
+/// Makes the index of `image` with `params`, putting its chunks in `store` (the real
+/// `make`, through a temporary file).
+pub fn make_index(image: &[u8], params: ChunkerParams, store: &dyn ChunkStore) -> Index {
+    let dir = tempfile::TempDir::new().unwrap();
+    let src = dir.path().join("image");
+    std::fs::write(&src, image).unwrap();
+    let opts = MakeOptions { params, workers: 2 };
+    make(
+        &src,
+        store,
+        &dir.path().join("image.tidx"),
+        &opts,
+        &NoProgress,
+    )
+    .unwrap()
+    .0
+}
+
+/// Writes `bytes` to `path`, then grows the file with zeros to at least `min_len`.
+pub fn write_padded(path: &Path, bytes: &[u8], min_len: usize) {
+    let mut b = bytes.to_vec();
+    if b.len() < min_len {
+        b.resize(min_len, 0);
+    }
+    std::fs::write(path, b).unwrap();
+}
+
+/// A device in memory.
+pub struct MemDevice {
+    pub data: RwLock<Vec<u8>>,
+    pub kind: DeviceKind,
+    pub name: String,
+}
+
+impl MemDevice {
+    pub fn new(name: &str, data: Vec<u8>, kind: DeviceKind) -> MemDevice {
+        MemDevice {
+            data: RwLock::new(data),
+            kind,
+            name: name.into(),
+        }
+    }
+    pub fn bytes(&self) -> Vec<u8> {
+        self.data.read().unwrap().clone()
+    }
+}
+
+fn out_of_range(name: &str) -> Error {
+    Error::io(
+        "reading",
+        name,
+        io::Error::new(io::ErrorKind::UnexpectedEof, "past the end"),
+    )
+}
+
+impl ReadAt for MemDevice {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+    fn size(&self) -> u64 {
+        self.data.read().unwrap().len() as u64
+    }
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let d = self.data.read().unwrap();
+        let end = offset as usize + buf.len();
+        if end > d.len() {
+            return Err(out_of_range(&self.name));
+        }
+        buf.copy_from_slice(&d[offset as usize..end]);
+        Ok(())
+    }
+}
+
+impl WriteAt for MemDevice {
+    fn kind(&self) -> DeviceKind {
+        self.kind
+    }
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let mut d = self.data.write().unwrap();
+        let end = offset as usize + buf.len();
+        assert!(end <= d.len(), "write past the end of {}", self.name);
+        d[offset as usize..end].copy_from_slice(buf);
+        Ok(())
+    }
+    fn write_zeros(&self, offset: u64, len: u64) -> Result<()> {
+        let mut d = self.data.write().unwrap();
+        d[offset as usize..(offset + len) as usize].fill(0);
+        Ok(())
+    }
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// A journal in memory (no faults).
+#[derive(Default)]
+pub struct MemJournal(pub Vec<u8>);
+
+impl JournalIo for MemJournal {
+    fn location(&self) -> String {
+        "mem-journal".into()
+    }
+    fn load(&mut self) -> Result<Vec<u8>> {
+        Ok(self.0.clone())
+    }
+    fn write_at(&mut self, offset: u64, bytes: &[u8]) -> Result<()> {
+        let end = offset as usize + bytes.len();
+        if self.0.len() < end {
+            self.0.resize(end, 0);
+        }
+        self.0[offset as usize..end].copy_from_slice(bytes);
+        Ok(())
+    }
+    fn set_len(&mut self, len: u64) -> Result<()> {
+        self.0.resize(len as usize, 0);
+        Ok(())
+    }
+    fn sync(&mut self) -> Result<()> {
+        Ok(())
+    }
+    fn remove(&mut self) -> Result<()> {
+        self.0.clear();
+        Ok(())
+    }
+}
+
+/// Asserts the report's byte counts add up to the image (no fallbacks expected).
+pub fn assert_accounted(r: &tessera_engine::SyncReport) {
+    assert_eq!(
+        r.bytes_in_place
+            + r.bytes_from_seeds
+            + r.bytes_moved
+            + r.bytes_fetched
+            + r.bytes_duplicated
+            + r.bytes_zero,
+        r.image_size,
+        "byte counts do not add up: {r:?}"
+    );
+}
