@@ -15,7 +15,8 @@ use crate::trust_args::TrustArgs;
 /// byte-identical to `veritysetup format` for the same data, salt and UUID, so the kernel
 /// can keep checking the partition at every read: `veritysetup open TARGET NAME HASHFILE
 /// ROOT`. Every chunk of TARGET is checked against the index while it is read: the tree
-/// only ever describes the published image. Prints the dm-verity root hash.
+/// only ever describes the published image. Prints the dm-verity root hash alone on the
+/// last line (even with --quiet, for scripts).
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// The index of the image.
