@@ -10,9 +10,9 @@ OUT=target/demo
 rm -rf "$OUT" && mkdir -p "$OUT"
 
 echo "== generating an ext4 release pair (fixtures)"
-target/release/tessera-fixtures build ext4-small "$OUT/fixtures" >/dev/null
-V1=$(ls "$OUT"/fixtures/ext4-small*v1*.img | head -1)
-V2=$(ls "$OUT"/fixtures/ext4-small*v2*.img | head -1)
+FIX=$(target/release/tessera-fixtures build ext4 "$OUT/fixtures")
+V1=$(awk '$1 == "old" { print $2 }' <<<"$FIX")
+V2=$(awk '$1 == "rebuilt" { print $2 }' <<<"$FIX")
 
 echo "== tessera make (release 1 and release 2 into one store)"
 $T make "$V1" --store "$OUT/store" --index "$OUT/v1.tidx"
