@@ -25,7 +25,7 @@ use crate::chunk::VerifiedChunk;
 use crate::error::{Error, Result};
 use crate::index::{ChunkEntry, Index};
 use crate::progress::Progress;
-use crate::store::{chunk_path, ChunkStore};
+use crate::store::{chunk_path, ChunkStore, Fetched};
 use crate::ChunkId;
 
 /// Writes of adjacent chunks are merged up to this size.
@@ -160,11 +160,17 @@ impl<'a> Executor<'a> {
     }
 
     fn fetch(&self, entry: &ChunkEntry) -> Result<VerifiedChunk> {
-        let fetched = self.store.fetch_verified(entry)?;
-        add(&self.counters.fetched, u64::from(entry.len));
+        self.store
+            .fetch_verified(entry)
+            .map(|f| self.count_fetch(f))
+    }
+
+    /// Counts a fetched chunk (once, however many places it is written to).
+    fn count_fetch(&self, fetched: Fetched) -> VerifiedChunk {
+        add(&self.counters.fetched, fetched.chunk.data().len() as u64);
         add(&self.counters.downloaded, fetched.compressed.len() as u64);
         add(&self.counters.chunks_fetched, 1);
-        Ok(fetched.chunk)
+        fetched.chunk
     }
 
     /// The bytes of `op` from its planned source, or from a fallback when that fails.
@@ -373,12 +379,7 @@ impl<'a> Executor<'a> {
                     for i in store_rx {
                         let entry = self.entry(ops[i].chunks[0]);
                         let r = match stream.next() {
-                            Some(Ok(f)) => {
-                                add(&self.counters.fetched, u64::from(entry.len));
-                                add(&self.counters.downloaded, f.compressed.len() as u64);
-                                add(&self.counters.chunks_fetched, 1);
-                                Ok(Some((f.chunk, Got::Store)))
-                            }
+                            Some(Ok(f)) => Ok(Some((self.count_fetch(f), Got::Store))),
                             Some(Err(e)) => Err(e),
                             None => Err(Error::MissingChunk {
                                 id: entry.id,
