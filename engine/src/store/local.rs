@@ -73,7 +73,10 @@ impl ChunkStore for LocalStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Error::io("opening chunk file", path, e)),
         };
-        let mut buf = Vec::new();
+        // `Take` hides the file's size from `read_to_end`: reserve it, or the buffer grows
+        // from 32 bytes by doubling (a dozen reads per chunk file).
+        let len_hint = file.metadata().map_or(0, |m| m.len().min(MAX_CHUNK_FILE + 1));
+        let mut buf = Vec::with_capacity(len_hint as usize + 1);
         file.take(MAX_CHUNK_FILE + 1)
             .read_to_end(&mut buf)
             .map_err(|e| Error::io("reading chunk file", &path, e))?;
@@ -108,6 +111,9 @@ impl ChunkStore for LocalStore {
         let written = (|| {
             let mut f = File::create(&tmp)?;
             f.write_all(compressed)?;
+            // Start writeback now so `flush` overlaps with chunking instead of paying for
+            // the whole store at the end; a hint only, so its error is ignored.
+            let _ = crate::sys::start_writeback(&f);
             // No fsync per chunk: `flush` syncs the whole filesystem once before the
             // index is published. The rename never replaces an existing chunk file.
             crate::sys::rename_noreplace(&tmp, &path)
