@@ -12,7 +12,9 @@
 # Each run starts from a fresh copy of release N (`old.img`) as the target, page cache warm,
 # and updates it in place to release N+1 from a local store, the target being its own seed:
 #   tessera  sync NEW.tidx TARGET --store STORE
-#   casync   extract --seed-output=yes --seed=TARGET --store=STORE NEW.caibx TARGET
+#   casync   extract --seed=TARGET --store=STORE NEW.caibx OUT   (casync cannot update a
+#            file in place: with --seed-output=yes on the existing file it fails with "Stale
+#            file handle"; so it writes a new file OUT, seeded by the old release)
 #   bita     clone --seed-output NEW.cba TARGET
 # Reported per tool: wall time (median), bytes fetched from the store (uncompressed, as each
 # tool reports it), bytes written to the target (the kernel's per-process write accounting:
@@ -49,16 +51,18 @@ BYTES=$(stat -c %s "$OLD")
 mkdir -p "$WORK"
 LOAD=$(cut -d' ' -f1-3 /proc/loadavg)
 
-# timed NAME CMD...: runs CMD under GNU time; appends "wall_s max_rss_kib outputs_512" to
+# timed NAME CMD...: runs CMD under GNU time; appends "wall_s max_rss_kib outputs_512 user_s
+# sys_s" to
 # $WORK/NAME.t and keeps stdout/stderr of the last run in $WORK/NAME.out / .err.
 timed() {
     local name=$1; shift
-    "$TIME" -f '%e %M %O' -o "$WORK/$name.one" "$@" >"$WORK/$name.out" 2>"$WORK/$name.err" || {
+    "$TIME" -f '%e %M %O %U %S' -o "$WORK/$name.one" "$@" >"$WORK/$name.out" 2>"$WORK/$name.err" || {
         echo "$name failed:" >&2; cat "$WORK/$name.err" >&2; exit 1; }
     cat "$WORK/$name.one" >>"$WORK/$name.t"
 }
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 secs() { cut -d' ' -f1 "$WORK/$1.t" | median; }
+cpu_secs() { awk '{printf "%.2f\n", $4 + $5}' "$WORK/$1.t" | median; }
 rss_mib() { cut -d' ' -f2 "$WORK/$1.t" | sort -n | tail -1 | awk '{printf "%.0f", $1/1024}'; }
 written_mib() { cut -d' ' -f3 "$WORK/$1.t" | median | awk '{printf "%.1f", $1*512/1048576}'; }
 # casync and bita print sizes for humans ("2.5M", "12.3 MiB"): normalise to MiB.
@@ -99,10 +103,12 @@ for pair in $PAIRS; do
                 timed t "$TESSERA" sync "$P/new.tidx" "$P/target.img" --store "$P/t-store" --json -q
                 cp "$WORK/t.out" "$WORK/t.json" ;;
             casync)
-                timed c casync extract --verbose --seed-output=yes --store="$P/c-store" \
-                    "$P/new.caibx" "$P/target.img"
+                rm -f "$P/c-out.img"
+                timed c casync extract --verbose --seed-output=no --seed="$P/target.img" \
+                    --store="$P/c-store" "$P/new.caibx" "$P/c-out.img"
                 cp "$WORK/c.err" "$WORK/c.log"
-                timed c-sync sync -f "$P/target.img" ;;
+                timed c-sync sync -f "$P/c-out.img"
+                mv "$P/c-out.img" "$P/target.img" ;;
             bita)
                 timed b "$BITA" clone --seed-output "$P/new.cba" "$P/target.img"
                 cat "$WORK/b.out" "$WORK/b.err" >"$WORK/b.log"
@@ -122,11 +128,11 @@ for pair in $PAIRS; do
     echo
     echo "### release N+1 $pair ($(stat -c %s "$NEW") bytes)"
     echo
-    echo "| tool | wall | wall + sync | fetched from store | written to target | peak RSS |"
-    echo "| --- | --- | --- | --- | --- | --- |"
-    echo "| tessera sync | $(secs t) s | (included) | $t_fetched MiB ($t_down MiB compressed) | $(written_mib t) MiB | $(rss_mib t) MiB |"
-    echo "| casync extract | $(secs c) s | $(plus c c-sync) s | $c_fetched MiB | $(written_mib c) MiB | $(rss_mib c) MiB |"
-    echo "| bita clone | $(secs b) s | $(plus b b-sync) s | $b_fetched MiB | $(written_mib b) MiB | $(rss_mib b) MiB |"
+    echo "| tool | wall | wall + sync | CPU | fetched from store | written to target | peak RSS |"
+    echo "| --- | --- | --- | --- | --- | --- | --- |"
+    echo "| tessera sync | $(secs t) s | (included) | $(cpu_secs t) s | $t_fetched MiB ($t_down MiB compressed) | $(written_mib t) MiB | $(rss_mib t) MiB |"
+    echo "| casync extract --seed | $(secs c) s | $(plus c c-sync) s | $(cpu_secs c) s | $c_fetched MiB | $(written_mib c) MiB | $(rss_mib c) MiB |"
+    echo "| bita clone --seed-output | $(secs b) s | $(plus b b-sync) s | $(cpu_secs b) s | $b_fetched MiB | $(written_mib b) MiB | $(rss_mib b) MiB |"
     echo
     echo "tessera: $(tj bytes_in_place) bytes in place, $(tj bytes_moved) moved, $(tj phases) phases;"
     echo "speed-up over the faster peer (both durable): $(awk -v t="$(secs t)" -v p="$best" 'BEGIN {printf "%.1f", p/t}')×."

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use rand::{Rng, SeedableRng};
 use tempfile::TempDir;
-use tessera_fixtures::{Ext4Pair, Fixtures, Params};
+use tessera_fixtures::{Ext4Pair, Fixtures, Pair, Params};
 use util::*;
 
 fn ext4() -> Ext4Pair {
@@ -111,6 +111,57 @@ fn ext4_release_pair_updates_a_loop_device_in_place() {
             fs::read(new).unwrap(),
             "{name}"
         );
+    }
+}
+
+#[test]
+fn synthetic_layouts_update_a_loop_device_in_place() {
+    if skip_unless(loop_available(), "root and loop devices") {
+        return;
+    }
+    let fixtures = Fixtures::from_env();
+    let dir = TempDir::new().unwrap();
+    let store = dir.path().join("store");
+    for pair in [
+        Pair::ShiftForward,
+        Pair::Rotate,
+        Pair::Swap,
+        Pair::Duplicate,
+        Pair::Grow,
+        Pair::Shrink,
+    ] {
+        let files = fixtures.pair(pair, Params::default()).unwrap();
+        let (old, new) = (fs::read(&files.old).unwrap(), fs::read(&files.new).unwrap());
+        let index = make(dir.path(), &files.new, &store, pair.name());
+        // A loop device is whole sectors, at least as large as the image.
+        let mut backing_bytes = old.clone();
+        backing_bytes.resize(old.len().max(new.len()).div_ceil(512) * 512, 0);
+        let backing = dir.path().join(format!("{}.loop", pair.name()));
+        fs::write(&backing, &backing_bytes).unwrap();
+        let dev = LoopDevice::attach(&backing);
+        let journal = dir.path().join(format!("{}.journal", pair.name()));
+        let r = sync(
+            &index,
+            &dev.path,
+            &store,
+            &[&"--journal", &journal, &"--scratch-size", &"1M"],
+        );
+        drop(dev);
+        let after = fs::read(&backing).unwrap();
+        assert!(after[..new.len()] == new[..], "{}: {r}", pair.name());
+        assert!(
+            after[new.len()..] == backing_bytes[new.len()..],
+            "{}: tail changed",
+            pair.name()
+        );
+        if pair != Pair::Grow {
+            // Only data moved: almost nothing to fetch (Grow adds new data).
+            assert!(
+                field(&r, "bytes_fetched") < new.len() as u64 / 10,
+                "{}: {r}",
+                pair.name()
+            );
+        }
     }
 }
 
