@@ -62,5 +62,5 @@ for t in "${targets[@]}"; do
     failed=$((failed + 1))
   fi
 done
-echo "fuzz: $passed passed, $failed failed"
+echo "fuzz: $passed targets ran without a crash, $failed crashed"
 ((failed == 0))
