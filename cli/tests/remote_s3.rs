@@ -110,7 +110,10 @@ fn make_into_s3_then_sync_from_it_by_url() {
         ],
     )));
     let new = second["new_chunks"].as_u64().unwrap();
-    assert!((1..=3).contains(&new), "{new} new chunks for a 100-byte edit");
+    assert!(
+        (1..=3).contains(&new),
+        "{new} new chunks for a 100-byte edit"
+    );
     let target2 = dir.path().join("out2.raw");
     ok(tessera_s3(
         &ep,

@@ -75,7 +75,9 @@ impl ChunkStore for LocalStore {
         };
         // `Take` hides the file's size from `read_to_end`: reserve it, or the buffer grows
         // from 32 bytes by doubling (a dozen reads per chunk file).
-        let len_hint = file.metadata().map_or(0, |m| m.len().min(MAX_CHUNK_FILE + 1));
+        let len_hint = file
+            .metadata()
+            .map_or(0, |m| m.len().min(MAX_CHUNK_FILE + 1));
         let mut buf = Vec::with_capacity(len_hint as usize + 1);
         file.take(MAX_CHUNK_FILE + 1)
             .read_to_end(&mut buf)

@@ -102,10 +102,12 @@ pub trait ChunkStore: Send + Sync {
     /// # Errors
     /// As [`ChunkStore::fetch`].
     fn fetch_verified(&self, entry: &ChunkEntry) -> Result<Fetched> {
-        let compressed = self.get_compressed(&entry.id)?.ok_or_else(|| Error::MissingChunk {
-            id: entry.id,
-            origin: format!("{}/{}", self.location(), chunk_path(&entry.id)),
-        })?;
+        let compressed = self
+            .get_compressed(&entry.id)?
+            .ok_or_else(|| Error::MissingChunk {
+                id: entry.id,
+                origin: format!("{}/{}", self.location(), chunk_path(&entry.id)),
+            })?;
         let origin = format!("{}/{}", self.location(), chunk_path(&entry.id));
         let chunk = decompress_verified(entry.id, &compressed, entry.len, &origin)?;
         Ok(Fetched { chunk, compressed })
