@@ -76,28 +76,15 @@ impl Index {
         image_hash: [u8; 32],
         records: impl IntoIterator<Item = (ChunkId, u32)>,
     ) -> Result<Index> {
-        let mut zeros = ZeroIds::default();
-        let mut chunks = Vec::new();
-        let mut offset = 0u64;
-        for (id, len) in records {
-            if len == 0 || len > params.max {
-                return Err(Error::InvalidInput(format!(
-                    "chunk {id} at offset {offset} has length {len}, outside 1..={}",
-                    params.max
-                )));
-            }
-            let zero = zeros.get(len) == id;
-            chunks.push(ChunkEntry {
-                id,
-                offset,
-                len,
-                zero,
-            });
-            offset += u64::from(len);
-        }
+        let (chunks, image_size) = entries(params, records, |(_, id), offset, len| {
+            Error::InvalidInput(format!(
+                "chunk {id} at offset {offset} has length {len}, outside 1..={}",
+                params.max
+            ))
+        })?;
         let mut index = Index {
             params,
-            image_size: offset,
+            image_size,
             image_hash,
             chunks,
             root_hash: [0; 32],
@@ -221,31 +208,22 @@ impl Index {
                 "checksum at offset {body_len} does not match the contents (corrupted)"
             )));
         }
-        let mut zeros = ZeroIds::default();
-        let mut chunks = Vec::with_capacity(count as usize);
-        let mut offset = 0u64;
-        for (i, rec) in bytes[HEADER_LEN..body_len]
+        let records = bytes[HEADER_LEN..body_len]
             .chunks_exact(RECORD_LEN)
-            .enumerate()
-        {
-            let id = ChunkId(rec[..32].try_into().expect("32 bytes"));
-            let len = u32::from_le_bytes(rec[32..36].try_into().expect("4 bytes"));
-            if len == 0 || len > params.max {
-                return Err(bad(format!(
-                    "chunk {i} (record at offset {}) has length {len}, outside 1..={}",
-                    HEADER_LEN + i * RECORD_LEN,
-                    params.max
-                )));
-            }
-            let zero = zeros.get(len) == id;
-            chunks.push(ChunkEntry {
-                id,
-                offset,
-                len,
-                zero,
+            .map(|rec| {
+                let id = ChunkId(rec[..32].try_into().expect("32 bytes"));
+                (
+                    id,
+                    u32::from_le_bytes(rec[32..36].try_into().expect("4 bytes")),
+                )
             });
-            offset += u64::from(len);
-        }
+        let (chunks, offset) = entries(params, records, |(i, _), _, len| {
+            bad(format!(
+                "chunk {i} (record at offset {}) has length {len}, outside 1..={}",
+                HEADER_LEN + i * RECORD_LEN,
+                params.max
+            ))
+        })?;
         if offset != image_size {
             return Err(bad(format!(
                 "chunk lengths add up to {offset} bytes but the header says the image has {image_size}"
@@ -276,6 +254,34 @@ impl Index {
     pub fn save(&self, path: &Path) -> Result<()> {
         crate::fsutil::write_atomic(path, &self.to_bytes())
     }
+}
+
+/// Turns `(id, len)` records into entries with offsets and zero flags, returning them and
+/// the image size. A length outside `1..=params.max` is an error made by `bad` from
+/// `((position, id), offset, len)`.
+fn entries(
+    params: ChunkerParams,
+    records: impl IntoIterator<Item = (ChunkId, u32)>,
+    bad: impl Fn((usize, ChunkId), u64, u32) -> Error,
+) -> Result<(Vec<ChunkEntry>, u64)> {
+    let records = records.into_iter();
+    let mut zeros = ZeroIds::default();
+    let mut chunks = Vec::with_capacity(records.size_hint().0);
+    let mut offset = 0u64;
+    for (i, (id, len)) in records.enumerate() {
+        if len == 0 || len > params.max {
+            return Err(bad((i, id), offset, len));
+        }
+        let zero = zeros.get(len) == id;
+        chunks.push(ChunkEntry {
+            id,
+            offset,
+            len,
+            zero,
+        });
+        offset += u64::from(len);
+    }
+    Ok((chunks, offset))
 }
 
 /// Lowercase hex of a 32-byte hash.
