@@ -647,14 +647,8 @@ fn resume_phase(
             })
         })
         .collect();
-    let stash = phase
-        .stash
-        .iter()
-        .copied()
-        .filter(|s| bad.contains(&s.chunk))
-        .collect();
-    // Scratch a stash of an earlier phase filled and a remaining write still needs (the
-    // crash lost it with the process).
+    // Stashes still needed: those whose write is not found done, of this phase and of
+    // earlier ones (scratch was lost with the crashed process).
     let here: HashSet<u32> = dests.into_iter().collect();
     let needed: HashSet<u32> = phases[start..]
         .iter()
@@ -666,10 +660,12 @@ fn resume_phase(
             _ => None,
         })
         .collect();
+    let still_needed = |s: &Stash| needed.contains(&s.chunk);
+    let stash = phase.stash.iter().copied().filter(still_needed).collect();
     let restash = phases[..start]
         .iter()
         .flat_map(|p| p.stash.iter().copied())
-        .filter(|s| needed.contains(&s.chunk))
+        .filter(still_needed)
         .collect();
     Ok((Phase { stash, ops }, restash))
 }
