@@ -20,8 +20,9 @@
 # tool reports it), bytes written to the target (the kernel's per-process write accounting:
 # GNU time's "file system outputs" × 512; a hole punched is not a write), peak RSS. tessera
 # flushes the target (and its journal) before it exits; the peers do not, so a "+ sync"
-# row adds `sync -f` on the target for them. All three cut 16:64:256 KiB chunks where
-# the tool allows it and compress with zstd. Every output is compared with the image.
+# row adds `sync -f` on the target for them. All three cut 16:64:256 KiB chunks; tessera
+# and casync compress with zstd, bita 0.15 with brotli (it has no zstd). Every output is
+# compared with the image.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -90,8 +91,9 @@ for pair in $PAIRS; do
     "$TESSERA" make "$NEW" --store "$P/t-store" --index "$P/new.tidx" --chunk-size 16K:64K:256K -q
     casync make --store="$P/c-store" --compression=zstd --chunk-size=16384:65536:262144 \
         "$P/new.caibx" "$NEW" >/dev/null
-    "$BITA" compress --input "$NEW" --compression zstd --compression-level 3 \
-        --min-chunk-size 16KiB --avg-chunk-size 64KiB --max-chunk-size 256KiB "$P/new.cba" >/dev/null 2>&1
+    # bita 0.15 compresses with brotli (its default) or not at all.
+    "$BITA" compress --input "$NEW" --min-chunk-size 16KiB --avg-chunk-size 64KiB \
+        --max-chunk-size 256KiB "$P/new.cba" >/dev/null 2>&1
     cat "$OLD" "$NEW" >/dev/null
     for run in $(seq "$RUNS"); do
         echo "== $pair: run $run/$RUNS" >&2
@@ -121,7 +123,8 @@ for pair in $PAIRS; do
     t_fetched=$(awk -v b="$(tj bytes_fetched)" 'BEGIN {printf "%.1f", b/1048576}')
     t_down=$(awk -v b="$(tj bytes_downloaded)" 'BEGIN {printf "%.1f", b/1048576}')
     c_fetched=$(grep -m1 'Bytes used from local store' "$WORK/c.log" | sed 's/.*store: *\([0-9.]*\) *\([A-Za-z]*\).*/\1 \2/' | to_mib)
-    b_fetched=$(grep -im1 'fetched\|download' "$WORK/b.log" | grep -o '[0-9.]\+ *[KMG]i\?B' | head -1 | to_mib || echo "?")
+    b_fetched=$(grep -o 'decompressed to [^(]*([0-9]* bytes)' "$WORK/b.log" | grep -o '([0-9]*' | tr -d '(' |
+        awk '{printf "%.1f", $1/1048576}')
     plus() { awk -v a="$(secs "$1")" -v b="$(secs "$2")" 'BEGIN {printf "%.2f", a+b}'; }
     best=$(awk -v c="$(plus c c-sync)" -v b="$(plus b b-sync)" 'BEGIN {print (c<b)?c:b}')
     {
