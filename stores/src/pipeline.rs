@@ -154,7 +154,11 @@ mod tests {
             p.fetch_max(now, Ordering::SeqCst);
             // Later entries finish first half of the time.
             let i = e.offset / 8;
-            std::thread::sleep(Duration::from_millis(if i.is_multiple_of(2) { 20 } else { 2 }));
+            std::thread::sleep(Duration::from_millis(if i.is_multiple_of(2) {
+                20
+            } else {
+                2
+            }));
             r.fetch_sub(1, Ordering::SeqCst);
             let data = i.to_le_bytes().to_vec();
             let chunk = VerifiedChunk::verify(e.id, data, "test")?;
