@@ -3,8 +3,14 @@
 //!
 //! Data flows one way:
 //! - [`make()`]: source → [`Chunker`] → hash/compress workers → [`ChunkStore`] + [`Index`];
-//! - [`sync()`]: [`Index`] + store → fetch/verify workers → positional writes → [`verify()`];
-//! - [`verify()`]: target → chunk hashes compared with the index.
+//! - [`sync()`] / [`sync_with()`]: [`Index`] + target + seeds → scan → [`SyncPlan`] (pure,
+//!   printable) → ordered, journaled, verified writes in place → final check (`sync` module);
+//! - [`verify()`]: target → chunk hashes compared with the index;
+//! - [`ImageReader`]: random-access verified reads for the NBD server, with a byte-bounded
+//!   cache and an optional copy-on-write [`Overlay`];
+//! - [`trust`]: root-hash pins, minisign signatures, dm-verity trees.
+//!
+//! Remote (HTTP, S3) stores implement [`ChunkStore`] in the `tessera-stores` crate.
 //!
 //! Every chunk that leaves a store passes through [`VerifiedChunk::verify`].
 //!
