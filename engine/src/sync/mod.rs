@@ -2,13 +2,13 @@
 //! reusing what the target and any seeds already hold, safely against crashes.
 //!
 //! One run goes through five stages:
-//! 1. **scan** ([`seed`]): seeds without an index, and the target, are cut and hashed to
+//! 1. **scan** (`seed.rs`): seeds without an index, and the target, are cut and hashed to
 //!    find the image's chunks; the target's chunks already at their place are found too;
-//! 2. **plan** ([`plan()`], [`order`]): each chunk not in place gets a source (the target,
+//! 2. **plan** ([`plan()`], `order.rs`): each chunk not in place gets a source (the target,
 //!    a seed, the store, or zeros) and a phase, so that no write destroys a copy an
 //!    unfinished write still needs; cycles go through a bounded scratch buffer or are
 //!    fetched;
-//! 3. **journal** ([`journal`]): the plan is stored durably before the first write, with a
+//! 3. **journal** (`journal.rs`): the plan is stored durably before the first write, with a
 //!    checkpoint after every phase, so a killed run is resumed by running it again;
 //! 4. **apply** ([`apply`]): phase by phase, reads and fetches are overlapped with
 //!    coalesced writes, every byte hashed before it is written, then the target flushed;
