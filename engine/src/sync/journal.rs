@@ -436,43 +436,44 @@ pub(crate) fn decode_plan(bytes: &[u8], index: &Index, seeds: usize) -> Option<V
     r.0.is_empty().then_some(phases)
 }
 
+/// A journal held in memory: for tests and for callers that persist it themselves.
+/// Its bytes are the journal file's.
+#[derive(Debug, Default, Clone)]
+pub struct MemoryJournal(pub Vec<u8>);
+
+impl JournalIo for MemoryJournal {
+    fn location(&self) -> String {
+        "memory journal".into()
+    }
+    fn load(&mut self) -> Result<Vec<u8>> {
+        Ok(self.0.clone())
+    }
+    fn write_at(&mut self, offset: u64, bytes: &[u8]) -> Result<()> {
+        let end = offset as usize + bytes.len();
+        if self.0.len() < end {
+            self.0.resize(end, 0);
+        }
+        self.0[offset as usize..end].copy_from_slice(bytes);
+        Ok(())
+    }
+    fn set_len(&mut self, len: u64) -> Result<()> {
+        self.0.resize(len as usize, 0);
+        Ok(())
+    }
+    fn sync(&mut self) -> Result<()> {
+        Ok(())
+    }
+    fn remove(&mut self) -> Result<()> {
+        self.0.clear();
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::sync::plan::{plan, Holder, Holdings, InPlace, Location};
     use crate::{ChunkId, ChunkerParams};
-
-    /// An in-memory journal.
-    #[derive(Default)]
-    struct Mem(Vec<u8>);
-
-    impl JournalIo for Mem {
-        fn location(&self) -> String {
-            "mem".into()
-        }
-        fn load(&mut self) -> Result<Vec<u8>> {
-            Ok(self.0.clone())
-        }
-        fn write_at(&mut self, offset: u64, bytes: &[u8]) -> Result<()> {
-            let end = offset as usize + bytes.len();
-            if self.0.len() < end {
-                self.0.resize(end, 0);
-            }
-            self.0[offset as usize..end].copy_from_slice(bytes);
-            Ok(())
-        }
-        fn set_len(&mut self, len: u64) -> Result<()> {
-            self.0.resize(len as usize, 0);
-            Ok(())
-        }
-        fn sync(&mut self) -> Result<()> {
-            Ok(())
-        }
-        fn remove(&mut self) -> Result<()> {
-            self.0.clear();
-            Ok(())
-        }
-    }
 
     fn sample() -> (Index, Vec<Phase>) {
         let p = ChunkerParams::new(64, 256, 1024).unwrap();
@@ -509,7 +510,7 @@ mod tests {
         assert!(phases.len() > 1);
         assert_eq!(decode_plan(&encode_plan(&phases), &idx, 1).unwrap(), phases);
         let id = [9u8; 32];
-        let mut mem = Mem::default();
+        let mut mem = MemoryJournal::default();
         {
             let (mut j, resume) = Journal::open(&mut mem, id, &idx, 1).unwrap();
             assert!(resume.is_none());
@@ -532,7 +533,7 @@ mod tests {
     fn torn_tails_and_damage_are_never_trusted() {
         let (idx, phases) = sample();
         let id = [1u8; 32];
-        let mut mem = Mem::default();
+        let mut mem = MemoryJournal::default();
         {
             let (mut j, _) = Journal::open(&mut mem, id, &idx, 1).unwrap();
             j.start(&phases).unwrap();
@@ -542,7 +543,7 @@ mod tests {
         let full = mem.0.clone();
         let header_len = full.len() - 2 * RECORD_LEN;
         for cut in 0..full.len() {
-            let mut m = Mem(full[..cut].to_vec());
+            let mut m = MemoryJournal(full[..cut].to_vec());
             let (_, resume) = Journal::open(&mut m, id, &idx, 1).unwrap();
             let expect = match cut {
                 c if c < header_len => None,
@@ -553,7 +554,7 @@ mod tests {
             assert_eq!(resume.map(|r| r.next_phase), expect, "cut at {cut}");
         }
         for i in 0..full.len() {
-            let mut m = Mem(full.clone());
+            let mut m = MemoryJournal(full.clone());
             m.0[i] ^= 0x20;
             let (_, resume) = Journal::open(&mut m, id, &idx, 1).unwrap();
             match resume {
@@ -565,7 +566,7 @@ mod tests {
             }
         }
         // A torn record followed by a new append: the leftover is cut first.
-        let mut m = Mem(full[..header_len + RECORD_LEN + 10].to_vec());
+        let mut m = MemoryJournal(full[..header_len + RECORD_LEN + 10].to_vec());
         {
             let (mut j, resume) = Journal::open(&mut m, id, &idx, 1).unwrap();
             assert_eq!(resume.unwrap().next_phase, 1);

@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::Serialize;
 
 pub use io::{ReadAt, WriteAt};
-pub use journal::{FileJournal, JournalIo};
+pub use journal::{FileJournal, JournalIo, MemoryJournal};
 pub use plan::{
     plan, Holder, Holdings, InPlace, Location, Op, Phase, PlanTotals, Source, Stash, SyncPlan,
 };

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::fs;
 
 use tessera_engine::sync::ReadAt;
-use tessera_engine::sync::{sync_io, SeedIo, SyncIo};
+use tessera_engine::sync::{sync_io, MemoryJournal, SeedIo, SyncIo};
 use tessera_engine::{
     sync_with, ChunkId, DeviceKind, ErrorKind, Index, LocalStore, NoProgress, Result, SeedSpec,
     SyncOptions,
@@ -298,7 +298,7 @@ fn a_chunk_found_nowhere_is_a_clear_error_and_the_rerun_resumes() {
     let missing = index.chunks()[0].id;
     let saved = store.remove(&missing).unwrap();
     let target = MemDevice::new("target", old.clone(), DeviceKind::File);
-    let mut journal = MemJournal::default();
+    let mut journal = MemoryJournal::default();
     let mut sio = io(&target, vec![], 1 << 20);
     sio.journal = Some(&mut journal);
     let err = sync_io(&index, sio, &store, &NoProgress).unwrap_err();

@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 
 use rand::{RngCore, SeedableRng};
-use tessera_engine::sync::JournalIo;
 use tessera_engine::sync::{ReadAt, WriteAt};
 use tessera_engine::{
     make, ChunkId, ChunkStore, ChunkerParams, DeviceKind, Error, Index, MakeOptions, NoProgress,
@@ -158,38 +157,6 @@ impl WriteAt for MemDevice {
         Ok(())
     }
     fn flush(&self) -> Result<()> {
-        Ok(())
-    }
-}
-
-/// A journal in memory (no faults).
-#[derive(Default)]
-pub struct MemJournal(pub Vec<u8>);
-
-impl JournalIo for MemJournal {
-    fn location(&self) -> String {
-        "mem-journal".into()
-    }
-    fn load(&mut self) -> Result<Vec<u8>> {
-        Ok(self.0.clone())
-    }
-    fn write_at(&mut self, offset: u64, bytes: &[u8]) -> Result<()> {
-        let end = offset as usize + bytes.len();
-        if self.0.len() < end {
-            self.0.resize(end, 0);
-        }
-        self.0[offset as usize..end].copy_from_slice(bytes);
-        Ok(())
-    }
-    fn set_len(&mut self, len: u64) -> Result<()> {
-        self.0.resize(len as usize, 0);
-        Ok(())
-    }
-    fn sync(&mut self) -> Result<()> {
-        Ok(())
-    }
-    fn remove(&mut self) -> Result<()> {
-        self.0.clear();
         Ok(())
     }
 }
