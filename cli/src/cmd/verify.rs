@@ -48,21 +48,11 @@ pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
             args.index.display()
         ));
     }
-    if ok {
-        Ok(ExitCode::SUCCESS)
-    } else {
-        let detail = match report.first_bad_offset {
-            Some(off) => format!(
-                "{} of {} chunks differ, the first at offset {off}",
-                report.bad_chunks, report.chunk_count
-            ),
-            None => "the whole-image hash differs from the index".to_string(),
-        };
-        eprintln!(
-            "tessera: {} does not hold the image of {}: {detail}",
-            args.target.display(),
-            args.index.display()
-        );
-        Ok(ExitCode::from(1))
+    match report.check(&args.target) {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(mismatch) => {
+            eprintln!("tessera: {mismatch} of {}", args.index.display());
+            Ok(ExitCode::from(1))
+        }
     }
 }
