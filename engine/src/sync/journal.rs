@@ -383,10 +383,12 @@ pub(crate) fn decode_plan(bytes: &[u8], index: &Index, seeds: usize) -> Option<V
     let chunks = index.chunks();
     let chunk = |c: u32| chunks.get(c as usize);
     let mut r = Reader(bytes);
-    let mut phases = Vec::with_capacity(r.count(8)?);
-    for _ in 0..phases.capacity() {
-        let mut stash = Vec::with_capacity(r.count(12)?);
-        for _ in 0..stash.capacity() {
+    let phases_len = r.count(8)?;
+    let mut phases = Vec::with_capacity(phases_len);
+    for _ in 0..phases_len {
+        let stash_len = r.count(12)?;
+        let mut stash = Vec::with_capacity(stash_len);
+        for _ in 0..stash_len {
             let s = Stash {
                 chunk: r.u32()?,
                 offset: r.u64()?,
@@ -394,8 +396,9 @@ pub(crate) fn decode_plan(bytes: &[u8], index: &Index, seeds: usize) -> Option<V
             chunk(s.chunk)?;
             stash.push(s);
         }
-        let mut ops = Vec::with_capacity(r.count(5)?);
-        for _ in 0..ops.capacity() {
+        let ops_len = r.count(5)?;
+        let mut ops = Vec::with_capacity(ops_len);
+        for _ in 0..ops_len {
             let source = match r.u8()? {
                 0 => Source::Zero,
                 1 => Source::Store,
