@@ -149,6 +149,7 @@ mod tests {
         assert_eq!(parse_size("512m").unwrap(), 512 << 20);
         assert_eq!(parse_size("123").unwrap(), 123);
         assert!(parse_size("x").is_err());
+        assert!(parse_size("1X").is_err());
         assert!(parse_size("99999999999T").is_err());
     }
 }

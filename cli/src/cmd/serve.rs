@@ -13,7 +13,7 @@ use tessera_nbd::{
 };
 
 use crate::output::{human_bytes, Output};
-use crate::store_args::StoreArgs;
+use crate::store_args::{parse_size, StoreArgs};
 use crate::trust_args::TrustArgs;
 
 /// Serve images over NBD (nbd-client, qemu nbd://, nbdcopy, nbdfuse...).
@@ -47,7 +47,7 @@ pub struct Args {
     name: Option<String>,
     /// Bytes of decompressed chunks kept in memory, per export (K, M, G suffixes: powers
     /// of 1024).
-    #[arg(long, value_name = "BYTES", default_value = "256M", value_parser = parse_bytes)]
+    #[arg(long, value_name = "BYTES", default_value = "256M", value_parser = parse_size)]
     cache_size: u64,
     /// Make the export writable: writes go to this copy-on-write file (created if
     /// missing), which keeps them across restarts. One INDEX only.
@@ -58,24 +58,6 @@ pub struct Args {
     readonly: bool,
     #[command(flatten)]
     trust: TrustArgs,
-}
-
-/// Parses `256M`, `1G`, `4096`.
-fn parse_bytes(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let (num, shift) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
-        Some('K') => (&t[..t.len() - 1], 10),
-        Some('M') => (&t[..t.len() - 1], 20),
-        Some('G') => (&t[..t.len() - 1], 30),
-        Some('T') => (&t[..t.len() - 1], 40),
-        _ => (t, 0),
-    };
-    let n: u64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("not a size: {s:?}"))?;
-    n.checked_mul(1 << shift)
-        .ok_or_else(|| format!("size too large: {s:?}"))
 }
 
 /// An engine image (and optional overlay) as an NBD backend.
@@ -312,18 +294,5 @@ fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
             .with_context(|| format!("removing stale socket {}", path.display())),
         Ok(_) => bail!("{} exists and is not a socket", path.display()),
         Err(_) => Ok(()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_bytes;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_bytes("256M"), Ok(256 << 20));
-        assert_eq!(parse_bytes("4096"), Ok(4096));
-        assert!(parse_bytes("1X").is_err());
-        assert!(parse_bytes("99999999999T").is_err());
     }
 }
