@@ -1,4 +1,4 @@
-//! A read-only store on any web server or CDN: `BASE/chunks/xxxx/<id>.zst` by GET.
+//! A read-only store on any web server or CDN: `BASE/chunks/<first 2 hex of id>/<id>.zst` by GET.
 
 use std::sync::Arc;
 
