@@ -1,33 +1,135 @@
 //! Small filesystem helpers shared by stores and index writers.
+//!
+//! Every file tessera creates goes through a temporary file made here: its name ends in
+//! 16 random hex digits (so it cannot be guessed in advance), and it is created with
+//! `O_CREAT | O_EXCL | O_NOFOLLOW`, so a file or symbolic link planted under that name
+//! is never opened, followed or clobbered (the name is drawn again instead). The finished
+//! file is then renamed into place, which replaces a name and never follows a link.
 
-use std::fs::{self, File};
-use std::io::Write;
+use std::ffi::{OsStr, OsString};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{Error, Result};
 
-static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+/// Names drawn before giving up on a directory where every name is taken (a planted
+/// name is a 1-in-2^64 event per draw; several in a row means something is wrong).
+const TEMP_ATTEMPTS: usize = 16;
 
-/// A temporary name beside `path`, unique within this process and across processes.
-pub(crate) fn temp_path_for(path: &Path) -> PathBuf {
-    let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-    let name = path
-        .file_name()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp.{}.{n}", std::process::id()))
+/// Flags for a new temporary file: created now, never through a link.
+const TEMP_FLAGS: libc::c_int = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW;
+
+static FALLBACK_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// 64 random bits from the kernel; should `getrandom` ever fail, a hash of the time, the
+/// process id and a counter (unique, if less unpredictable: creation is `O_EXCL` anyway).
+fn random_u64() -> u64 {
+    let mut random = [0u8; 8];
+    if crate::sys::random_bytes(&mut random).is_err() {
+        let mut h = blake3::Hasher::new();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        h.update(&now.as_nanos().to_le_bytes());
+        h.update(&std::process::id().to_le_bytes());
+        h.update(&FALLBACK_COUNTER.fetch_add(1, Ordering::Relaxed).to_le_bytes());
+        random.copy_from_slice(&h.finalize().as_bytes()[..8]);
+    }
+    u64::from_le_bytes(random)
 }
 
-/// Writes `bytes` to `path` atomically: a temporary file beside it, fsync, rename, then
-/// fsync of the directory. Readers see the old file or the whole new one.
+/// A fresh temporary name for a file that will be renamed to `name`:
+/// `.NAME.tmp.<16 random hex digits>`.
+fn temp_name(name: &OsStr) -> OsString {
+    let mut out = OsString::from(".");
+    out.push(name);
+    out.push(format!(".tmp.{:016x}", random_u64()));
+    out
+}
+
+/// A fresh, unpredictable temporary path beside `path` (`.NAME.tmp.<16 random hex>`).
+/// Prefer [`create_temp_beside`], which also creates the file safely; a caller of this
+/// one must create the file with `O_CREAT | O_EXCL` (`create_new`) itself.
+#[allow(dead_code)] // For path-based callers (sync's target files, overlays).
+pub(crate) fn temp_path_for(path: &Path) -> PathBuf {
+    let name = path.file_name().unwrap_or(OsStr::new("tessera"));
+    path.with_file_name(temp_name(name))
+}
+
+/// Tries fresh names until `create` makes one that did not exist.
+fn with_fresh_name<T>(
+    name: &OsStr,
+    mut create: impl FnMut(&OsStr) -> io::Result<T>,
+) -> io::Result<(OsString, T)> {
+    for _ in 0..TEMP_ATTEMPTS {
+        let tmp = temp_name(name);
+        match create(&tmp) {
+            Ok(t) => return Ok((tmp, t)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::AlreadyExists,
+        format!("{TEMP_ATTEMPTS} random temporary names were all taken"),
+    ))
+}
+
+/// Creates a new temporary file beside `path` (in the same directory, so it can be
+/// renamed over `path`), never following or reusing an existing name. Returns its path.
+pub(crate) fn create_temp_beside(path: &Path) -> io::Result<(PathBuf, File)> {
+    let name = path.file_name().unwrap_or(OsStr::new("tessera"));
+    let (tmp, file) = with_fresh_name(name, |tmp| {
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path.with_file_name(tmp))
+    })?;
+    Ok((path.with_file_name(tmp), file))
+}
+
+/// Creates a new temporary file in the directory open as `dir`, for a file that will be
+/// renamed to `name` there; returns its name (relative to `dir`).
+pub(crate) fn create_temp_in(dir: &File, name: &OsStr) -> io::Result<(OsString, File)> {
+    with_fresh_name(name, |tmp| crate::sys::open_at(dir, tmp, TEMP_FLAGS, 0o666))
+}
+
+/// Refuses a user-named output `path` that is a symbolic link: tessera replaces output
+/// files by renaming a new file over them, which would silently replace the link itself
+/// rather than the file it names, so it asks for the real path instead. A missing path
+/// is fine.
 ///
 /// # Errors
+/// [`Error::InvalidInput`] for a symbolic link, [`Error::Io`] if `path` cannot be
+/// inspected.
+pub(crate) fn refuse_symlink(path: &Path, what: &str) -> Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => Err(Error::InvalidInput(format!(
+            "{what} {} is a symbolic link; tessera does not write through links (name the \
+             file it points to, or remove the link)",
+            path.display()
+        ))),
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io("inspecting", path, e)),
+    }
+}
+
+/// Writes `bytes` to `path` atomically: a new temporary file beside it (created
+/// `O_EXCL | O_NOFOLLOW` under a random name), fsync, rename, then fsync of the
+/// directory. Readers see the old file or the whole new one.
+///
+/// # Errors
+/// [`Error::InvalidInput`] if `path` is a symbolic link (see the module documentation);
 /// [`Error::Io`] naming the path.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = temp_path_for(path);
+    refuse_symlink(path, "output")?;
+    let (tmp, mut f) = create_temp_beside(path).map_err(|e| Error::io("writing", path, e))?;
     let result = (|| {
-        let mut f = File::create(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         fs::rename(&tmp, path)?;
@@ -40,4 +142,96 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         let _ = fs::remove_file(&tmp);
         Error::io("writing", path, e)
     })
+}
+
+/// True when `name` looks like one of the temporary names made here for `final_name`.
+#[cfg(test)]
+fn is_temp_for(name: &OsStr, final_name: &str) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let prefix = format!(".{final_name}.tmp.");
+    name.as_bytes().starts_with(prefix.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    #[test]
+    fn temp_names_are_random_and_hidden() {
+        let a = temp_name(OsStr::new("x.tidx"));
+        let b = temp_name(OsStr::new("x.tidx"));
+        assert_ne!(a, b);
+        assert!(is_temp_for(&a, "x.tidx"), "{a:?}");
+        assert_eq!(a.len(), ".x.tidx.tmp.".len() + 16);
+    }
+
+    /// The old names were `.NAME.tmp.PID.N`: plant links at every one this process could
+    /// use next, and links in general must never be followed.
+    #[test]
+    fn write_atomic_never_follows_a_planted_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, b"precious").unwrap();
+        let out = dir.path().join("out.tidx");
+        for n in 0..64 {
+            let planted = dir
+                .path()
+                .join(format!(".out.tidx.tmp.{}.{n}", std::process::id()));
+            symlink(&victim, planted).unwrap();
+        }
+        write_atomic(&out, b"index bytes").unwrap();
+        assert_eq!(fs::read(&out).unwrap(), b"index bytes");
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        // No temporary file is left behind.
+        let temps = fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| {
+                let e = e.as_ref().unwrap();
+                is_temp_for(&e.file_name(), "out.tidx") && !e.file_type().unwrap().is_symlink()
+            })
+            .count();
+        assert_eq!(temps, 0);
+    }
+
+    #[test]
+    fn write_atomic_refuses_a_link_at_the_output_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, b"precious").unwrap();
+        let out = dir.path().join("out.tidx");
+        symlink(&victim, &out).unwrap();
+        let err = write_atomic(&out, b"index bytes").unwrap_err().to_string();
+        assert!(err.contains("symbolic link") && err.contains("out.tidx"), "{err}");
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        assert!(fs::symlink_metadata(&out).unwrap().file_type().is_symlink());
+        // A regular file there is replaced.
+        fs::remove_file(&out).unwrap();
+        fs::write(&out, b"old").unwrap();
+        write_atomic(&out, b"new").unwrap();
+        assert_eq!(fs::read(&out).unwrap(), b"new");
+    }
+
+    #[test]
+    fn a_temp_name_taken_by_a_link_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = File::open(dir.path()).unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, b"precious").unwrap();
+        let mut calls = 0;
+        // The first name drawn is taken (as if planted); the next one is used.
+        let (name, _) = with_fresh_name(OsStr::new("c.zst"), |tmp| {
+            calls += 1;
+            if calls == 1 {
+                symlink(&victim, dir.path().join(tmp)).unwrap();
+            }
+            crate::sys::open_at(&d, tmp, TEMP_FLAGS, 0o666)
+        })
+        .unwrap();
+        assert_eq!(calls, 2);
+        assert!(fs::symlink_metadata(dir.path().join(&name))
+            .unwrap()
+            .is_file());
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+    }
 }

@@ -1,11 +1,11 @@
 //! The engine's only `unsafe` code: thin wrappers over Linux calls that std lacks.
 #![allow(unsafe_code)]
 
-use std::ffi::CString;
+use std::ffi::{CString, OsStr};
 use std::fs::File;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::io::AsRawFd;
+use std::os::unix::io::{AsRawFd, FromRawFd};
 use std::path::Path;
 
 /// `_IOR(0x12, 114, size_t)`: the size of a block device in bytes.
@@ -75,6 +75,7 @@ pub(crate) fn syncfs(path: &Path) -> io::Result<()> {
 
 /// Renames `from` to `to` unless `to` exists (then `AlreadyExists`). Falls back to
 /// link + unlink on filesystems without `RENAME_NOREPLACE`.
+#[allow(dead_code)] // For path-based callers (sync's target files, overlays).
 pub(crate) fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
     let cstr = |p: &Path| {
         CString::new(p.as_os_str().as_bytes())
@@ -101,4 +102,114 @@ pub(crate) fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
         return std::fs::remove_file(from);
     }
     Err(err)
+}
+
+fn c_name(name: &OsStr) -> io::Result<CString> {
+    CString::new(name.as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "name contains NUL"))
+}
+
+/// `openat(dir, name, flags | O_CLOEXEC, mode)`: opens `name` relative to the directory
+/// open as `dir`. With `O_NOFOLLOW` a symbolic link at `name` is refused (`ELOOP`).
+pub(crate) fn open_at(dir: &File, name: &OsStr, flags: libc::c_int, mode: u32) -> io::Result<File> {
+    let name = c_name(name)?;
+    // SAFETY: `name` is a valid NUL-terminated string outliving the call; the dir fd is
+    // owned by `dir` and open for the whole call. On success the returned fd is new and
+    // owned by nobody else, so `File` may take it.
+    let fd = unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            flags | libc::O_CLOEXEC,
+            mode as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by openat and is owned by nothing else.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// `mkdirat(dir, name, mode)`.
+pub(crate) fn mkdir_at(dir: &File, name: &OsStr, mode: u32) -> io::Result<()> {
+    let name = c_name(name)?;
+    // SAFETY: valid NUL-terminated string; the dir fd is owned by `dir` and open.
+    let rc = unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode as libc::mode_t) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Renames `from` to `to`, both relative to the directory open as `dir`. With `replace`
+/// an existing `to` is replaced atomically (a symbolic link there is replaced, never
+/// followed); without it an existing `to` gives `AlreadyExists` (falling back to link +
+/// unlink on filesystems without `RENAME_NOREPLACE`).
+pub(crate) fn rename_at(dir: &File, from: &OsStr, to: &OsStr, replace: bool) -> io::Result<()> {
+    let (f, t) = (c_name(from)?, c_name(to)?);
+    let flags = if replace { 0 } else { libc::RENAME_NOREPLACE };
+    // SAFETY: both pointers are valid NUL-terminated strings outliving the call; the dir
+    // fd is owned by `dir` and open for the whole call.
+    let rc = unsafe {
+        libc::renameat2(
+            dir.as_raw_fd(),
+            f.as_ptr(),
+            dir.as_raw_fd(),
+            t.as_ptr(),
+            flags,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    if !replace && err.raw_os_error() == Some(libc::EINVAL) {
+        // SAFETY: as above; linkat with flags 0 does not follow a symlink at `from`.
+        let rc = unsafe {
+            libc::linkat(
+                dir.as_raw_fd(),
+                f.as_ptr(),
+                dir.as_raw_fd(),
+                t.as_ptr(),
+                0,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        return unlink_at(dir, from);
+    }
+    Err(err)
+}
+
+/// `unlinkat(dir, name, 0)`: removes a file (never a directory) relative to `dir`.
+pub(crate) fn unlink_at(dir: &File, name: &OsStr) -> io::Result<()> {
+    let name = c_name(name)?;
+    // SAFETY: valid NUL-terminated string; the dir fd is owned by `dir` and open.
+    let rc = unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Fills `buf` from the kernel's random source (`getrandom(2)`), for unpredictable
+/// temporary names.
+pub(crate) fn random_bytes(buf: &mut [u8]) -> io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
+        // SAFETY: the pointer and length describe the live, writable slice `rest`.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        filled += n as usize;
+    }
+    Ok(())
 }
