@@ -35,7 +35,11 @@ fn random_u64() -> u64 {
             .unwrap_or_default();
         h.update(&now.as_nanos().to_le_bytes());
         h.update(&std::process::id().to_le_bytes());
-        h.update(&FALLBACK_COUNTER.fetch_add(1, Ordering::Relaxed).to_le_bytes());
+        h.update(
+            &FALLBACK_COUNTER
+                .fetch_add(1, Ordering::Relaxed)
+                .to_le_bytes(),
+        );
         random.copy_from_slice(&h.finalize().as_bytes()[..8]);
     }
     u64::from_le_bytes(random)
@@ -182,7 +186,10 @@ mod tests {
         }
         write_atomic(&out, b"index bytes").unwrap();
         assert_eq!(fs::read(&out).unwrap(), b"index bytes");
-        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        assert!(
+            fs::read(&victim).unwrap() == b"precious",
+            "the victim was written"
+        );
         // No temporary file is left behind.
         let temps = fs::read_dir(dir.path())
             .unwrap()
@@ -202,8 +209,14 @@ mod tests {
         let out = dir.path().join("out.tidx");
         symlink(&victim, &out).unwrap();
         let err = write_atomic(&out, b"index bytes").unwrap_err().to_string();
-        assert!(err.contains("symbolic link") && err.contains("out.tidx"), "{err}");
-        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        assert!(
+            err.contains("symbolic link") && err.contains("out.tidx"),
+            "{err}"
+        );
+        assert!(
+            fs::read(&victim).unwrap() == b"precious",
+            "the victim was written"
+        );
         assert!(fs::symlink_metadata(&out).unwrap().file_type().is_symlink());
         // A regular file there is replaced.
         fs::remove_file(&out).unwrap();
@@ -232,6 +245,9 @@ mod tests {
         assert!(fs::symlink_metadata(dir.path().join(&name))
             .unwrap()
             .is_file());
-        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        assert!(
+            fs::read(&victim).unwrap() == b"precious",
+            "the victim was written"
+        );
     }
 }

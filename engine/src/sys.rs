@@ -166,15 +166,8 @@ pub(crate) fn rename_at(dir: &File, from: &OsStr, to: &OsStr, replace: bool) -> 
     let err = io::Error::last_os_error();
     if !replace && err.raw_os_error() == Some(libc::EINVAL) {
         // SAFETY: as above; linkat with flags 0 does not follow a symlink at `from`.
-        let rc = unsafe {
-            libc::linkat(
-                dir.as_raw_fd(),
-                f.as_ptr(),
-                dir.as_raw_fd(),
-                t.as_ptr(),
-                0,
-            )
-        };
+        let rc =
+            unsafe { libc::linkat(dir.as_raw_fd(), f.as_ptr(), dir.as_raw_fd(), t.as_ptr(), 0) };
         if rc != 0 {
             return Err(io::Error::last_os_error());
         }

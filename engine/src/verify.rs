@@ -5,8 +5,8 @@
 //! exactly (its parser checks that their lengths add up to the image size), so matching
 //! every chunk means holding the image: no second whole-image hash is needed.
 
+use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use crossbeam_channel::bounded;
 use serde::Serialize;
@@ -15,6 +15,7 @@ use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::index::{ChunkEntry, Index};
 use crate::progress::Progress;
+use crate::sync::ReadAt;
 use crate::ChunkId;
 
 /// What [`verify`] found.
@@ -61,6 +62,20 @@ impl VerifyReport {
 /// I/O errors, or [`Error::VerifyFailed`] if the target is smaller than the image.
 pub fn verify(index: &Index, target: &Path, progress: &dyn Progress) -> Result<VerifyReport> {
     let device = Device::open_read(target)?;
+    check_target_size(&device, index)?;
+    progress.start("verifying", index.image_size());
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let bad = check_chunks(index, &device, all_chunks(index)?, workers, progress)?;
+    Ok(VerifyReport {
+        image_size: index.image_size(),
+        chunk_count: index.chunks().len() as u64,
+        bad_chunks: bad.len() as u64,
+        first_bad_offset: bad.iter().map(|m| m.offset).min(),
+    })
+}
+
+/// `Ok` when `device` holds at least the image's bytes.
+fn check_target_size(device: &Device, index: &Index) -> Result<()> {
     if device.size() < index.image_size() {
         return Err(Error::VerifyFailed(format!(
             "{} holds {} bytes, less than the image's {}",
@@ -69,42 +84,158 @@ pub fn verify(index: &Index, target: &Path, progress: &dyn Progress) -> Result<V
             index.image_size()
         )));
     }
-    progress.start("verifying", index.image_size());
-    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let bad = AtomicU64::new(0);
-    let first_bad = AtomicU64::new(u64::MAX);
-    let (tx, rx) = bounded::<(ChunkEntry, Vec<u8>)>(workers * 4);
-    std::thread::scope(|s| -> Result<()> {
-        for _ in 0..workers {
-            let rx = rx.clone();
-            let (bad, first_bad) = (&bad, &first_bad);
-            s.spawn(move || {
-                for (entry, data) in rx {
-                    if ChunkId::of(&data) != entry.id {
-                        bad.fetch_add(1, Ordering::Relaxed);
-                        first_bad.fetch_min(entry.offset, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Every position of `index`'s chunk list, for [`check_chunks`].
+///
+/// # Errors
+/// [`Error::InvalidInput`] for an index of more than `u32::MAX` chunks.
+pub fn all_chunks(index: &Index) -> Result<std::ops::Range<u32>> {
+    let n = u32::try_from(index.chunks().len()).map_err(|_| {
+        Error::InvalidInput(format!(
+            "the index has {} chunks, more than this build can check",
+            index.chunks().len()
+        ))
+    })?;
+    Ok(0..n)
+}
+
+/// A chunk of a target that does not hold the bytes the index names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mismatch {
+    /// Position of the chunk in [`Index::chunks`].
+    pub chunk: u32,
+    /// Where the chunk starts in the image.
+    pub offset: u64,
+    /// Its length in bytes.
+    pub len: u32,
+    /// The id the index names for it.
+    pub id: ChunkId,
+}
+
+/// Hashes the chunks of `index` at `positions` (indices into [`Index::chunks`]) as they
+/// are on `target`, and returns those whose bytes differ, in the order given.
+///
+/// One thread reads the chunks in the order given (pass them sorted by offset, so a
+/// device streams) while `workers` threads hash them; zero chunks are compared with
+/// zeros instead of hashed. Memory stays at a few chunks per worker. Progress advances
+/// by each chunk's length.
+///
+/// # Errors
+/// [`Error::InvalidInput`] for a position past the index's end; read errors (naming the
+/// target) stop the check.
+pub fn check_chunks(
+    index: &Index,
+    target: &dyn ReadAt,
+    positions: impl IntoIterator<Item = u32, IntoIter: Send>,
+    workers: usize,
+    progress: &dyn Progress,
+) -> Result<Vec<Mismatch>> {
+    check_chunks_with(
+        index,
+        target,
+        positions,
+        workers,
+        progress,
+        |_, _, _| Ok(()),
+    )
+}
+
+/// Like [`check_chunks`], also handing each chunk's bytes to `each`, in the order given,
+/// with whether they matched (for consumers of the image's bytes, such as the dm-verity
+/// tree). An error from `each` stops the check and is returned.
+///
+/// # Errors
+/// As [`check_chunks`], and the first error of `each`.
+pub fn check_chunks_with(
+    index: &Index,
+    target: &dyn ReadAt,
+    positions: impl IntoIterator<Item = u32, IntoIter: Send>,
+    workers: usize,
+    progress: &dyn Progress,
+    mut each: impl FnMut(&ChunkEntry, &[u8], bool) -> Result<()>,
+) -> Result<Vec<Mismatch>> {
+    let chunks = index.chunks();
+    let positions = positions.into_iter();
+    let workers = workers.max(1);
+    // Buffers circulate: reader → hashers → this thread (in order) → back to the reader.
+    // The reader takes one before each read, which bounds memory and the reorder window.
+    let depth = workers * 4;
+    let (pool_tx, pool_rx) = bounded::<Vec<u8>>(depth);
+    for _ in 0..depth {
+        pool_tx
+            .send(Vec::new())
+            .expect("the pool has room for its buffers");
+    }
+    let (read_tx, read_rx) = bounded::<(u64, u32, Vec<u8>)>(depth);
+    let (done_tx, done_rx) = bounded::<Result<(u64, u32, Vec<u8>, bool)>>(depth);
+    // `move`: this thread's channel ends must drop when the closure returns (early on an
+    // error too), so that the reader and the hashers stop before the scope joins them.
+    std::thread::scope(move |s| {
+        let reader_done = done_tx.clone();
+        s.spawn(move || {
+            for (seq, k) in (0u64..).zip(positions) {
+                let Ok(mut buf) = pool_rx.recv() else { return };
+                let read = match chunks.get(k as usize) {
+                    Some(c) => {
+                        buf.resize(c.len as usize, 0);
+                        target.read_exact_at(&mut buf, c.offset)
                     }
-                    progress.advance(u64::from(entry.len));
+                    None => Err(Error::InvalidInput(format!(
+                        "chunk {k} is past the end of the index ({} chunks)",
+                        chunks.len()
+                    ))),
+                };
+                if let Err(e) = read {
+                    let _ = reader_done.send(Err(e));
+                    return;
+                }
+                if read_tx.send((seq, k, buf)).is_err() {
+                    return;
+                }
+            }
+        });
+        for _ in 0..workers {
+            let (read_rx, done_tx) = (read_rx.clone(), done_tx.clone());
+            s.spawn(move || {
+                for (seq, k, buf) in read_rx {
+                    let c = &chunks[k as usize];
+                    let good = if c.zero {
+                        buf.iter().all(|&b| b == 0)
+                    } else {
+                        ChunkId::of(&buf) == c.id
+                    };
+                    if done_tx.send(Ok((seq, k, buf, good))).is_err() {
+                        return;
+                    }
                 }
             });
         }
-        drop(rx);
-        for entry in index.chunks() {
-            let mut buf = vec![0u8; entry.len as usize];
-            device.read_exact_at(&mut buf, entry.offset)?;
-            if tx.send((*entry, buf)).is_err() {
-                break;
+        drop((read_rx, done_tx));
+        let mut bad = Vec::new();
+        let mut pending = BTreeMap::new();
+        let mut next = 0u64;
+        for done in &done_rx {
+            let (seq, k, buf, good) = done?;
+            pending.insert(seq, (k, buf, good));
+            while let Some((k, buf, good)) = pending.remove(&next) {
+                let c = &chunks[k as usize];
+                each(c, &buf, good)?;
+                progress.advance(u64::from(c.len));
+                if !good {
+                    bad.push(Mismatch {
+                        chunk: k,
+                        offset: c.offset,
+                        len: c.len,
+                        id: c.id,
+                    });
+                }
+                let _ = pool_tx.send(buf);
+                next += 1;
             }
         }
-        drop(tx); // Ends the workers' loops; the scope waits for them.
-        Ok(())
-    })?;
-    let first = first_bad.load(Ordering::Relaxed);
-    Ok(VerifyReport {
-        image_size: index.image_size(),
-        chunk_count: index.chunks().len() as u64,
-        bad_chunks: bad.load(Ordering::Relaxed),
-        first_bad_offset: (first != u64::MAX).then_some(first),
+        Ok(bad)
     })
 }
 
@@ -116,4 +247,135 @@ pub fn verify_ok(index: &Index, target: &Path, progress: &dyn Progress) -> Resul
     let report = verify(index, target, progress)?;
     report.check(target)?;
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunker::ChunkerParams;
+    use crate::progress::NoProgress;
+
+    /// An image in memory; reads at `fail_at` fail.
+    struct Mem {
+        bytes: Vec<u8>,
+        fail_at: Option<u64>,
+    }
+
+    impl ReadAt for Mem {
+        fn name(&self) -> String {
+            "mem".into()
+        }
+        fn size(&self) -> u64 {
+            self.bytes.len() as u64
+        }
+        fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+            let start = offset as usize;
+            if Some(offset) == self.fail_at || start + buf.len() > self.bytes.len() {
+                return Err(Error::io(
+                    "reading",
+                    "mem",
+                    std::io::ErrorKind::Other.into(),
+                ));
+            }
+            buf.copy_from_slice(&self.bytes[start..start + buf.len()]);
+            Ok(())
+        }
+    }
+
+    /// 40 chunks of 1000 bytes; every fourth is zeros.
+    fn image() -> (Index, Vec<u8>) {
+        let mut bytes = Vec::new();
+        let mut records = Vec::new();
+        for i in 0..40u32 {
+            let piece: Vec<u8> = if i % 4 == 0 {
+                vec![0; 1000]
+            } else {
+                (0..1000).map(|j| (i * 31 + j) as u8 | 1).collect()
+            };
+            records.push((ChunkId::of(&piece), 1000));
+            bytes.extend(piece);
+        }
+        let index = Index::new(ChunkerParams::default(), [0; 32], records).unwrap();
+        (index, bytes)
+    }
+
+    #[test]
+    fn mismatches_come_back_in_order_with_their_offsets() {
+        let (index, mut bytes) = image();
+        assert!(index.chunks()[8].zero);
+        bytes[8 * 1000 + 999] = 1; // a zero chunk that is not zeros
+        bytes[3 * 1000] ^= 0xff;
+        bytes[21 * 1000 + 500] ^= 0x01;
+        let target = Mem {
+            bytes,
+            fail_at: None,
+        };
+        for workers in [1, 3, 8] {
+            let bad = check_chunks(
+                &index,
+                &target,
+                all_chunks(&index).unwrap(),
+                workers,
+                &NoProgress,
+            )
+            .unwrap();
+            let got: Vec<_> = bad.iter().map(|m| (m.chunk, m.offset, m.len)).collect();
+            assert_eq!(got, [(3, 3000, 1000), (8, 8000, 1000), (21, 21000, 1000)]);
+            assert_eq!(bad[0].id, index.chunks()[3].id);
+            // A subset, in the caller's order.
+            let bad = check_chunks(&index, &target, [21, 4, 3], workers, &NoProgress).unwrap();
+            let got: Vec<_> = bad.iter().map(|m| m.chunk).collect();
+            assert_eq!(got, [21, 3]);
+        }
+        assert!(check_chunks(&index, &target, [], 2, &NoProgress)
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn bytes_reach_the_consumer_in_order_and_errors_stop_the_check() {
+        let (index, bytes) = image();
+        let target = Mem {
+            bytes: bytes.clone(),
+            fail_at: None,
+        };
+        let mut seen = Vec::new();
+        let bad = check_chunks_with(
+            &index,
+            &target,
+            all_chunks(&index).unwrap(),
+            4,
+            &NoProgress,
+            |_, b, good| {
+                assert!(good);
+                seen.extend_from_slice(b);
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert!(bad.is_empty());
+        assert_eq!(seen, bytes);
+        // The consumer's error comes back (and the threads stop: no hang).
+        let mut calls = 0;
+        let err = check_chunks_with(&index, &target, 0..40, 2, &NoProgress, |c, _, _| {
+            calls += 1;
+            if c.offset == 5000 {
+                Err(Error::VerifyFailed("stop here".into()))
+            } else {
+                Ok(())
+            }
+        })
+        .unwrap_err();
+        assert_eq!(err.to_string(), "stop here");
+        assert_eq!(calls, 6);
+        // A read error and a position past the end are errors, not panics.
+        let failing = Mem {
+            bytes,
+            fail_at: Some(7000),
+        };
+        let err = check_chunks(&index, &failing, 0..40, 3, &NoProgress).unwrap_err();
+        assert!(err.to_string().contains("mem"), "{err}");
+        let err = check_chunks(&index, &target, [1, 40], 3, &NoProgress).unwrap_err();
+        assert!(err.to_string().contains("chunk 40"), "{err}");
+    }
 }

@@ -23,7 +23,8 @@ pub struct Args {
     index: PathBuf,
     /// File or block device holding the image.
     target: PathBuf,
-    /// Where to write the hash tree: a file (replaced atomically) or a block device.
+    /// Where to write the hash tree: a file (replaced atomically; a symbolic link is
+    /// refused) or a block device (also named through a link, such as /dev/mapper/NAME).
     #[arg(long, value_name = "OUT")]
     hash_file: PathBuf,
     /// Salt in hex, at most 256 bytes [default: the index's root hash, so the same

@@ -19,15 +19,15 @@ use std::fs::File;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 
-use crossbeam_channel::bounded;
 use sha2::{Digest, Sha256};
 
-use crate::device::Device;
+use crate::device::{Device, DeviceKind};
 use crate::error::{Error, Result};
+use crate::fsutil::{create_temp_beside, refuse_symlink};
 use crate::index::Index;
 use crate::progress::Progress;
 use crate::trust::to_hex;
-use crate::ChunkId;
+use crate::verify::{all_chunks, check_chunks_with};
 
 /// Data and hash block size.
 pub const BLOCK_SIZE: usize = 4096;
@@ -116,6 +116,36 @@ enum Sink {
 }
 
 impl Sink {
+    /// Opens where a tree of `total` bytes goes: an existing block device (also through
+    /// a link such as `/dev/mapper/NAME`) is written in place; otherwise a new temporary
+    /// file beside `path` (random name, `O_EXCL | O_NOFOLLOW`) that `finish` renames over
+    /// it. A symbolic link to anything but a block device is refused: the rename would
+    /// replace the link, not what it names.
+    fn open(path: &Path, total: u64) -> Result<Sink> {
+        let is_device = std::fs::metadata(path)
+            .map(|m| m.file_type().is_block_device())
+            .unwrap_or(false);
+        if is_device {
+            let device = Device::open_target(path, total)?;
+            // The path may have changed between the check and the open.
+            if device.kind() != DeviceKind::BlockDevice {
+                return Err(Error::InvalidInput(format!(
+                    "verity hash device {} stopped being a block device while it was opened",
+                    path.display()
+                )));
+            }
+            return Ok(Sink::Device(device));
+        }
+        refuse_symlink(path, "verity hash file")?;
+        let (tmp, file) = create_temp_beside(path)
+            .map_err(|e| Error::io("creating verity hash file beside", path, e))?;
+        if let Err(e) = file.set_len(total) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(Error::io("sizing verity hash file", tmp, e));
+        }
+        Ok(Sink::File { tmp, file })
+    }
+
     fn write_at(&self, buf: &[u8], offset: u64, path: &Path) -> Result<()> {
         match self {
             Sink::File { file, .. } => file
@@ -173,18 +203,7 @@ impl VerityBuilder {
         let data_blocks = data_size.div_ceil(BLOCK_SIZE as u64);
         let layout = Layout::new(data_blocks);
         let total = layout.total_blocks * BLOCK_SIZE as u64;
-        let is_device = std::fs::metadata(hash_file)
-            .map(|m| m.file_type().is_block_device())
-            .unwrap_or(false);
-        let sink = if is_device {
-            Sink::Device(Device::open_target(hash_file, total)?)
-        } else {
-            let tmp = crate::fsutil::temp_path_for(hash_file);
-            let file = File::create(&tmp)
-                .and_then(|f| f.set_len(total).map(|()| f))
-                .map_err(|e| Error::io("creating verity hash file", &tmp, e))?;
-            Sink::File { tmp, file }
-        };
+        let sink = Sink::open(hash_file, total)?;
         let levels = layout
             .levels
             .iter()
@@ -422,13 +441,27 @@ fn derived_uuid(salt: &[u8], root: &[u8; 32]) -> [u8; 16] {
     u
 }
 
+/// `Ok` when `device` holds at least the image's bytes.
+fn check_data_size(device: &Device, index: &Index) -> Result<()> {
+    if device.size() < index.image_size() {
+        return Err(Error::VerifyFailed(format!(
+            "{} holds {} bytes, less than the image's {}",
+            device.path().display(),
+            device.size(),
+            index.image_size()
+        )));
+    }
+    Ok(())
+}
+
 /// Writes the dm-verity hash tree of the image of `index`, read from `data` (a file or
 /// block device holding it), to `hash_file`.
 ///
 /// Every chunk read is checked against the index as it streams through, so the tree
 /// can only ever describe the published image: a target that differs is an error and
-/// no hash file is left behind. Reading and hashing overlap (a reader thread checks
-/// chunk ids while this thread computes SHA-256); memory stays at a few chunks.
+/// no hash file is left behind. Reading and hashing overlap (see
+/// [`check_chunks_with`]: worker threads check chunk ids while this thread computes
+/// SHA-256); memory stays at a few chunks per worker.
 ///
 /// # Errors
 /// [`Error::VerifyFailed`] naming the first chunk that differs (or a target too small),
@@ -441,14 +474,7 @@ pub fn build_verity(
     progress: &dyn Progress,
 ) -> Result<VerityReport> {
     let device = Device::open_read(data)?;
-    if device.size() < index.image_size() {
-        return Err(Error::VerifyFailed(format!(
-            "{} holds {} bytes, less than the image's {}",
-            data.display(),
-            device.size(),
-            index.image_size()
-        )));
-    }
+    check_data_size(&device, index)?;
     let salt = options
         .salt
         .clone()
@@ -458,43 +484,29 @@ pub fn build_verity(
         .unwrap_or_else(|| derived_uuid(&salt, &index.root_hash()));
     let mut builder = VerityBuilder::new(hash_file, index.image_size(), &salt, uuid)?;
     progress.start("verity", index.image_size());
-    let (tx, rx) = bounded::<Result<Vec<u8>>>(4);
-    let (recycle_tx, recycle_rx) = bounded::<Vec<u8>>(6);
-    let fed = std::thread::scope(|scope| -> Result<()> {
-        let device = &device;
-        scope.spawn(move || {
-            for c in index.chunks() {
-                let mut buf = recycle_rx.try_recv().unwrap_or_default();
-                buf.resize(c.len as usize, 0);
-                let read = device.read_exact_at(&mut buf, c.offset).and_then(|()| {
-                    if ChunkId::of(&buf) == c.id {
-                        Ok(())
-                    } else {
-                        Err(Error::VerifyFailed(format!(
-                            "{} does not hold the image: the {} bytes at offset {} do not hash \
-                             to chunk {}",
-                            device.path().display(),
-                            c.len,
-                            c.offset,
-                            c.id
-                        )))
-                    }
-                });
-                let failed = read.is_err();
-                if tx.send(read.map(|()| buf)).is_err() || failed {
-                    return;
-                }
+    // Chunk ids are checked by worker threads while this thread computes SHA-256; the
+    // first chunk that differs stops everything (and `builder`'s drop removes its file).
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    check_chunks_with(
+        index,
+        &device,
+        all_chunks(index)?,
+        workers,
+        progress,
+        |c, bytes, good| {
+            if !good {
+                return Err(Error::VerifyFailed(format!(
+                    "{} does not hold the image: the {} bytes at offset {} do not hash to \
+                     chunk {}",
+                    device.path().display(),
+                    c.len,
+                    c.offset,
+                    c.id
+                )));
             }
-        });
-        for chunk in rx {
-            let chunk = chunk?;
-            builder.update(&chunk)?;
-            progress.advance(chunk.len() as u64);
-            let _ = recycle_tx.try_send(chunk);
-        }
-        Ok(())
-    });
-    fed?;
+            builder.update(bytes)
+        },
+    )?;
     let hash_size = builder.hash_size();
     let root = builder.finish()?;
     Ok(VerityReport {
@@ -602,6 +614,38 @@ mod tests {
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
         assert!(VerityBuilder::new(&path, 0, b"", [0; 16]).is_err());
         assert!(VerityBuilder::new(&path, 1, &[0; 257], [0; 16]).is_err());
+    }
+
+    #[test]
+    fn planted_links_at_temporary_names_are_never_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let path = dir.path().join("h");
+        // Every name the old `.h.tmp.PID.N` scheme could pick next in this process.
+        for n in 0..256 {
+            let planted = dir
+                .path()
+                .join(format!(".h.tmp.{}.{n}", std::process::id()));
+            std::os::unix::fs::symlink(&victim, planted).unwrap();
+        }
+        let mut b = VerityBuilder::new(&path, 8192, b"", [0; 16]).unwrap();
+        b.update(&[5; 8192]).unwrap();
+        b.finish().unwrap();
+        assert!(
+            std::fs::read(&victim).unwrap() == b"precious",
+            "the victim was written"
+        );
+        assert_eq!(std::fs::read(&path).unwrap().len(), 2 * BLOCK_SIZE);
+        // A link at the output path itself is refused.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        let err = VerityBuilder::new(&link, 8192, b"", [0; 16]).err().unwrap();
+        assert!(err.to_string().contains("symbolic link"), "{err}");
+        assert!(
+            std::fs::read(&victim).unwrap() == b"precious",
+            "the victim was written"
+        );
     }
 
     #[test]
