@@ -388,3 +388,171 @@ fn loop_device_as_source_and_target() {
     let err = run_err(&[&"sync", &index, &small.path, &"--store", &store]);
     assert!(err.contains("image needs"), "{err}");
 }
+
+/// The chunk files of a store, as (absolute path, bytes), sorted.
+fn chunk_files(store: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    tree_contents(store)
+        .into_iter()
+        .map(|(rel, bytes)| (store.join(rel), bytes))
+        .collect()
+}
+
+#[test]
+fn make_with_a_warm_cache_still_writes_every_chunk_to_the_store() {
+    let img = mixed_image(3_000_000, 71);
+    let m = make_image(&img, &[]);
+    let cache = m._dir.path().join("cache");
+    // Warm the cache: a sync through it fetches every chunk of the image.
+    let first = m._dir.path().join("first.raw");
+    run_ok(&[
+        &"sync", &m.index, &first, &"--store", &m.store, &"--cache", &cache,
+    ]);
+    assert!(!chunk_files(&cache).is_empty(), "the cache was not filled");
+    // The same image made into a new store with that cache in front.
+    let store2 = m._dir.path().join("store2");
+    let index2 = m._dir.path().join("again.tidx");
+    let made = json(&run_ok(&[
+        &"make", &m.image, &"--store", &store2, &"--index", &index2, &"--cache", &cache, &"--json",
+    ]));
+    assert_eq!(made["new_chunks"], made["unique_chunks"], "{made}");
+    assert!(
+        tree_contents(&store2) == tree_contents(&m.store),
+        "the new store's files differ from the first store's"
+    );
+    // The new store alone serves the index.
+    let target = m._dir.path().join("out.raw");
+    run_ok(&[&"sync", &index2, &target, &"--store", &store2]);
+    assert!(fs::read(&target).unwrap() == img, "synced image differs");
+}
+
+#[test]
+fn make_replaces_empty_truncated_and_foreign_chunk_files() {
+    let img = mixed_image(3_000_000, 73);
+    let m = make_image(&img, &[]);
+    let files = chunk_files(&m.store);
+    assert!(
+        files.len() >= 4,
+        "need four chunk files, have {}",
+        files.len()
+    );
+    let (empty, truncated, foreign) = (&files[0], &files[1], &files[2]);
+    fs::write(&empty.0, b"").unwrap();
+    fs::write(&truncated.0, &truncated.1[..truncated.1.len() / 2]).unwrap();
+    // A whole, valid chunk file, but of another chunk.
+    fs::write(&foreign.0, &files[3].1).unwrap();
+    let again = json(&run_ok(&[
+        &"make", &m.image, &"--store", &m.store, &"--index", &m.index, &"--json",
+    ]));
+    assert_eq!(again["repaired_chunks"], 3, "{again}");
+    assert_eq!(again["new_chunks"], 0, "{again}");
+    assert!(
+        chunk_files(&m.store) == files,
+        "the damaged files were not restored"
+    );
+    let target = m._dir.path().join("out.raw");
+    sync_to(&m, &target);
+    assert!(fs::read(&target).unwrap() == img, "synced image differs");
+}
+
+#[test]
+fn make_replaces_a_planted_link_in_place_of_a_chunk_file_without_following_it() {
+    let img = mixed_image(2_000_000, 75);
+    let m = make_image(&img, &[]);
+    let files = chunk_files(&m.store);
+    let victim = m._dir.path().join("victim");
+    fs::write(&victim, b"precious").unwrap();
+    fs::remove_file(&files[0].0).unwrap();
+    std::os::unix::fs::symlink(&victim, &files[0].0).unwrap();
+    let again = json(&run_ok(&[
+        &"make", &m.image, &"--store", &m.store, &"--index", &m.index, &"--json",
+    ]));
+    assert_eq!(again["repaired_chunks"], 1, "{again}");
+    assert!(
+        fs::read(&victim).unwrap() == b"precious",
+        "the victim was written"
+    );
+    assert!(fs::symlink_metadata(&files[0].0).unwrap().is_file());
+    assert!(
+        chunk_files(&m.store) == files,
+        "the chunk file was not restored"
+    );
+}
+
+#[test]
+fn make_refuses_a_symlinked_fan_out_directory() {
+    let img = mixed_image(2_000_000, 77);
+    let m = make_image(&img, &[]);
+    // A fresh store whose every fan-out directory the image needs is a link elsewhere.
+    let store2 = m._dir.path().join("store2");
+    let elsewhere = m._dir.path().join("elsewhere");
+    fs::create_dir_all(store2.join("chunks")).unwrap();
+    fs::create_dir(&elsewhere).unwrap();
+    for e in fs::read_dir(m.store.join("chunks")).unwrap() {
+        let name = e.unwrap().file_name();
+        std::os::unix::fs::symlink(&elsewhere, store2.join("chunks").join(name)).unwrap();
+    }
+    let index2 = m._dir.path().join("two.tidx");
+    let err = run_err(&[&"make", &m.image, &"--store", &store2, &"--index", &index2]);
+    assert!(
+        err.contains("symbolic link") && err.contains("store2/chunks/"),
+        "{err}"
+    );
+    assert_eq!(
+        fs::read_dir(&elsewhere).unwrap().count(),
+        0,
+        "wrote through the link"
+    );
+    assert!(!index2.exists(), "an index was published");
+    // So is a symlinked `chunks` directory.
+    let store3 = m._dir.path().join("store3");
+    fs::create_dir(&store3).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, store3.join("chunks")).unwrap();
+    let err = run_err(&[&"make", &m.image, &"--store", &store3, &"--index", &index2]);
+    assert!(
+        err.contains("symbolic link") && err.contains("store3/chunks"),
+        "{err}"
+    );
+    assert_eq!(
+        fs::read_dir(&elsewhere).unwrap().count(),
+        0,
+        "wrote through the link"
+    );
+}
+
+#[test]
+fn make_and_verity_refuse_outputs_that_are_links_and_leave_their_targets_alone() {
+    let img = mixed_image(1_000_000, 79);
+    let m = make_image(&img, &[]);
+    let victim = m._dir.path().join("victim");
+    fs::write(&victim, b"precious").unwrap();
+    let link = m._dir.path().join("link");
+    std::os::unix::fs::symlink(&victim, &link).unwrap();
+    let err = run_err(&[&"make", &m.image, &"--store", &m.store, &"--index", &link]);
+    assert!(
+        err.contains("symbolic link") && err.contains("link"),
+        "{err}"
+    );
+    let err = run_err(&[&"verity", &m.index, &m.image, &"--hash-file", &link]);
+    assert!(
+        err.contains("symbolic link") && err.contains("link"),
+        "{err}"
+    );
+    assert!(
+        fs::read(&victim).unwrap() == b"precious",
+        "the victim was written"
+    );
+    assert!(fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    // Nothing else was left beside them (no temporary files).
+    let mut names: Vec<_> = fs::read_dir(m._dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["image.raw", "image.tidx", "link", "store", "victim"]
+    );
+}

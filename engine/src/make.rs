@@ -1,8 +1,14 @@
 //! `make`: cut an image into chunks, store the new ones, write the index.
 //!
 //! One reader thread chunks the source (and hashes the whole image in the same pass) and
-//! feeds a bounded channel; worker threads hash, skip chunks the store already has, compress
-//! and store; the calling thread puts results back in image order. Memory is bounded by the
+//! feeds a bounded channel; worker threads hash, skip chunks the store already holds intact,
+//! compress and store; the calling thread puts results back in image order.
+//!
+//! The index is published only when every chunk it names is in the store: a chunk is
+//! skipped only when [`ChunkStore::check_stored`] finds the store's own file good (a
+//! cache in front of the store does not count), and a damaged file there (empty,
+//! truncated, foreign, a link) is replaced atomically and counted in
+//! [`MakeReport::repaired_chunks`]. Memory is bounded by the
 //! channel depth times the maximum chunk size, whatever the image size.
 
 use std::collections::{BTreeMap, HashSet};
@@ -18,7 +24,7 @@ use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::index::{hex, Index, ZeroIds};
 use crate::progress::Progress;
-use crate::store::ChunkStore;
+use crate::store::{ChunkStore, StoredChunk};
 use crate::ChunkId;
 
 /// Options for [`make`].
@@ -48,11 +54,14 @@ pub struct MakeReport {
     pub chunk_count: u64,
     /// Distinct chunks, zero chunks excluded.
     pub unique_chunks: u64,
-    /// Chunks written to the store by this run.
+    /// Chunks the store did not have, written by this run.
     pub new_chunks: u64,
-    /// Compressed bytes written to the store by this run.
+    /// Chunk files the store had but that were damaged (empty, truncated, foreign
+    /// content, not a regular file), replaced by this run.
+    pub repaired_chunks: u64,
+    /// Compressed bytes written to the store by this run (new and repaired chunks).
     pub stored_bytes: u64,
-    /// Uncompressed bytes of the chunks written by this run.
+    /// Uncompressed bytes of the chunks written by this run (new and repaired).
     pub new_bytes: u64,
     /// Chunks of zeros (no store file).
     pub zero_chunks: u64,
@@ -72,7 +81,14 @@ struct Done {
     id: ChunkId,
     len: u32,
     zero: bool,
-    stored: Option<(u64, u64)>,
+    stored: Option<Stored>,
+}
+
+/// A chunk file this run wrote.
+struct Stored {
+    compressed: u64,
+    raw: u64,
+    repaired: bool,
 }
 
 /// Chunks `source` (file or block device), puts its new chunks into `store`, and writes
@@ -161,6 +177,7 @@ pub fn make(
             chunk_count: 0,
             unique_chunks: 0,
             new_chunks: 0,
+            repaired_chunks: 0,
             stored_bytes: 0,
             new_bytes: 0,
             zero_chunks: 0,
@@ -179,10 +196,14 @@ pub fn make(
             if done.zero {
                 report.zero_chunks += 1;
             }
-            if let Some((compressed, raw)) = done.stored {
-                report.new_chunks += 1;
-                report.stored_bytes += compressed;
-                report.new_bytes += raw;
+            if let Some(stored) = done.stored {
+                if stored.repaired {
+                    report.repaired_chunks += 1;
+                } else {
+                    report.new_chunks += 1;
+                }
+                report.stored_bytes += stored.compressed;
+                report.new_bytes += stored.raw;
             }
             pending.insert(done.seq, (done.id, done.len));
             while let Some(entry) = pending.remove(&(records.len() as u64)) {
@@ -221,12 +242,28 @@ fn process(
     progress.advance(u64::from(len));
     let zero = zeros.get(len) == id;
     let mut stored = None;
-    // One worker per distinct chunk; skip compression for chunks the store already has.
-    if !zero && claimed.lock().expect("claimed set").insert(id) && !store.contains(&id)? {
-        let compressed = compress(&cut.data);
-        if store.put_compressed(&id, &compressed)? {
-            stored = Some((compressed.len() as u64, u64::from(len)));
-        }
+    // One worker per distinct chunk; skip compression for chunks the store holds intact.
+    if !zero && claimed.lock().expect("claimed set").insert(id) {
+        let written = match store.check_stored(&id, len)? {
+            StoredChunk::Present => None,
+            StoredChunk::Missing => {
+                let compressed = compress(&cut.data);
+                // False: another writer stored it meanwhile (atomically, so it is whole).
+                store
+                    .put_compressed(&id, &compressed)?
+                    .then_some((compressed, false))
+            }
+            StoredChunk::Damaged(_) => {
+                let compressed = compress(&cut.data);
+                store.replace_compressed(&id, &compressed)?;
+                Some((compressed, true))
+            }
+        };
+        stored = written.map(|(compressed, repaired)| Stored {
+            compressed: compressed.len() as u64,
+            raw: u64::from(len),
+            repaired,
+        });
     }
     Ok(Done {
         seq: cut.seq,

@@ -15,9 +15,14 @@ use crate::store_args::StoreArgs;
 ///
 /// Chunks are named by the BLAKE3 hash of their bytes and stored zstd-compressed under
 /// STORE/chunks/; chunks already in the store are not written again, and all-zero chunks
-/// are not stored at all. The index is written last, atomically, so a reader never sees
-/// an index whose chunks are missing. The same image and chunk sizes always give the
-/// same index and the same chunk files.
+/// are not stored at all. A chunk file already in the store is read and checked first;
+/// a damaged one (empty, truncated, another chunk's bytes) is replaced atomically and
+/// counted as repaired. A --cache in front of the store is never taken for the store.
+/// The index is written last, atomically, so a reader never sees an index whose chunks
+/// are missing. The same image and chunk sizes always give the same index and the same
+/// chunk files. tessera refuses to write through symbolic links: the index path, the
+/// --verity file (unless it names a block device) and the store's chunks/ directories
+/// must not be links.
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// The image: a file or a block device.
@@ -80,8 +85,12 @@ pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
             verity: verity.as_ref(),
         })?;
     } else {
+        let repaired = match report.repaired_chunks {
+            0 => String::new(),
+            n => format!(", {n} damaged replaced"),
+        };
         out.line(format!(
-            "{}: {} in {} chunks ({} unique, {} new, {} zero), {} stored, {:.1} MB/s",
+            "{}: {} in {} chunks ({} unique, {} new{repaired}, {} zero), {} stored, {:.1} MB/s",
             args.index.display(),
             human_bytes(report.image_size),
             report.chunk_count,

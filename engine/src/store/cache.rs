@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use super::{ChunkStore, FetchStream, Fetched, LocalStore};
+use super::{ChunkStore, FetchStream, Fetched, LocalStore, StoredChunk};
 use crate::chunk::decompress_verified;
 use crate::error::{Error, Result};
 use crate::index::ChunkEntry;
@@ -180,12 +180,21 @@ impl ChunkStore for CacheStore {
         }
     }
 
+    // Writers ask whether the store has a chunk: a cache hit is not the store's file.
     fn contains(&self, id: &ChunkId) -> Result<bool> {
-        Ok(self.local.contains(id)? || self.remote.contains(id)?)
+        self.remote.contains(id)
+    }
+
+    fn check_stored(&self, id: &ChunkId, len: u32) -> Result<StoredChunk> {
+        self.remote.check_stored(id, len)
     }
 
     fn put_compressed(&self, id: &ChunkId, compressed: &[u8]) -> Result<bool> {
         self.remote.put_compressed(id, compressed)
+    }
+
+    fn replace_compressed(&self, id: &ChunkId, compressed: &[u8]) -> Result<()> {
+        self.remote.replace_compressed(id, compressed)
     }
 
     fn flush(&self) -> Result<()> {

@@ -24,6 +24,19 @@ use crate::error::{Error, Result};
 use crate::index::ChunkEntry;
 use crate::ChunkId;
 
+/// What a store holds under a chunk id, as [`ChunkStore::check_stored`] found it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoredChunk {
+    /// No file for the id.
+    Missing,
+    /// A file that passed every check the store makes (the local store: it decompresses
+    /// to the chunk's length and hashes to its id; by default: it exists).
+    Present,
+    /// A file that is not the chunk (the reason, for messages): a writer replaces it
+    /// with [`ChunkStore::replace_compressed`].
+    Damaged(String),
+}
+
 /// A chunk fetched from a store and verified, with the compressed bytes it came from (a
 /// cache keeps those; callers that only count them read [`Fetched::compressed`]`.len()`).
 #[derive(Debug, Clone)]
@@ -68,6 +81,44 @@ pub trait ChunkStore: Send + Sync {
     /// # Errors
     /// [`Error::InvalidInput`] for read-only stores, I/O failures otherwise.
     fn put_compressed(&self, id: &ChunkId, compressed: &[u8]) -> Result<bool>;
+
+    /// For writers (`make`): whether the store already holds a good file for chunk `id`
+    /// of `len` bytes, checked as far as the store can. A writer skips a `Present` chunk,
+    /// so an implementation must never call present a chunk that a reader of this store
+    /// could not fetch (a cache in front of a store asks the store, never the cache).
+    /// The default trusts [`ChunkStore::contains`].
+    ///
+    /// # Errors
+    /// I/O or transport failures.
+    fn check_stored(&self, id: &ChunkId, len: u32) -> Result<StoredChunk> {
+        let _ = len;
+        Ok(if self.contains(id)? {
+            StoredChunk::Present
+        } else {
+            StoredChunk::Missing
+        })
+    }
+
+    /// Stores a compressed chunk, atomically replacing a file of that id that
+    /// [`ChunkStore::check_stored`] found damaged (readers see the old file or the new
+    /// one, never a mix). The default is [`ChunkStore::put_compressed`], and an error when
+    /// that finds a file in place, as it cannot replace one.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for read-only stores or a store that cannot replace the
+    /// file, I/O failures otherwise.
+    fn replace_compressed(&self, id: &ChunkId, compressed: &[u8]) -> Result<()> {
+        if self.put_compressed(id, compressed)? {
+            Ok(())
+        } else {
+            Err(Error::InvalidInput(format!(
+                "chunk file {}/{} is damaged and this store cannot replace it; delete it \
+                 and run again",
+                self.location(),
+                chunk_path(id)
+            )))
+        }
+    }
 
     /// Makes everything put so far durable (before an index that names it is published).
     ///
@@ -145,6 +196,12 @@ impl<S: ChunkStore + ?Sized> ChunkStore for std::sync::Arc<S> {
     }
     fn put_compressed(&self, id: &ChunkId, compressed: &[u8]) -> Result<bool> {
         (**self).put_compressed(id, compressed)
+    }
+    fn check_stored(&self, id: &ChunkId, len: u32) -> Result<StoredChunk> {
+        (**self).check_stored(id, len)
+    }
+    fn replace_compressed(&self, id: &ChunkId, compressed: &[u8]) -> Result<()> {
+        (**self).replace_compressed(id, compressed)
     }
     fn flush(&self) -> Result<()> {
         (**self).flush()
