@@ -127,34 +127,30 @@ pub struct Mismatch {
 /// target) stop the check.
 pub fn check_chunks(
     index: &Index,
-    target: &dyn ReadAt,
+    target: &(impl ReadAt + ?Sized),
     positions: impl IntoIterator<Item = u32, IntoIter: Send>,
     workers: usize,
     progress: &dyn Progress,
 ) -> Result<Vec<Mismatch>> {
-    check_chunks_with(
-        index,
-        target,
-        positions,
-        workers,
-        progress,
-        |_, _, _| Ok(()),
-    )
+    check_chunks_with(index, target, positions, workers, progress, |_, _, _, _| {
+        Ok(())
+    })
 }
 
-/// Like [`check_chunks`], also handing each chunk's bytes to `each`, in the order given,
-/// with whether they matched (for consumers of the image's bytes, such as the dm-verity
-/// tree). An error from `each` stops the check and is returned.
+/// Like [`check_chunks`], also handing each chunk to `each`, in the order given: its
+/// position, its entry, the bytes read and whether they matched (for consumers of the
+/// image's bytes, such as the dm-verity tree, or callers that record which chunks
+/// passed). An error from `each` stops the check and is returned.
 ///
 /// # Errors
 /// As [`check_chunks`], and the first error of `each`.
 pub fn check_chunks_with(
     index: &Index,
-    target: &dyn ReadAt,
+    target: &(impl ReadAt + ?Sized),
     positions: impl IntoIterator<Item = u32, IntoIter: Send>,
     workers: usize,
     progress: &dyn Progress,
-    mut each: impl FnMut(&ChunkEntry, &[u8], bool) -> Result<()>,
+    mut each: impl FnMut(u32, &ChunkEntry, &[u8], bool) -> Result<()>,
 ) -> Result<Vec<Mismatch>> {
     let chunks = index.chunks();
     let positions = positions.into_iter();
@@ -221,7 +217,7 @@ pub fn check_chunks_with(
             pending.insert(seq, (k, buf, good));
             while let Some((k, buf, good)) = pending.remove(&next) {
                 let c = &chunks[k as usize];
-                each(c, &buf, good)?;
+                each(k, c, &buf, good)?;
                 progress.advance(u64::from(c.len));
                 if !good {
                     bad.push(Mismatch {
@@ -327,6 +323,14 @@ mod tests {
             let got: Vec<_> = bad.iter().map(|m| m.chunk).collect();
             assert_eq!(got, [21, 3]);
         }
+        // Trait objects work too (sync holds its target as one).
+        let dynamic: &dyn ReadAt = &target;
+        assert_eq!(
+            check_chunks(&index, dynamic, [3], 2, &NoProgress)
+                .unwrap()
+                .len(),
+            1
+        );
         assert!(check_chunks(&index, &target, [], 2, &NoProgress)
             .unwrap()
             .is_empty());
@@ -346,7 +350,7 @@ mod tests {
             all_chunks(&index).unwrap(),
             4,
             &NoProgress,
-            |_, b, good| {
+            |_, _, b, good| {
                 assert!(good);
                 seen.extend_from_slice(b);
                 Ok(())
@@ -357,7 +361,8 @@ mod tests {
         assert_eq!(seen, bytes);
         // The consumer's error comes back (and the threads stop: no hang).
         let mut calls = 0;
-        let err = check_chunks_with(&index, &target, 0..40, 2, &NoProgress, |c, _, _| {
+        let err = check_chunks_with(&index, &target, 0..40, 2, &NoProgress, |k, c, _, _| {
+            assert_eq!(u64::from(k) * 1000, c.offset);
             calls += 1;
             if c.offset == 5000 {
                 Err(Error::VerifyFailed("stop here".into()))

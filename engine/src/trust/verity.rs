@@ -493,7 +493,7 @@ pub fn build_verity(
         all_chunks(index)?,
         workers,
         progress,
-        |c, bytes, good| {
+        |_, c, bytes, good| {
             if !good {
                 return Err(Error::VerifyFailed(format!(
                     "{} does not hold the image: the {} bytes at offset {} do not hash to \
