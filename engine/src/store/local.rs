@@ -328,6 +328,31 @@ mod tests {
     }
 
     #[test]
+    fn planted_links_at_temporary_names_are_never_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, b"precious").unwrap();
+        let store = LocalStore::open(dir.path().join("s"), true).unwrap();
+        let data = vec![3u8; 2000];
+        let id = ChunkId::of(&data);
+        let path = store.path_of(&id);
+        let fan = path.parent().unwrap();
+        fs::create_dir_all(fan).unwrap();
+        // Every name the old `.NAME.tmp.PID.N` scheme could pick soon in this process.
+        for n in 0..4096 {
+            let planted = fan.join(format!(".{id}.zst.tmp.{}.{n}", std::process::id()));
+            std::os::unix::fs::symlink(&victim, planted).unwrap();
+        }
+        assert!(store.put_compressed(&id, &compress(&data)).unwrap());
+        assert!(
+            fs::read(&victim).unwrap() == b"precious",
+            "the victim was written"
+        );
+        assert_eq!(store.check_stored(&id, 2000).unwrap(), StoredChunk::Present);
+        assert!(fs::symlink_metadata(&path).unwrap().is_file());
+    }
+
+    #[test]
     fn writes_never_go_through_a_linked_fan_out_directory() {
         let dir = tempfile::tempdir().unwrap();
         let elsewhere = dir.path().join("elsewhere");
