@@ -111,6 +111,39 @@ pub fn decompress_verified(
     VerifiedChunk::verify(id, data, origin)
 }
 
+/// `Ok` when `compressed` is a zstd frame of exactly the bytes `expected`; else why not.
+///
+/// For checking a stored chunk file against chunk bytes already verified: decompressing
+/// and comparing costs less than decompressing and hashing again.
+pub(crate) fn frame_holds(compressed: &[u8], expected: &[u8]) -> std::result::Result<(), String> {
+    DECOMPRESSOR.with(|d| {
+        let mut d = d.borrow_mut();
+        let dec = d.get_or_insert_with(|| {
+            zstd::bulk::Decompressor::new().expect("creating a zstd context")
+        });
+        // One spare byte so that a frame holding more than expected is detected.
+        let mut out = Vec::with_capacity(expected.len() + 1);
+        dec.decompress_to_buffer(compressed, &mut out)
+            .map_err(|e| {
+                format!(
+                    "not a valid zstd frame of at most {} bytes: {e}",
+                    expected.len()
+                )
+            })?;
+        if out.len() != expected.len() {
+            return Err(format!(
+                "decompresses to {} bytes, the chunk has {}",
+                out.len(),
+                expected.len()
+            ));
+        }
+        if out != expected {
+            return Err("holds other bytes than the chunk".into());
+        }
+        Ok(())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -133,5 +166,22 @@ mod tests {
         let last = flipped.len() - 1;
         flipped[last] ^= 1;
         assert!(decompress_verified(id, &flipped, data.len() as u32, "t").is_err());
+        assert!(frame_holds(&flipped, &data).is_err());
+    }
+
+    #[test]
+    fn frame_holds_only_the_exact_bytes() {
+        let data = b"hello hello hello hello".to_vec();
+        let z = compress(&data);
+        assert_eq!(frame_holds(&z, &data), Ok(()));
+        assert!(frame_holds(&z, &data[1..]).is_err());
+        let mut longer = data.clone();
+        longer.push(b'!');
+        assert!(frame_holds(&z, &longer).is_err());
+        let mut other = data.clone();
+        other[3] = b'X';
+        assert!(frame_holds(&z, &other).unwrap_err().contains("other bytes"));
+        assert!(frame_holds(b"", &data).is_err());
+        assert!(frame_holds(&z[..z.len() / 2], &data).is_err());
     }
 }

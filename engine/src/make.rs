@@ -244,7 +244,7 @@ fn process(
     let mut stored = None;
     // One worker per distinct chunk; skip compression for chunks the store holds intact.
     if !zero && claimed.lock().expect("claimed set").insert(id) {
-        let written = match store.check_stored(&id, len)? {
+        let written = match store.check_stored(&id, &cut.data)? {
             StoredChunk::Present => None,
             StoredChunk::Missing => {
                 let compressed = compress(&cut.data);

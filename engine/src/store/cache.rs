@@ -185,8 +185,8 @@ impl ChunkStore for CacheStore {
         self.remote.contains(id)
     }
 
-    fn check_stored(&self, id: &ChunkId, len: u32) -> Result<StoredChunk> {
-        self.remote.check_stored(id, len)
+    fn check_stored(&self, id: &ChunkId, data: &[u8]) -> Result<StoredChunk> {
+        self.remote.check_stored(id, data)
     }
 
     fn put_compressed(&self, id: &ChunkId, compressed: &[u8]) -> Result<bool> {

@@ -9,9 +9,9 @@
 //! into place: a planted file or link is never opened for writing.
 //!
 //! Before `make` skips a chunk because its file exists, [`ChunkStore::check_stored`]
-//! reads the file and checks it completely (it must decompress to the chunk's length and
-//! hash to its id); an empty, truncated or foreign file, or a link, is replaced by an
-//! atomic rename over it.
+//! reads the file and checks it completely (it must decompress to exactly the chunk's
+//! bytes); an empty, truncated or foreign file, or a link, is replaced by an atomic
+//! rename over it.
 
 use std::ffi::OsStr;
 use std::fs::{self, File};
@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use super::{chunk_path, ChunkStore, StoredChunk};
-use crate::chunk::decompress_verified;
+use crate::chunk::frame_holds;
 use crate::error::{Error, Result};
 use crate::fsutil::create_temp_in;
 use crate::ChunkId;
@@ -230,7 +230,7 @@ impl ChunkStore for LocalStore {
         }
     }
 
-    fn check_stored(&self, id: &ChunkId, len: u32) -> Result<StoredChunk> {
+    fn check_stored(&self, id: &ChunkId, data: &[u8]) -> Result<StoredChunk> {
         let path = self.path_of(id);
         let Some(dir) = self.fan_dir(id, false)? else {
             return Ok(StoredChunk::Missing);
@@ -265,10 +265,9 @@ impl ChunkStore for LocalStore {
         let mut buf = vec![0u8; meta.len() as usize];
         file.read_exact_at(&mut buf, 0)
             .map_err(|e| Error::io("reading chunk file", &path, e))?;
-        match decompress_verified(*id, &buf, len, &path.display().to_string()) {
-            Ok(_) => Ok(StoredChunk::Present),
-            Err(Error::CorruptChunk { reason, .. }) => Ok(StoredChunk::Damaged(reason)),
-            Err(e) => Err(e),
+        match frame_holds(&buf, data) {
+            Ok(()) => Ok(StoredChunk::Present),
+            Err(reason) => Ok(StoredChunk::Damaged(reason)),
         }
     }
 
@@ -302,13 +301,19 @@ mod tests {
         let store = LocalStore::open(dir.path().join("s"), true).unwrap();
         let data = vec![7u8; 5000];
         let id = ChunkId::of(&data);
-        assert_eq!(store.check_stored(&id, 5000).unwrap(), StoredChunk::Missing);
+        assert_eq!(
+            store.check_stored(&id, &data).unwrap(),
+            StoredChunk::Missing
+        );
         let (_, path) = stored(&store, &data);
-        assert_eq!(store.check_stored(&id, 5000).unwrap(), StoredChunk::Present);
+        assert_eq!(
+            store.check_stored(&id, &data).unwrap(),
+            StoredChunk::Present
+        );
         let good = fs::read(&path).unwrap();
         let damaged = |bytes: &[u8]| {
             fs::write(&path, bytes).unwrap();
-            store.check_stored(&id, 5000).unwrap()
+            store.check_stored(&id, &data).unwrap()
         };
         let other = compress(&[8u8; 5000]);
         for bad in [&b""[..], &good[..good.len() - 1], b"not zstd", &other[..]] {
@@ -319,11 +324,14 @@ mod tests {
         let made = std::process::Command::new("mkfifo").arg(&path).status();
         assert!(made.unwrap().success(), "mkfifo {}", path.display());
         assert_eq!(
-            store.check_stored(&id, 5000).unwrap(),
+            store.check_stored(&id, &data).unwrap(),
             StoredChunk::Damaged("not a regular file".into())
         );
         store.replace_compressed(&id, &good).unwrap();
-        assert_eq!(store.check_stored(&id, 5000).unwrap(), StoredChunk::Present);
+        assert_eq!(
+            store.check_stored(&id, &data).unwrap(),
+            StoredChunk::Present
+        );
         assert_eq!(fs::read(&path).unwrap(), good);
     }
 
@@ -348,7 +356,10 @@ mod tests {
             fs::read(&victim).unwrap() == b"precious",
             "the victim was written"
         );
-        assert_eq!(store.check_stored(&id, 2000).unwrap(), StoredChunk::Present);
+        assert_eq!(
+            store.check_stored(&id, &data).unwrap(),
+            StoredChunk::Present
+        );
         assert!(fs::symlink_metadata(&path).unwrap().is_file());
     }
 
@@ -364,7 +375,7 @@ mod tests {
         std::os::unix::fs::symlink(&elsewhere, &fan).unwrap();
         let err = store.put_compressed(&id, &compress(&data)).unwrap_err();
         assert!(err.to_string().contains("symbolic link"), "{err}");
-        let err = store.check_stored(&id, 100).unwrap_err();
+        let err = store.check_stored(&id, &data).unwrap_err();
         assert!(err.to_string().contains("symbolic link"), "{err}");
         assert_eq!(fs::read_dir(&elsewhere).unwrap().count(), 0);
     }

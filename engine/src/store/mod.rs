@@ -30,7 +30,7 @@ pub enum StoredChunk {
     /// No file for the id.
     Missing,
     /// A file that passed every check the store makes (the local store: it decompresses
-    /// to the chunk's length and hashes to its id; by default: it exists).
+    /// to exactly the chunk's bytes; by default: it exists).
     Present,
     /// A file that is not the chunk (the reason, for messages): a writer replaces it
     /// with [`ChunkStore::replace_compressed`].
@@ -82,16 +82,17 @@ pub trait ChunkStore: Send + Sync {
     /// [`Error::InvalidInput`] for read-only stores, I/O failures otherwise.
     fn put_compressed(&self, id: &ChunkId, compressed: &[u8]) -> Result<bool>;
 
-    /// For writers (`make`): whether the store already holds a good file for chunk `id`
-    /// of `len` bytes, checked as far as the store can. A writer skips a `Present` chunk,
-    /// so an implementation must never call present a chunk that a reader of this store
-    /// could not fetch (a cache in front of a store asks the store, never the cache).
-    /// The default trusts [`ChunkStore::contains`].
+    /// For writers (`make`): whether the store already holds a good file for the chunk
+    /// `id` whose bytes are `data` (the caller has them, and they hash to `id`), checked
+    /// as far as the store can. A writer skips a `Present` chunk, so an implementation
+    /// must never call present a chunk that a reader of this store could not fetch (a
+    /// cache in front of a store asks the store, never the cache). The default trusts
+    /// [`ChunkStore::contains`].
     ///
     /// # Errors
     /// I/O or transport failures.
-    fn check_stored(&self, id: &ChunkId, len: u32) -> Result<StoredChunk> {
-        let _ = len;
+    fn check_stored(&self, id: &ChunkId, data: &[u8]) -> Result<StoredChunk> {
+        let _ = data;
         Ok(if self.contains(id)? {
             StoredChunk::Present
         } else {
@@ -197,8 +198,8 @@ impl<S: ChunkStore + ?Sized> ChunkStore for std::sync::Arc<S> {
     fn put_compressed(&self, id: &ChunkId, compressed: &[u8]) -> Result<bool> {
         (**self).put_compressed(id, compressed)
     }
-    fn check_stored(&self, id: &ChunkId, len: u32) -> Result<StoredChunk> {
-        (**self).check_stored(id, len)
+    fn check_stored(&self, id: &ChunkId, data: &[u8]) -> Result<StoredChunk> {
+        (**self).check_stored(id, data)
     }
     fn replace_compressed(&self, id: &ChunkId, compressed: &[u8]) -> Result<()> {
         (**self).replace_compressed(id, compressed)
