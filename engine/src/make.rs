@@ -273,3 +273,69 @@ fn process(
         stored,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::progress::NoProgress;
+    use crate::store::{CacheOptions, CacheStore, LocalStore};
+
+    /// 2 MiB of pseudo-random bytes with a run of zeros.
+    fn image(dir: &Path) -> std::path::PathBuf {
+        let mut bytes = vec![0u8; 2 << 20];
+        blake3::Hasher::new()
+            .update(b"make tests")
+            .finalize_xof()
+            .fill(&mut bytes);
+        bytes[1 << 20..(1 << 20) + 300_000].fill(0);
+        let path = dir.join("image");
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    fn opts() -> MakeOptions {
+        MakeOptions {
+            params: ChunkerParams::default(),
+            workers: 3,
+        }
+    }
+
+    #[test]
+    fn a_warm_cache_is_never_taken_for_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = image(dir.path());
+        let first = Arc::new(LocalStore::open(dir.path().join("a"), true).unwrap());
+        let (index, _) = make(
+            &img,
+            &*first,
+            &dir.path().join("a.tidx"),
+            &opts(),
+            &NoProgress,
+        )
+        .unwrap();
+        // Warm a cache with every chunk, fetched through it from the first store.
+        let cache_dir = dir.path().join("cache");
+        let warm = CacheStore::open(&cache_dir, first, &CacheOptions::default()).unwrap();
+        for e in index.chunks().iter().filter(|e| !e.zero) {
+            warm.fetch(e).unwrap();
+        }
+        // Make again into an empty store with that cache in front.
+        let second = Arc::new(LocalStore::open(dir.path().join("b"), true).unwrap());
+        let cached =
+            CacheStore::open(&cache_dir, second.clone(), &CacheOptions::default()).unwrap();
+        let (index, report) = make(
+            &img,
+            &cached,
+            &dir.path().join("b.tidx"),
+            &opts(),
+            &NoProgress,
+        )
+        .unwrap();
+        assert_eq!(report.new_chunks, report.unique_chunks);
+        for e in index.chunks().iter().filter(|e| !e.zero) {
+            second.fetch(e).unwrap();
+        }
+    }
+}
