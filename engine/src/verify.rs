@@ -1,9 +1,12 @@
-//! `verify`: check that a target holds exactly an image.
+//! `verify`: check that a target holds exactly an image, and [`check_chunks`], the one
+//! loop that hashes a target's chunks against an index (used by `verify`, by the
+//! dm-verity builder, and meant for sync's final check).
 //!
-//! The calling thread reads the target chunk by chunk (in index order, so the device
-//! streams); workers hash each chunk against its id. The index's records cover the image
-//! exactly (its parser checks that their lengths add up to the image size), so matching
-//! every chunk means holding the image: no second whole-image hash is needed.
+//! A reader thread reads the chunks in the order asked (index order for `verify`, so the
+//! device streams); workers hash each against its id (zero chunks are compared with
+//! zeros); the calling thread takes the results back in order. The index's records cover
+//! the image exactly (its parser checks that their lengths add up to the image size), so
+//! matching every chunk means holding the image: no second whole-image hash is needed.
 
 use std::collections::BTreeMap;
 use std::path::Path;
