@@ -20,12 +20,13 @@
 //! MAC and ends the list; the journal is cut back to its valid prefix before anything is
 //! appended, so leftover bytes are never read as records.
 
-use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
+use super::fs::{is_errno, is_io_kind, Fs, FsFile, RealFs};
+use super::io::{ReadAt, WriteAt};
 use super::plan::{Op, Phase, Source, Stash};
+use crate::device::DeviceKind;
 use crate::error::{Error, Result};
 use crate::index::Index;
 
@@ -68,86 +69,128 @@ pub trait JournalIo: Send {
     fn remove(&mut self) -> Result<()>;
 }
 
-/// A journal in a file.
+/// A journal in a file, on the file system `F` (the real one by default).
+///
+/// The file is never reached through a symbolic link (`O_NOFOLLOW`: a link at its path is
+/// an error), is created with `O_EXCL` (mode 0600), and an existing file that is not a
+/// journal (nor what a cut can leave of one: empty, or starting with zeros or the magic)
+/// is refused, never overwritten.
 #[derive(Debug)]
-pub struct FileJournal {
+pub struct FileJournal<'a, F: Fs = RealFs> {
+    fs: &'a F,
     path: PathBuf,
-    file: Option<File>,
+    file: Option<F::File>,
     created: bool,
 }
 
-impl FileJournal {
+impl FileJournal<'static> {
     /// A journal at `path` (nothing is opened or created yet).
-    pub fn new(path: impl Into<PathBuf>) -> FileJournal {
+    pub fn new(path: impl Into<PathBuf>) -> FileJournal<'static> {
+        FileJournal::with_fs(&RealFs, path)
+    }
+}
+
+impl<'a, F: Fs> FileJournal<'a, F> {
+    /// A journal at `path` on `fs` (nothing is opened or created yet).
+    pub fn with_fs(fs: &'a F, path: impl Into<PathBuf>) -> FileJournal<'a, F> {
         FileJournal {
+            fs,
             path: path.into(),
             file: None,
             created: false,
         }
     }
 
-    fn err(&self, what: &'static str, e: io::Error) -> Error {
-        Error::io(what, &self.path, e)
+    fn dir(&self) -> PathBuf {
+        match self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            Some(d) => d.to_path_buf(),
+            None => PathBuf::from("."),
+        }
     }
 
-    fn file(&mut self) -> Result<&File> {
+    /// The open journal, created (exclusively) if it does not exist yet.
+    fn file(&mut self) -> Result<&F::File> {
         if self.file.is_none() {
-            if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                fs::create_dir_all(dir)
-                    .map_err(|e| Error::io("creating journal directory", dir, e))?;
-            }
-            self.created = !self.path.exists();
-            let f = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&self.path)
-                .map_err(|e| self.err("opening journal", e))?;
+            self.fs.create_dir_all(&self.dir())?;
+            let f = self.fs.create_new(&self.path, 0o600).map_err(|e| {
+                if is_io_kind(&e, io::ErrorKind::AlreadyExists) {
+                    Error::InvalidInput(format!(
+                        "journal {} appeared while tessera was creating it; refusing to \
+                         overwrite it",
+                        self.path.display()
+                    ))
+                } else {
+                    e
+                }
+            })?;
             self.file = Some(f);
+            self.created = true;
         }
         Ok(self.file.as_ref().expect("just opened"))
     }
-
-    fn sync_dir(&self) -> Result<()> {
-        let dir = match self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            Some(d) => d,
-            None => Path::new("."),
-        };
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| Error::io("syncing journal directory", dir, e))
-    }
 }
 
-impl JournalIo for FileJournal {
+/// Whether `head` (the first bytes of an existing file) may be a journal, or what a power
+/// cut leaves of one: empty, the magic, or zeros (a lost first sector).
+fn may_be_journal(head: &[u8]) -> bool {
+    let n = head.len().min(MAGIC.len());
+    head[..n] == MAGIC[..n] || head[..n].iter().all(|&b| b == 0)
+}
+
+impl<F: Fs> JournalIo for FileJournal<'_, F> {
     fn location(&self) -> String {
         self.path.display().to_string()
     }
 
     fn load(&mut self) -> Result<Vec<u8>> {
-        match fs::read(&self.path) {
-            Ok(b) => Ok(b),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
-            Err(e) => Err(self.err("reading journal", e)),
+        let f = match self.fs.open_rw_nofollow(&self.path) {
+            Ok(f) => f,
+            Err(e) if is_io_kind(&e, io::ErrorKind::NotFound) => return Ok(Vec::new()),
+            Err(e) if is_errno(&e, libc::ELOOP) => {
+                return Err(Error::InvalidInput(format!(
+                    "journal {} is a symbolic link: refusing to follow it (remove it, or \
+                     name another journal)",
+                    self.path.display()
+                )))
+            }
+            Err(e) => return Err(e),
+        };
+        if f.kind() != DeviceKind::File {
+            return Err(Error::InvalidInput(format!(
+                "journal {} is not a regular file",
+                self.path.display()
+            )));
         }
+        let len = usize::try_from(f.size()).map_err(|_| {
+            Error::InvalidInput(format!("journal {} is too large", self.path.display()))
+        })?;
+        let mut head = vec![0u8; len.min(MAGIC.len())];
+        f.read_exact_at(&mut head, 0)?;
+        if !may_be_journal(&head) {
+            return Err(Error::InvalidInput(format!(
+                "{} is not a tessera journal: refusing to overwrite it (remove it, or name \
+                 another journal)",
+                self.path.display()
+            )));
+        }
+        let mut bytes = vec![0u8; len];
+        f.read_exact_at(&mut bytes, 0)?;
+        self.file = Some(f);
+        Ok(bytes)
     }
 
     fn write_at(&mut self, offset: u64, bytes: &[u8]) -> Result<()> {
-        let r = self.file()?.write_all_at(bytes, offset);
-        r.map_err(|e| self.err("writing journal", e))
+        self.file()?.write_all_at(bytes, offset)
     }
 
     fn set_len(&mut self, len: u64) -> Result<()> {
-        let r = self.file()?.set_len(len);
-        r.map_err(|e| self.err("truncating journal", e))
+        self.file()?.set_len(len)
     }
 
     fn sync(&mut self) -> Result<()> {
-        let r = self.file()?.sync_data();
-        r.map_err(|e| self.err("syncing journal", e))?;
+        self.file()?.sync_all()?;
         if self.created {
-            self.sync_dir()?;
+            self.fs.sync_dir(&self.dir())?;
             self.created = false;
         }
         Ok(())
@@ -155,10 +198,10 @@ impl JournalIo for FileJournal {
 
     fn remove(&mut self) -> Result<()> {
         self.file = None;
-        match fs::remove_file(&self.path) {
-            Ok(()) => self.sync_dir(),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(self.err("removing journal", e)),
+        match self.fs.remove_file(&self.path) {
+            Ok(()) => self.fs.sync_dir(&self.dir()),
+            Err(e) if is_io_kind(&e, io::ErrorKind::NotFound) => Ok(()),
+            Err(e) => Err(e),
         }
     }
 }
@@ -560,13 +603,17 @@ mod tests {
             let mut m = MemoryJournal(full.clone());
             m.0[i] ^= 0x20;
             let (_, resume) = Journal::open(&mut m, id, &idx, 1).unwrap();
-            match resume {
-                None => assert!(i < header_len, "header byte {i} damaged but accepted"),
-                Some(r) => assert!(
-                    r.next_phase < 2 || i >= full.len(),
-                    "record byte {i} damaged but accepted"
-                ),
-            }
+            // Damage in the header voids the journal; in a record, ends the list there.
+            let expect = match i {
+                i if i < header_len => None,
+                i if i < header_len + RECORD_LEN => Some(0),
+                _ => Some(1),
+            };
+            assert_eq!(
+                resume.map(|r| r.next_phase),
+                expect,
+                "byte {i} damaged (header {header_len} bytes)"
+            );
         }
         // A torn record followed by a new append: the leftover is cut first.
         let mut m = MemoryJournal(full[..header_len + RECORD_LEN + 10].to_vec());
