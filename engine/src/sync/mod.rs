@@ -212,11 +212,18 @@ fn device_identity(path: &Path, dev: &dyn FsFile) -> String {
 /// interrupted run of the same sync from its journal. Returns only after every chunk of
 /// the target was hashed against the index.
 ///
+/// A missing file target is created durably at the image size before anything else is
+/// written (temporary name, size, fsync, rename, fsync of the directory); a file shorter
+/// than the image is grown. A block device is opened with `O_EXCL` (unless
+/// [`SyncOptions::force`]), so one that is mounted or claimed by the kernel is refused.
+///
 /// # Errors
-/// [`Error::InvalidInput`] if the target is too small (nothing is written then) or a
-/// seed is unusable; [`Error::MissingChunk`] / [`Error::CorruptChunk`] for a chunk no
-/// source has intact; I/O errors; [`Error::VerifyFailed`] if the final check fails. After
-/// an error, running the same sync again resumes it.
+/// [`Error::InvalidInput`] if a block device is too small, mounted or claimed (the error
+/// names its mount point; nothing is written then), if the journal path is a symbolic
+/// link or a file that is not a journal, or a seed is unusable;
+/// [`Error::MissingChunk`] / [`Error::CorruptChunk`] for a chunk no source has intact;
+/// I/O errors; [`Error::VerifyFailed`] if the final check fails. After an error, running
+/// the same sync again resumes it.
 pub fn sync_with(
     index: &Index,
     target: &Path,
@@ -253,10 +260,14 @@ pub fn sync_with_fs<F: Fs>(
         (Some(t.file), t.fresh)
     };
     let absent = Absent(image_size);
-    // A dry run sees a short file as the sync would make it: grown with zeros.
+    // A dry run sees a short file as the sync would make it: grown with zeros (a block
+    // device keeps its size, and is refused below if too small).
     let padded = device.as_ref().map(|d| Padded {
         inner: d,
-        size: d.size().max(image_size),
+        size: match d.kind() {
+            DeviceKind::File => d.size().max(image_size),
+            DeviceKind::BlockDevice => d.size(),
+        },
     });
     let (target_io, target_id): (&dyn WriteAt, String) = match (&device, &padded) {
         (Some(d), Some(p)) => {
@@ -330,7 +341,8 @@ pub struct SyncIo<'a> {
     pub target: &'a dyn WriteAt,
     /// What identifies the target across runs: part of the journal identity.
     pub target_id: String,
-    /// The target was just created and reads as zeros: it is not scanned.
+    /// This run created the target (a file found at the start, even one a cut run
+    /// created, is not fresh): it reads as zeros and is not scanned.
     pub target_fresh: bool,
     /// What the target holds, when known: it is then not scanned; chunks it claims are
     /// hashed when read and by the final check.
