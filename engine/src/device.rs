@@ -58,11 +58,7 @@ impl Device {
     }
 
     /// Wraps a file just opened at `path`.
-    pub(crate) fn from_open(file: File, path: &Path) -> Result<Device> {
-        Device::from_file(file, path)
-    }
-
-    fn from_file(file: File, path: &Path) -> Result<Device> {
+    pub(crate) fn from_file(file: File, path: &Path) -> Result<Device> {
         let meta = file
             .metadata()
             .map_err(|e| Error::io("inspecting", path, e))?;
@@ -231,7 +227,9 @@ pub(crate) fn busy_error(path: &Path) -> Error {
     } else if !holders.is_empty() {
         format!("is held by {}", holders.join(", "))
     } else {
-        "is in use by the kernel (mounted, or part of a device-mapper, RAID or swap set)".into()
+        "is in use (mounted, part of a device-mapper, RAID or swap set, or opened \
+         exclusively by another program)"
+            .into()
     };
     Error::InvalidInput(format!(
         "block device {} ({numbers}) {why}: refusing to write into a live file system, \

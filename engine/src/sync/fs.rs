@@ -128,7 +128,7 @@ impl Fs for RealFs {
         let file = opts
             .open(path)
             .map_err(|e| Error::io("opening target", path, e))?;
-        Device::from_open(file, path)
+        Device::from_file(file, path)
     }
 
     fn open_rw_nofollow(&self, path: &Path) -> Result<Device> {
@@ -138,7 +138,7 @@ impl Fs for RealFs {
             .custom_flags(libc::O_NOFOLLOW)
             .open(path)
             .map_err(|e| Error::io("opening", path, e))?;
-        Device::from_open(file, path)
+        Device::from_file(file, path)
     }
 
     fn create_new(&self, path: &Path, mode: u32) -> Result<Device> {
@@ -150,7 +150,7 @@ impl Fs for RealFs {
             .custom_flags(libc::O_NOFOLLOW)
             .open(path)
             .map_err(|e| Error::io("creating", path, e))?;
-        Device::from_open(file, path)
+        Device::from_file(file, path)
     }
 
     fn rename_noreplace(&self, from: &Path, to: &Path) -> Result<()> {
