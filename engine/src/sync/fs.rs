@@ -9,7 +9,7 @@
 //!
 //! What each operation promises to sync (and what the rig checks it relies on):
 //! - file contents and size are durable after [`FsFile::sync_all`] (or
-//!   [`WriteAt::flush`](crate::sync::WriteAt::flush) for contents of an existing size);
+//!   [`WriteAt::flush`] for contents of an existing size);
 //! - a directory entry (a creation, rename or removal) is durable only after
 //!   [`Fs::sync_dir`] of its directory.
 //!
