@@ -18,12 +18,12 @@
 //! [`Fs::open_rw_nofollow`] refuse them, and temporary names carry a random suffix
 //! ([`random_suffix`]).
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
 use std::hash::{BuildHasher, Hasher};
 use std::io;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::WriteAt;
@@ -193,6 +193,56 @@ pub fn is_io_kind(e: &Error, kind: io::ErrorKind) -> bool {
 /// Whether `e` is the operating-system error number `errno`.
 pub fn is_errno(e: &Error, errno: i32) -> bool {
     os_error(e).is_some_and(|s| s.raw_os_error() == Some(errno))
+}
+
+/// The directory of `path` (`.` for a bare name) and its file name.
+///
+/// # Errors
+/// [`Error::InvalidInput`] when `path` has no file name.
+pub fn split_path(path: &Path) -> Result<(PathBuf, &OsStr)> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::InvalidInput(format!("{} has no file name", path.display())))?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    Ok((dir, name))
+}
+
+/// The prefix of the temporary names of `name`: `.NAME.tessera-new.`.
+fn temp_prefix(name: &OsStr) -> String {
+    format!(".{}.tessera-new.", name.to_string_lossy())
+}
+
+/// A new temporary name beside `path`: `.NAME.tessera-new.` and 16 random hex digits.
+///
+/// # Errors
+/// [`Error::InvalidInput`] when `path` has no file name.
+pub fn temp_path(path: &Path) -> Result<PathBuf> {
+    let (dir, name) = split_path(path)?;
+    Ok(dir.join(format!("{}{}", temp_prefix(name), random_suffix())))
+}
+
+/// Deletes the temporary files of `path` (names [`temp_path`] makes) that a killed run
+/// left beside it, and nothing else; best effort. Removing a name never follows a link.
+pub fn remove_temp_debris<F: Fs>(fs: &F, path: &Path) {
+    let Ok((dir, name)) = split_path(path) else {
+        return;
+    };
+    let prefix = temp_prefix(name);
+    let Ok(names) = fs.list_dir(&dir) else {
+        return;
+    };
+    for n in names {
+        let n = n.to_string_lossy();
+        let ours = n
+            .strip_prefix(&prefix)
+            .is_some_and(|rest| rest.len() == 16 && rest.bytes().all(|b| b.is_ascii_hexdigit()));
+        if ours {
+            let _ = fs.remove_file(&dir.join(&*n));
+        }
+    }
 }
 
 /// 16 hex digits nobody can predict (keyed by the randomly seeded hasher of std, plus

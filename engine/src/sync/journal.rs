@@ -23,7 +23,7 @@
 use std::io;
 use std::path::PathBuf;
 
-use super::fs::{is_errno, is_io_kind, Fs, FsFile, RealFs};
+use super::fs::{is_errno, is_io_kind, remove_temp_debris, temp_path, Fs, FsFile, RealFs};
 use super::io::{ReadAt, WriteAt};
 use super::plan::{Op, Phase, Source, Stash};
 use crate::device::DeviceKind;
@@ -67,20 +67,30 @@ pub trait JournalIo: Send {
     /// # Errors
     /// I/O errors.
     fn remove(&mut self) -> Result<()>;
+    /// Replaces the journal with `bytes`, atomically and durably: after a crash it holds
+    /// either what it held before or exactly `bytes`, never a prefix or a mix.
+    ///
+    /// # Errors
+    /// I/O errors.
+    fn replace(&mut self, bytes: &[u8]) -> Result<()>;
 }
 
 /// A journal in a file, on the file system `F` (the real one by default).
 ///
 /// The file is never reached through a symbolic link (`O_NOFOLLOW`: a link at its path is
-/// an error), is created with `O_EXCL` (mode 0600), and an existing file that is not a
-/// journal (nor what a cut can leave of one: empty, or starting with zeros or the magic)
-/// is refused, never overwritten.
+/// an error), and an existing file that is not a journal (it is neither empty nor starts
+/// with the magic) is refused, never overwritten. A new journal is written whole under a
+/// temporary name (`O_EXCL|O_NOFOLLOW`, mode 0600, random suffix), synced and renamed into
+/// place ([`JournalIo::replace`]), so the file at the journal's path always starts with a
+/// complete header.
 #[derive(Debug)]
 pub struct FileJournal<'a, F: Fs = RealFs> {
     fs: &'a F,
     path: PathBuf,
     file: Option<F::File>,
     created: bool,
+    /// [`JournalIo::load`] found the path free or holding a journal.
+    checked: bool,
 }
 
 impl FileJournal<'static> {
@@ -98,6 +108,7 @@ impl<'a, F: Fs> FileJournal<'a, F> {
             path: path.into(),
             file: None,
             created: false,
+            checked: false,
         }
     }
 
@@ -106,6 +117,13 @@ impl<'a, F: Fs> FileJournal<'a, F> {
             Some(d) => d.to_path_buf(),
             None => PathBuf::from("."),
         }
+    }
+
+    fn write_temp(&self, tmp: &std::path::Path, bytes: &[u8]) -> Result<F::File> {
+        let f = self.fs.create_new(tmp, 0o600)?;
+        f.write_all_at(bytes, 0)?;
+        f.sync_all()?;
+        Ok(f)
     }
 
     /// The open journal, created (exclusively) if it does not exist yet.
@@ -130,11 +148,11 @@ impl<'a, F: Fs> FileJournal<'a, F> {
     }
 }
 
-/// Whether `head` (the first bytes of an existing file) may be a journal, or what a power
-/// cut leaves of one: empty, the magic, or zeros (a lost first sector).
+/// Whether `head` (the first bytes of an existing file) may be a journal: it starts with
+/// (a prefix of) the magic, or the file is empty.
 fn may_be_journal(head: &[u8]) -> bool {
     let n = head.len().min(MAGIC.len());
-    head[..n] == MAGIC[..n] || head[..n].iter().all(|&b| b == 0)
+    head[..n] == MAGIC[..n]
 }
 
 impl<F: Fs> JournalIo for FileJournal<'_, F> {
@@ -143,9 +161,14 @@ impl<F: Fs> JournalIo for FileJournal<'_, F> {
     }
 
     fn load(&mut self) -> Result<Vec<u8>> {
+        self.file = None;
+        self.checked = false;
         let f = match self.fs.open_rw_nofollow(&self.path) {
             Ok(f) => f,
-            Err(e) if is_io_kind(&e, io::ErrorKind::NotFound) => return Ok(Vec::new()),
+            Err(e) if is_io_kind(&e, io::ErrorKind::NotFound) => {
+                self.checked = true;
+                return Ok(Vec::new());
+            }
             Err(e) if is_errno(&e, libc::ELOOP) => {
                 return Err(Error::InvalidInput(format!(
                     "journal {} is a symbolic link: refusing to follow it (remove it, or \
@@ -176,6 +199,7 @@ impl<F: Fs> JournalIo for FileJournal<'_, F> {
         let mut bytes = vec![0u8; len];
         f.read_exact_at(&mut bytes, 0)?;
         self.file = Some(f);
+        self.checked = true;
         Ok(bytes)
     }
 
@@ -203,6 +227,36 @@ impl<F: Fs> JournalIo for FileJournal<'_, F> {
             Err(e) if is_io_kind(&e, io::ErrorKind::NotFound) => Ok(()),
             Err(e) => Err(e),
         }
+    }
+
+    fn replace(&mut self, bytes: &[u8]) -> Result<()> {
+        if !self.checked {
+            // Never replace what was not seen to be a journal.
+            self.load()?;
+        }
+        let dir = self.dir();
+        self.fs.create_dir_all(&dir)?;
+        remove_temp_debris(self.fs, &self.path);
+        let tmp = temp_path(&self.path)?;
+        let mut f = self.write_temp(&tmp, bytes).inspect_err(|_| {
+            let _ = self.fs.remove_file(&tmp);
+        })?;
+        // The old journal (checked to be one by `load`) makes way; a crash from here to
+        // the directory sync leaves the old journal or none, and the target unwritten.
+        self.file = None;
+        let moved = match self.fs.remove_file(&self.path) {
+            Err(e) if !is_io_kind(&e, io::ErrorKind::NotFound) => Err(e),
+            _ => self.fs.rename_noreplace(&tmp, &self.path),
+        };
+        if let Err(e) = moved {
+            let _ = self.fs.remove_file(&tmp);
+            return Err(e);
+        }
+        f.renamed(&self.path);
+        self.fs.sync_dir(&dir)?;
+        self.file = Some(f);
+        self.created = false;
+        Ok(())
     }
 }
 
@@ -279,11 +333,9 @@ impl<'a> Journal<'a> {
         header.extend_from_slice(&plan);
         self.header_sum = *blake3::hash(&header).as_bytes();
         header.extend_from_slice(&self.header_sum);
-        // Cut first: a crash mid-write then leaves a short file that fails its checksum,
-        // never an old journal's records behind a new header.
-        self.io.set_len(0)?;
-        self.io.write_at(0, &header)?;
-        self.io.sync()?;
+        // Whole or not at all: never an old journal's records behind a new header, never a
+        // torn header at the journal's path.
+        self.io.replace(&header)?;
         self.end = header.len() as u64;
         self.records = 0;
         Ok(())
@@ -511,6 +563,10 @@ impl JournalIo for MemoryJournal {
     }
     fn remove(&mut self) -> Result<()> {
         self.0.clear();
+        Ok(())
+    }
+    fn replace(&mut self, bytes: &[u8]) -> Result<()> {
+        self.0 = bytes.to_vec();
         Ok(())
     }
 }

@@ -17,10 +17,9 @@
 //! Temporary names of a killed run are deleted whenever a file target is opened for
 //! writing: only names of that exact shape, beside that target.
 
-use std::ffi::OsStr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use super::fs::{is_errno, is_io_kind, random_suffix, Fs, FsFile};
+use super::fs::{is_errno, is_io_kind, remove_temp_debris, split_path, temp_path, Fs, FsFile};
 use super::io::{ReadAt, WriteAt};
 use crate::device::{busy_error, check_target_size, DeviceKind};
 use crate::error::{Error, Result};
@@ -49,7 +48,7 @@ pub fn open_target<F: Fs>(
     match fs.open_rw(path, exclusive) {
         Ok(file) => {
             if file.kind() == DeviceKind::File {
-                remove_leftovers(fs, path);
+                remove_temp_debris(fs, path);
                 if file.size() < image_size {
                     file.set_len(image_size)?;
                     file.sync_all()?;
@@ -59,7 +58,7 @@ pub fn open_target<F: Fs>(
             Ok(OpenTarget { file, fresh: false })
         }
         Err(e) if is_io_kind(&e, std::io::ErrorKind::NotFound) => {
-            remove_leftovers(fs, path);
+            remove_temp_debris(fs, path);
             let file = create(fs, path, image_size)?;
             Ok(OpenTarget { file, fresh: true })
         }
@@ -68,28 +67,11 @@ pub fn open_target<F: Fs>(
     }
 }
 
-/// The directory and file name of `path`.
-fn split(path: &Path) -> Result<(PathBuf, &OsStr)> {
-    let name = path.file_name().ok_or_else(|| {
-        Error::InvalidInput(format!("target {} has no file name", path.display()))
-    })?;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    Ok((dir, name))
-}
-
-/// The prefix of the temporary names of target `name`.
-fn temp_prefix(name: &OsStr) -> String {
-    format!(".{}.tessera-new.", name.to_string_lossy())
-}
-
 /// Creates the target durably at its full size: temporary name, size, fsync, rename,
 /// fsync of the directory.
 fn create<F: Fs>(fs: &F, path: &Path, image_size: u64) -> Result<F::File> {
-    let (dir, name) = split(path)?;
-    let tmp = dir.join(format!("{}{}", temp_prefix(name), random_suffix()));
+    let (dir, _) = split_path(path)?;
+    let tmp = temp_path(path)?;
     let mut file = fs.create_new(&tmp, 0o666)?;
     let sized = file.set_len(image_size).and_then(|()| file.sync_all());
     let renamed = sized.and_then(|()| fs.rename_noreplace(&tmp, path));
@@ -97,8 +79,8 @@ fn create<F: Fs>(fs: &F, path: &Path, image_size: u64) -> Result<F::File> {
         let _ = fs.remove_file(&tmp);
         if is_io_kind(&e, std::io::ErrorKind::AlreadyExists) {
             return Err(Error::InvalidInput(format!(
-                "target {} appeared while tessera was creating it; nothing was written \
-                 (run the sync again)",
+                "target {} exists after all (a dangling symbolic link, or a file created \
+                 meanwhile); nothing was written",
                 path.display()
             )));
         }
@@ -107,24 +89,4 @@ fn create<F: Fs>(fs: &F, path: &Path, image_size: u64) -> Result<F::File> {
     file.renamed(path);
     fs.sync_dir(&dir)?;
     Ok(file)
-}
-
-/// Deletes the temporary targets a killed run left beside `path` (best effort).
-fn remove_leftovers<F: Fs>(fs: &F, path: &Path) {
-    let Ok((dir, name)) = split(path) else {
-        return;
-    };
-    let prefix = temp_prefix(name);
-    let Ok(names) = fs.list_dir(&dir) else {
-        return;
-    };
-    for n in names {
-        let n = n.to_string_lossy();
-        let ours = n
-            .strip_prefix(&prefix)
-            .is_some_and(|rest| rest.len() == 16 && rest.bytes().all(|b| b.is_ascii_hexdigit()));
-        if ours {
-            let _ = fs.remove_file(&dir.join(&*n));
-        }
-    }
 }

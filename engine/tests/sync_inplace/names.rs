@@ -71,7 +71,12 @@ fn a_foreign_file_at_the_journal_path_is_not_overwritten() {
     );
     assert_eq!(fs::read(&journal).unwrap(), b"my notes");
     assert_eq!(fs::read(&target).unwrap(), old);
-    // An empty file is what a cut can leave of a journal: it is taken over.
+    // Nor one that starts with zeros (a blank disk image, say).
+    fs::write(&journal, vec![0u8; 4096]).unwrap();
+    let err = sync_with(&index, &target, &store, &opts, &NoProgress).unwrap_err();
+    assert!(err.to_string().contains("is not a tessera journal"), "{err}");
+    assert_eq!(fs::read(&journal).unwrap(), vec![0u8; 4096]);
+    // An empty file holds nothing to lose: it is taken over.
     fs::write(&journal, b"").unwrap();
     sync_with(&index, &target, &store, &opts, &NoProgress).unwrap();
     assert_eq!(fs::read(&target).unwrap(), image);
