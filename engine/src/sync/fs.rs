@@ -178,7 +178,7 @@ impl Fs for RealFs {
 }
 
 /// The operating-system error under an [`Error::Io`], if that is what `e` is.
-pub fn os_error(e: &Error) -> Option<&io::Error> {
+pub(crate) fn os_error(e: &Error) -> Option<&io::Error> {
     match e {
         Error::Io { source, .. } => Some(source),
         _ => None,
@@ -186,12 +186,12 @@ pub fn os_error(e: &Error) -> Option<&io::Error> {
 }
 
 /// Whether `e` is an I/O error of kind `kind`.
-pub fn is_io_kind(e: &Error, kind: io::ErrorKind) -> bool {
+pub(crate) fn is_io_kind(e: &Error, kind: io::ErrorKind) -> bool {
     os_error(e).is_some_and(|s| s.kind() == kind)
 }
 
 /// Whether `e` is the operating-system error number `errno`.
-pub fn is_errno(e: &Error, errno: i32) -> bool {
+pub(crate) fn is_errno(e: &Error, errno: i32) -> bool {
     os_error(e).is_some_and(|s| s.raw_os_error() == Some(errno))
 }
 
@@ -199,7 +199,7 @@ pub fn is_errno(e: &Error, errno: i32) -> bool {
 ///
 /// # Errors
 /// [`Error::InvalidInput`] when `path` has no file name.
-pub fn split_path(path: &Path) -> Result<(PathBuf, &OsStr)> {
+pub(crate) fn split_path(path: &Path) -> Result<(PathBuf, &OsStr)> {
     let name = path
         .file_name()
         .ok_or_else(|| Error::InvalidInput(format!("{} has no file name", path.display())))?;
@@ -219,14 +219,14 @@ fn temp_prefix(name: &OsStr) -> String {
 ///
 /// # Errors
 /// [`Error::InvalidInput`] when `path` has no file name.
-pub fn temp_path(path: &Path) -> Result<PathBuf> {
+pub(crate) fn temp_path(path: &Path) -> Result<PathBuf> {
     let (dir, name) = split_path(path)?;
     Ok(dir.join(format!("{}{}", temp_prefix(name), random_suffix())))
 }
 
 /// Deletes the temporary files of `path` (names [`temp_path`] makes) that a killed run
 /// left beside it, and nothing else; best effort. Removing a name never follows a link.
-pub fn remove_temp_debris<F: Fs>(fs: &F, path: &Path) {
+pub(crate) fn remove_temp_debris<F: Fs>(fs: &F, path: &Path) {
     let Ok((dir, name)) = split_path(path) else {
         return;
     };
@@ -247,7 +247,7 @@ pub fn remove_temp_debris<F: Fs>(fs: &F, path: &Path) {
 
 /// 16 hex digits nobody can predict (keyed by the randomly seeded hasher of std, plus
 /// time, process and a counter), for temporary names.
-pub fn random_suffix() -> String {
+pub(crate) fn random_suffix() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     let now = std::time::SystemTime::now()
