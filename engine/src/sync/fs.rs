@@ -15,8 +15,9 @@
 //!
 //! Names tessera picks itself (a journal, a temporary target) are never followed through a
 //! symbolic link and never replace an existing file: [`Fs::create_new`] and
-//! [`Fs::open_rw_nofollow`] refuse them, and temporary names carry a random suffix
-//! ([`random_suffix`]).
+//! [`Fs::open_rw_nofollow`] refuse them, and temporary names (`.NAME.tessera-new.` and 16
+//! random hex digits) cannot be guessed; leftovers of that exact shape are deleted by the
+//! next run, nothing else.
 
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, OpenOptions};

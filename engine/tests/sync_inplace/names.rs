@@ -74,7 +74,10 @@ fn a_foreign_file_at_the_journal_path_is_not_overwritten() {
     // Nor one that starts with zeros (a blank disk image, say).
     fs::write(&journal, vec![0u8; 4096]).unwrap();
     let err = sync_with(&index, &target, &store, &opts, &NoProgress).unwrap_err();
-    assert!(err.to_string().contains("is not a tessera journal"), "{err}");
+    assert!(
+        err.to_string().contains("is not a tessera journal"),
+        "{err}"
+    );
     assert_eq!(fs::read(&journal).unwrap(), vec![0u8; 4096]);
     // An empty file holds nothing to lose: it is taken over.
     fs::write(&journal, b"").unwrap();
