@@ -201,28 +201,58 @@ pub fn check_target_size(
 }
 
 /// Why a block device was refused with `EBUSY` when opened exclusively: the mount points
-/// of `/proc/self/mountinfo` that name its device number, or the kernel holders listed in
-/// `/sys/dev/block/MAJOR:MINOR/holders` (device-mapper, RAID).
+/// that `/proc/self/mountinfo` gives for its device number or those of its partitions, or
+/// the kernel holders listed in `/sys/dev/block/MAJOR:MINOR/holders` (device-mapper, RAID).
 pub(crate) fn busy_error(path: &Path) -> Error {
     let rdev = std::fs::metadata(path).map_or(0, |m| m.rdev());
-    let (major, minor) = (libc::major(rdev), libc::minor(rdev));
-    let numbers = format!("{major}:{minor}");
-    let mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|line| {
+    let numbers = format!("{}:{}", libc::major(rdev), libc::minor(rdev));
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let why = busy_reason(&numbers, &mountinfo, Path::new("/sys/dev/block"));
+    Error::InvalidInput(format!(
+        "block device {} ({numbers}) {why}: refusing to write into a live file system, \
+         which would overwrite the image or be overwritten by it (unmount or release it \
+         first; --force writes anyway)",
+        path.display()
+    ))
+}
+
+/// What holds block device `numbers` (`MAJOR:MINOR`), from the text of a `mountinfo` and
+/// a `/sys/dev/block` directory.
+fn busy_reason(numbers: &str, mountinfo: &str, sys_block: &Path) -> String {
+    let sys = sys_block.join(numbers);
+    // The device itself, then its partitions (a whole disk is busy while one is mounted).
+    let mut nodes = vec![(String::new(), numbers.to_string(), sys.clone())];
+    for e in std::fs::read_dir(&sys).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.join("partition").exists() {
+            if let Ok(n) = std::fs::read_to_string(p.join("dev")) {
+                let name = e.file_name().to_string_lossy().into_owned();
+                nodes.push((format!(" (partition {name})"), n.trim().to_string(), p));
+            }
+        }
+    }
+    nodes[1..].sort();
+    let mut mounts = Vec::new();
+    let mut holders = Vec::new();
+    for (label, n, dir) in &nodes {
+        for line in mountinfo.lines() {
             let f: Vec<&str> = line.split(' ').collect();
-            (f.get(2) == Some(&numbers.as_str())).then(|| unescape_mount(f.get(4)?))?
-        })
-        .collect();
-    let holders: Vec<String> = std::fs::read_dir(format!("/sys/dev/block/{numbers}/holders"))
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    let why = if !mounts.is_empty() {
+            if f.get(2) == Some(&n.as_str()) {
+                if let Some(point) = f.get(4).and_then(|m| unescape_mount(m)) {
+                    mounts.push(format!("{point}{label}"));
+                }
+            }
+        }
+        let mut held: Vec<String> = std::fs::read_dir(dir.join("holders"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| format!("{}{label}", e.file_name().to_string_lossy()))
+            .collect();
+        held.sort();
+        holders.extend(held);
+    }
+    if !mounts.is_empty() {
         format!("is mounted on {}", mounts.join(", "))
     } else if !holders.is_empty() {
         format!("is held by {}", holders.join(", "))
@@ -230,13 +260,7 @@ pub(crate) fn busy_error(path: &Path) -> Error {
         "is in use (mounted, part of a device-mapper, RAID or swap set, or opened \
          exclusively by another program)"
             .into()
-    };
-    Error::InvalidInput(format!(
-        "block device {} ({numbers}) {why}: refusing to write into a live file system, \
-         which would overwrite the image or be overwritten by it (unmount or release it \
-         first; --force writes anyway)",
-        path.display()
-    ))
+    }
 }
 
 /// A mount point as `/proc/self/mountinfo` escapes it (`\040` for a space...).
@@ -279,6 +303,32 @@ mod tests {
         assert!(e
             .to_string()
             .starts_with("file a.img holds 0 bytes but the image needs 10"));
+    }
+
+    #[test]
+    fn what_holds_a_busy_device_is_named() {
+        let sys = tempfile::tempdir().unwrap();
+        let disk = sys.path().join("7:0");
+        let part = disk.join("loop0p1");
+        std::fs::create_dir_all(&part).unwrap();
+        std::fs::write(part.join("partition"), "1\n").unwrap();
+        std::fs::write(part.join("dev"), "259:0\n").unwrap();
+        std::fs::create_dir_all(part.join("holders")).unwrap();
+        std::fs::create_dir_all(disk.join("holders")).unwrap();
+        let mountinfo = "22 1 259:0 / /mnt/a\\040b rw,relatime shared:1 - ext4 /dev/loop0p1 rw\n\
+                         23 1 7:0 / /srv rw - ext4 /dev/loop0 rw\n\
+                         24 1 8:0 / / rw - ext4 /dev/sda rw\n";
+        assert_eq!(
+            busy_reason("7:0", mountinfo, sys.path()),
+            "is mounted on /srv, /mnt/a b (partition loop0p1)"
+        );
+        // Not mounted, but held by device-mapper (through its partition).
+        std::fs::create_dir(part.join("holders/dm-3")).unwrap();
+        assert_eq!(
+            busy_reason("7:0", "", sys.path()),
+            "is held by dm-3 (partition loop0p1)"
+        );
+        assert!(busy_reason("7:9", "", sys.path()).starts_with("is in use"));
     }
 
     #[test]
