@@ -21,7 +21,7 @@
 //! appended, so leftover bytes are never read as records.
 
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::fs::{is_errno, is_io_kind, remove_temp_debris, temp_path, Fs, FsFile, RealFs};
 use super::io::{ReadAt, WriteAt};
@@ -119,7 +119,7 @@ impl<'a, F: Fs> FileJournal<'a, F> {
         }
     }
 
-    fn write_temp(&self, tmp: &std::path::Path, bytes: &[u8]) -> Result<F::File> {
+    fn write_temp(&self, tmp: &Path, bytes: &[u8]) -> Result<F::File> {
         let f = self.fs.create_new(tmp, 0o600)?;
         f.write_all_at(bytes, 0)?;
         f.sync_all()?;
