@@ -317,6 +317,105 @@ fn sigkill_at_random_moments_then_the_same_command_finishes() {
     );
 }
 
+/// A mount of a device, unmounted on drop.
+struct Mount {
+    point: PathBuf,
+}
+
+impl Mount {
+    fn new(dev: &Path, point: &Path) -> Mount {
+        fs::create_dir_all(point).unwrap();
+        let st = std::process::Command::new("mount")
+            .arg(dev)
+            .arg(point)
+            .status()
+            .expect("running mount");
+        assert!(st.success(), "mount {} failed", dev.display());
+        Mount {
+            point: point.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(&self.point)
+            .status();
+    }
+}
+
+#[test]
+fn a_mounted_block_device_is_refused_unless_forced() {
+    let mkfs = std::process::Command::new("mkfs.ext4")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if skip_unless(loop_available() && mkfs, "root, loop devices and mkfs.ext4") {
+        return;
+    }
+    let dir = TempDir::new().unwrap();
+    let store = dir.path().join("store");
+    let image = dir.path().join("image.raw");
+    fs::write(&image, random_bytes(3 << 20, 61)).unwrap();
+    let index = make(dir.path(), &image, &store, "image");
+    let backing = dir.path().join("disk.loop");
+    fs::write(&backing, vec![0u8; 8 << 20]).unwrap();
+    let dev = LoopDevice::attach(&backing);
+    // No lazy initialisation: nothing writes to the idle file system once mounted.
+    let st = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"])
+        .arg(&dev.path)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mkfs.ext4 failed");
+    let point = dir.path().join("mnt point");
+    let mount = Mount::new(&dev.path, &point);
+    std::process::Command::new("sync").status().unwrap();
+    let before = fs::read(&dev.path).unwrap();
+    let journal = dir.path().join("j");
+    let err = run_err(&[
+        &"sync",
+        &index,
+        &dev.path,
+        &"--store",
+        &store,
+        &"--journal",
+        &journal,
+    ]);
+    assert!(
+        err.contains(&format!("is mounted on {}", point.display())),
+        "the mount point is not named: {err}"
+    );
+    assert!(err.contains("--force"), "{err}");
+    assert_eq!(
+        fs::read(&dev.path).unwrap(),
+        before,
+        "a refused device was written"
+    );
+    assert!(!journal.exists(), "a refused device got a journal");
+    // With --force it is written (and the file system under the mount is destroyed).
+    let r = json(&run_ok(&[
+        &"sync",
+        &index,
+        &dev.path,
+        &"--store",
+        &store,
+        &"--journal",
+        &journal,
+        &"--json",
+        &"--force",
+    ]));
+    assert_eq!(field(&r, "image_size"), 3 << 20);
+    let after = fs::read(&dev.path).unwrap();
+    assert!(
+        after[..3 << 20] == fs::read(&image).unwrap()[..],
+        "forced sync did not write"
+    );
+    drop(mount);
+    drop(dev);
+}
+
 #[test]
 fn help_explains_the_in_place_flags() {
     let help = run_ok(&[&"sync", &"--help"]);
@@ -326,6 +425,7 @@ fn help_explains_the_in_place_flags() {
         "--dry-run",
         "--journal",
         "--scratch-size",
+        "--force",
     ] {
         assert!(help.contains(flag), "{flag} missing from --help:\n{help}");
     }

@@ -4,12 +4,14 @@
 //! `read_exact_at`/`write_all_at`, a block device's size comes from `BLKGETSIZE64`, and
 //! zero ranges become holes on regular files.
 
-use std::fs::{File, OpenOptions};
-use std::io;
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::fmt::Display;
+use std::fs::File;
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{Error, Result};
+use crate::sync::fs::FsFile;
 
 /// Whether a device is a regular file or a block device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,7 +28,10 @@ pub struct Device {
     file: File,
     path: PathBuf,
     kind: DeviceKind,
-    size: u64,
+    /// Changes with [`FsFile::set_len`].
+    size: AtomicU64,
+    /// `(device, inode)` of a file, `(u64::MAX, device number)` of a block device.
+    node: (u64, u64),
 }
 
 impl Device {
@@ -39,51 +44,31 @@ impl Device {
         Device::from_file(file, path)
     }
 
-    /// Opens a target for writing an image of `image_size` bytes. A missing path is
-    /// created as a file of that size; an existing target must be at least that large
-    /// (its tail past the image is left untouched).
+    /// Opens a target for writing an image of `image_size` bytes, as sync does (without
+    /// claiming a block device exclusively): a missing path is created durably at that
+    /// size (under a temporary name, then renamed), a smaller regular file is grown, a
+    /// block device must be at least that large (its tail past the image is left
+    /// untouched).
     ///
     /// # Errors
-    /// [`Error::InvalidInput`] if the target is too small (nothing is written then).
+    /// [`Error::InvalidInput`] if a block device is too small (nothing is written then);
+    /// [`Error::Io`] naming the path.
     pub fn open_target(path: &Path, image_size: u64) -> Result<Device> {
-        let file = match OpenOptions::new().read(true).write(true).open(path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                let f = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create_new(true)
-                    .open(path)
-                    .map_err(|e| Error::io("creating target", path, e))?;
-                f.set_len(image_size)
-                    .map_err(|e| Error::io("sizing target", path, e))?;
-                f
-            }
-            Err(e) => return Err(Error::io("opening target", path, e)),
-        };
-        let dev = Device::from_file(file, path)?;
-        if dev.size < image_size {
-            return Err(Error::InvalidInput(format!(
-                "target {} holds {} bytes but the image needs {image_size}; nothing was written \
-                 (use a larger partition, or grow the file with `truncate -s {image_size}`)",
-                path.display(),
-                dev.size
-            )));
-        }
-        Ok(dev)
+        crate::sync::open_target(&crate::sync::fs::RealFs, path, image_size, false).map(|t| t.file)
     }
 
-    fn from_file(file: File, path: &Path) -> Result<Device> {
+    /// Wraps a file just opened at `path`.
+    pub(crate) fn from_file(file: File, path: &Path) -> Result<Device> {
         let meta = file
             .metadata()
             .map_err(|e| Error::io("inspecting", path, e))?;
         let ft = meta.file_type();
-        let (kind, size) = if ft.is_block_device() {
+        let (kind, size, node) = if ft.is_block_device() {
             let size = crate::sys::block_device_size(&file)
                 .map_err(|e| Error::io("reading block device size of", path, e))?;
-            (DeviceKind::BlockDevice, size)
+            (DeviceKind::BlockDevice, size, (u64::MAX, meta.rdev()))
         } else if ft.is_file() {
-            (DeviceKind::File, meta.len())
+            (DeviceKind::File, meta.len(), (meta.dev(), meta.ino()))
         } else {
             return Err(Error::InvalidInput(format!(
                 "{} is neither a regular file nor a block device",
@@ -94,7 +79,8 @@ impl Device {
             file,
             path: path.to_path_buf(),
             kind,
-            size,
+            size: AtomicU64::new(size),
+            node,
         })
     }
 
@@ -110,7 +96,7 @@ impl Device {
 
     /// Size in bytes (from `BLKGETSIZE64` for block devices).
     pub fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Relaxed)
     }
 
     /// The underlying file, for sequential reading.
@@ -166,5 +152,188 @@ impl Device {
         self.file
             .sync_data()
             .map_err(|e| Error::io("syncing", &self.path, e))
+    }
+}
+
+impl FsFile for Device {
+    fn set_len(&self, len: u64) -> Result<()> {
+        self.file
+            .set_len(len)
+            .map_err(|e| Error::io("resizing", &self.path, e))?;
+        self.size.store(len, Ordering::Relaxed);
+        Ok(())
+    }
+    fn sync_all(&self) -> Result<()> {
+        self.file
+            .sync_all()
+            .map_err(|e| Error::io("syncing", &self.path, e))
+    }
+    fn node(&self) -> (u64, u64) {
+        self.node
+    }
+    fn renamed(&mut self, path: &Path) {
+        self.path = path.to_path_buf();
+    }
+}
+
+/// The one check that a target holds the image: `name` of `kind` holds `size` bytes,
+/// the image needs `image_size`. Sync, verify and the dm-verity tree share its wording.
+///
+/// # Errors
+/// [`Error::InvalidInput`] naming the target, both sizes and what to do.
+pub fn check_target_size(
+    name: impl Display,
+    kind: DeviceKind,
+    size: u64,
+    image_size: u64,
+) -> Result<()> {
+    if size >= image_size {
+        return Ok(());
+    }
+    let (what, hint) = match kind {
+        DeviceKind::BlockDevice => ("block device", "use a larger device or partition".into()),
+        DeviceKind::File => ("file", format!("grow it with `truncate -s {image_size}`")),
+    };
+    Err(Error::InvalidInput(format!(
+        "{what} {name} holds {size} bytes but the image needs {image_size}; nothing was \
+         written ({hint})"
+    )))
+}
+
+/// Why a block device was refused with `EBUSY` when opened exclusively: the mount points
+/// that `/proc/self/mountinfo` gives for its device number or those of its partitions, or
+/// the kernel holders listed in `/sys/dev/block/MAJOR:MINOR/holders` (device-mapper, RAID).
+pub(crate) fn busy_error(path: &Path) -> Error {
+    let rdev = std::fs::metadata(path).map_or(0, |m| m.rdev());
+    let numbers = format!("{}:{}", libc::major(rdev), libc::minor(rdev));
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let why = busy_reason(&numbers, &mountinfo, Path::new("/sys/dev/block"));
+    Error::InvalidInput(format!(
+        "block device {} ({numbers}) {why}: refusing to write into a live file system, \
+         which would overwrite the image or be overwritten by it (unmount or release it \
+         first; --force writes anyway)",
+        path.display()
+    ))
+}
+
+/// What holds block device `numbers` (`MAJOR:MINOR`), from the text of a `mountinfo` and
+/// a `/sys/dev/block` directory.
+fn busy_reason(numbers: &str, mountinfo: &str, sys_block: &Path) -> String {
+    let sys = sys_block.join(numbers);
+    // The device itself, then its partitions (a whole disk is busy while one is mounted).
+    let mut nodes = vec![(String::new(), numbers.to_string(), sys.clone())];
+    for e in std::fs::read_dir(&sys).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.join("partition").exists() {
+            if let Ok(n) = std::fs::read_to_string(p.join("dev")) {
+                let name = e.file_name().to_string_lossy().into_owned();
+                nodes.push((format!(" (partition {name})"), n.trim().to_string(), p));
+            }
+        }
+    }
+    nodes[1..].sort();
+    let mut mounts = Vec::new();
+    let mut holders = Vec::new();
+    for (label, n, dir) in &nodes {
+        for line in mountinfo.lines() {
+            let f: Vec<&str> = line.split(' ').collect();
+            if f.get(2) == Some(&n.as_str()) {
+                if let Some(point) = f.get(4).and_then(|m| unescape_mount(m)) {
+                    mounts.push(format!("{point}{label}"));
+                }
+            }
+        }
+        let mut held: Vec<String> = std::fs::read_dir(dir.join("holders"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| format!("{}{label}", e.file_name().to_string_lossy()))
+            .collect();
+        held.sort();
+        holders.extend(held);
+    }
+    if !mounts.is_empty() {
+        format!("is mounted on {}", mounts.join(", "))
+    } else if !holders.is_empty() {
+        format!("is held by {}", holders.join(", "))
+    } else {
+        "is in use (mounted, part of a device-mapper, RAID or swap set, or opened \
+         exclusively by another program)"
+            .into()
+    }
+}
+
+/// A mount point as `/proc/self/mountinfo` escapes it (`\040` for a space...).
+fn unescape_mount(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match (b[i], octal) {
+            (b'\\', Some(d)) => {
+                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    Some(String::from_utf8_lossy(&out).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_wording_for_a_target_too_small() {
+        check_target_size("/dev/x", DeviceKind::BlockDevice, 10, 10).unwrap();
+        let e = check_target_size("/dev/x", DeviceKind::BlockDevice, 9, 10).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "block device /dev/x holds 9 bytes but the image needs 10; nothing was written \
+             (use a larger device or partition)"
+        );
+        let e = check_target_size("a.img", DeviceKind::File, 0, 10).unwrap_err();
+        assert!(e
+            .to_string()
+            .starts_with("file a.img holds 0 bytes but the image needs 10"));
+    }
+
+    #[test]
+    fn what_holds_a_busy_device_is_named() {
+        let sys = tempfile::tempdir().unwrap();
+        let disk = sys.path().join("7:0");
+        let part = disk.join("loop0p1");
+        std::fs::create_dir_all(&part).unwrap();
+        std::fs::write(part.join("partition"), "1\n").unwrap();
+        std::fs::write(part.join("dev"), "259:0\n").unwrap();
+        std::fs::create_dir_all(part.join("holders")).unwrap();
+        std::fs::create_dir_all(disk.join("holders")).unwrap();
+        let mountinfo = "22 1 259:0 / /mnt/a\\040b rw,relatime shared:1 - ext4 /dev/loop0p1 rw\n\
+                         23 1 7:0 / /srv rw - ext4 /dev/loop0 rw\n\
+                         24 1 8:0 / / rw - ext4 /dev/sda rw\n";
+        assert_eq!(
+            busy_reason("7:0", mountinfo, sys.path()),
+            "is mounted on /srv, /mnt/a b (partition loop0p1)"
+        );
+        // Not mounted, but held by device-mapper (through its partition).
+        std::fs::create_dir(part.join("holders/dm-3")).unwrap();
+        assert_eq!(
+            busy_reason("7:0", "", sys.path()),
+            "is held by dm-3 (partition loop0p1)"
+        );
+        assert!(busy_reason("7:9", "", sys.path()).starts_with("is in use"));
+    }
+
+    #[test]
+    fn mount_points_are_unescaped() {
+        assert_eq!(unescape_mount("/mnt/a\\040b").unwrap(), "/mnt/a b");
+        assert_eq!(unescape_mount("/x\\").unwrap(), "/x\\");
     }
 }

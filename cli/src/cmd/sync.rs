@@ -15,8 +15,9 @@ use crate::trust_args::TrustArgs;
 
 /// Write the image of INDEX into TARGET in place, then verify every chunk of it.
 ///
-/// TARGET is a file (created if missing; zero chunks become holes) or a block device.
-/// It must be at least as large as the image; bytes past the image are left untouched.
+/// TARGET is a file (created if missing, grown if shorter than the image; zero chunks
+/// become holes) or a block device, which must be at least as large as the image and not
+/// mounted (see --force). Bytes past the image are left untouched.
 /// Every chunk TARGET or a seed already holds is reused (chunks already in place are not
 /// written at all); only the rest is fetched from the store. Everything read from TARGET,
 /// a seed or the store is hashed before it is written.
@@ -68,6 +69,13 @@ struct InPlaceArgs {
     /// do not fit are fetched from the store instead.
     #[arg(long, value_name = "BYTES", value_parser = parse_size, default_value_t = DEFAULT_SCRATCH_SIZE)]
     scratch_size: u64,
+    /// Write into a block device even while it is mounted or claimed by the kernel
+    /// (device-mapper, RAID, swap). Without it such a device is refused: a mounted file
+    /// system keeps writing its own blocks (at the latest its superblock at unmount) over
+    /// the new image, and reads garbage while the image changes under it. Use it only if
+    /// nothing will write to the device any more.
+    #[arg(long)]
+    force: bool,
 }
 
 impl InPlaceArgs {
@@ -93,6 +101,7 @@ impl InPlaceArgs {
             journal: self.journal.clone(),
             dry_run: self.dry_run,
             scratch_size: self.scratch_size,
+            force: self.force,
             ..SyncOptions::default()
         })
     }

@@ -15,12 +15,25 @@
 //! - two processes evicting at once may delete a little more than needed, which costs
 //!   re-fetches only.
 //!
+//! # Names it owns, and power cuts
+//! The cache touches only names of its own shape: `chunks/XX/ID.zst` (XX the first two hex
+//! digits of ID) and its temporary files `chunks/XX/.ID.zst.cache-tmp.RANDOM`. It never
+//! follows a symbolic link: links at any of those places are skipped by the scan and
+//! eviction, refused when reading (`O_NOFOLLOW`, and the directories above checked not to
+//! be links), and never written through (temporary files are created with
+//! `O_EXCL|O_NOFOLLOW` under a random name, then renamed without replacing anything).
+//!
+//! Cache files are not synced: after a power cut a file may be missing, empty or cut
+//! short. Each is verified when used, so such a file is a miss: it is deleted and the
+//! chunk fetched again.
+//!
 //! Each process keeps an estimate of the directory size (scanned at open, then increased
 //! by its own writes); an eviction rescans the directory, so other processes' writes are
 //! counted there.
 
-use std::fs;
-use std::io;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -61,6 +74,39 @@ pub struct CacheStore {
 /// Temporary files older than this are debris of a killed process.
 const STALE_TEMP: Duration = Duration::from_secs(3600);
 
+/// What marks the cache's temporary files: `.ID.zst` + this + 16 random hex digits.
+const TEMP_TAG: &str = ".cache-tmp.";
+
+/// Cache files larger than this are not read: no chunk compresses to more than its
+/// 16 MiB maximum plus zstd's small overhead.
+const MAX_CACHE_FILE: u64 = 17 << 20;
+
+/// Whether `path` is a directory itself, not a symbolic link to one.
+fn real_dir(path: &Path) -> bool {
+    fs::symlink_metadata(path).is_ok_and(|m| m.is_dir())
+}
+
+/// Whether `name` is a chunk file name (`ID.zst`, 64 lowercase hex digits) of fan-out
+/// directory `fan` (its first two digits).
+fn chunk_file_name(name: &str, fan: &str) -> bool {
+    name.strip_suffix(".zst").is_some_and(|id| {
+        id.len() == 64
+            && id.starts_with(fan)
+            && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    })
+}
+
+/// Whether `name` is one of the cache's temporary files in fan-out directory `fan`.
+fn temp_file_name(name: &str, fan: &str) -> bool {
+    name.strip_prefix('.')
+        .and_then(|rest| rest.split_once(TEMP_TAG))
+        .is_some_and(|(file, random)| {
+            chunk_file_name(file, fan)
+                && random.len() == 16
+                && random.bytes().all(|b| b.is_ascii_hexdigit())
+        })
+}
+
 impl CacheStore {
     /// Opens (creating it if needed) the cache directory `dir` in front of `remote`.
     ///
@@ -96,14 +142,12 @@ impl CacheStore {
     /// A verified hit, or `None` (a damaged cache file is deleted and counts as a miss).
     fn hit(&self, entry: &ChunkEntry) -> Option<Fetched> {
         let path = self.local.path_of(&entry.id);
-        let compressed = self.local.get_compressed(&entry.id).ok()??;
+        let (file, compressed) = self.read(&entry.id).ok()??;
         let origin = path.display().to_string();
         match decompress_verified(entry.id, &compressed, entry.len, &origin) {
             Ok(chunk) => {
                 // LRU: a hit makes the file young again. Best effort.
-                if let Ok(f) = fs::File::options().append(true).open(&path) {
-                    let _ = f.set_modified(SystemTime::now());
-                }
+                let _ = file.set_modified(SystemTime::now());
                 Some(Fetched { chunk, compressed })
             }
             Err(_) => {
@@ -113,10 +157,90 @@ impl CacheStore {
         }
     }
 
+    /// The cache file of `id` and its bytes; `None` when there is none. Never through a
+    /// symbolic link.
+    fn read(&self, id: &ChunkId) -> Result<Option<(File, Vec<u8>)>> {
+        let path = self.local.path_of(id);
+        if !path.parent().is_some_and(|d| self.owned_fan(d)) {
+            return Ok(None);
+        }
+        let mut file = match OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&path)
+        {
+            Ok(f) => f,
+            // Nothing there, or a link (not the cache's file): a miss.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Ok(None),
+            Err(e) => return Err(Error::io("opening cache file", path, e)),
+        };
+        let meta = file
+            .metadata()
+            .map_err(|e| Error::io("inspecting cache file", &path, e))?;
+        if !meta.is_file() || meta.len() > MAX_CACHE_FILE {
+            return Ok(None);
+        }
+        let mut buf = Vec::with_capacity(meta.len() as usize);
+        (&mut file)
+            .take(MAX_CACHE_FILE)
+            .read_to_end(&mut buf)
+            .map_err(|e| Error::io("reading cache file", &path, e))?;
+        Ok(Some((file, buf)))
+    }
+
+    /// Whether `fan` is a fan-out directory of this cache: a real directory (not a link)
+    /// inside a real `chunks` directory.
+    fn owned_fan(&self, fan: &Path) -> bool {
+        fan.parent().is_some_and(real_dir) && real_dir(fan)
+    }
+
+    /// Writes a chunk file: a temporary file of a random name (`O_EXCL|O_NOFOLLOW`),
+    /// renamed into place unless the chunk file exists. Returns whether it was written.
+    fn insert(&self, id: &ChunkId, compressed: &[u8]) -> io::Result<bool> {
+        let path = self.local.path_of(id);
+        let fan = path.parent().expect("chunk paths have a parent");
+        if fs::symlink_metadata(fan).is_err() {
+            fs::create_dir_all(fan)?;
+        }
+        if !self.owned_fan(fan) {
+            return Err(io::Error::other("not a directory of the cache"));
+        }
+        let name = path
+            .file_name()
+            .expect("chunk paths have a name")
+            .to_string_lossy();
+        let tmp = fan.join(format!(
+            ".{name}{TEMP_TAG}{}",
+            crate::sync::fs::random_suffix()
+        ));
+        let written = (|| {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o644)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&tmp)?;
+            f.write_all(compressed)?;
+            crate::sys::rename_noreplace(&tmp, &path)
+        })();
+        match written {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                if e.kind() == io::ErrorKind::AlreadyExists {
+                    Ok(false)
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
     /// Keeps a verified chunk; failures only cost a later re-fetch.
     fn keep(&self, fetched: &Fetched) {
         let id = fetched.chunk.id();
-        if let Ok(true) = self.local.put_compressed(&id, &fetched.compressed) {
+        if let Ok(true) = self.insert(&id, &fetched.compressed) {
             let used = self
                 .used
                 .fetch_add(fetched.compressed.len() as u64, Ordering::Relaxed)
@@ -174,8 +298,8 @@ impl ChunkStore for CacheStore {
 
     fn get_compressed(&self, id: &ChunkId) -> Result<Option<Vec<u8>>> {
         // Unverified bytes are never cached: only `fetch_*` (which knows the length) fills it.
-        match self.local.get_compressed(id)? {
-            Some(bytes) => Ok(Some(bytes)),
+        match self.read(id)? {
+            Some((_, bytes)) => Ok(Some(bytes)),
             None => self.remote.get_compressed(id),
         }
     }
@@ -257,30 +381,46 @@ struct CachedFile {
     mtime: SystemTime,
 }
 
-/// Lists the chunk files of a cache directory, deleting stale temporary files.
+/// Lists the chunk files of a cache directory, deleting stale temporary files. Only
+/// names of the cache's own shape are looked at; symbolic links (to files or to
+/// directories) are skipped, never followed.
 fn scan(root: &Path) -> Result<Vec<CachedFile>> {
     let chunks = root.join("chunks");
     let mut out = Vec::new();
+    if !real_dir(&chunks) {
+        return Ok(out);
+    }
     let dirs = match fs::read_dir(&chunks) {
         Ok(d) => d,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
         Err(e) => return Err(Error::io("scanning cache", &chunks, e)),
     };
     for dir in dirs.flatten() {
+        let fan = dir.file_name().to_string_lossy().into_owned();
+        let fan_ok = fan.len() == 2 && fan.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        // `DirEntry::file_type` does not follow links: a link to a directory is skipped.
+        if !fan_ok || !dir.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
         let Ok(files) = fs::read_dir(dir.path()) else {
-            continue; // Removed meanwhile, or not a directory.
+            continue; // Removed meanwhile.
         };
         for f in files.flatten() {
+            // Not followed either: a link is not a file here.
             let Ok(meta) = f.metadata() else { continue };
             if !meta.is_file() {
                 continue;
             }
+            let name = f.file_name().to_string_lossy().into_owned();
             let mtime = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-            if f.file_name().to_string_lossy().starts_with('.') {
+            if temp_file_name(&name, &fan) {
                 // Another process's file in the making, or debris of a killed one.
                 if mtime.elapsed().is_ok_and(|age| age > STALE_TEMP) {
                     let _ = fs::remove_file(f.path());
                 }
+                continue;
+            }
+            if !chunk_file_name(&name, &fan) {
                 continue;
             }
             out.push(CachedFile {
@@ -407,5 +547,136 @@ mod tests {
         assert!(cache.local.contains(&es[0].id).unwrap(), "hot chunk kept");
         assert!(cache.local.contains(&es[9].id).unwrap(), "newest kept");
         assert!(!cache.local.contains(&es[1].id).unwrap(), "oldest evicted");
+    }
+
+    fn cache_over(
+        dir: &Path,
+        n: usize,
+        max_bytes: u64,
+    ) -> (Arc<Counting>, CacheStore, Vec<ChunkEntry>) {
+        let remote = LocalStore::open(dir.join("remote"), true).unwrap();
+        let es = entries(&remote, n, 5000);
+        let counting = Arc::new(Counting {
+            inner: remote,
+            fetches: AtomicUsize::new(0),
+        });
+        let cache = CacheStore::open(
+            dir.join("cache"),
+            counting.clone(),
+            &CacheOptions { max_bytes },
+        )
+        .unwrap();
+        (counting, cache, es)
+    }
+
+    #[test]
+    fn what_a_power_cut_leaves_in_the_cache_is_fetched_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (counting, cache, es) = cache_over(dir.path(), 5, 1 << 30);
+        for e in &es {
+            cache.fetch(e).unwrap();
+        }
+        assert_eq!(counting.fetches.load(Ordering::Relaxed), 5);
+        // Unsynced cache files after a cut: one empty, one cut short, one gone, and a
+        // temporary file half written.
+        let path = |i: usize| cache.dir().join(chunk_path(&es[i].id));
+        fs::write(path(0), b"").unwrap();
+        let half = fs::read(path(1)).unwrap();
+        fs::write(path(1), &half[..half.len() / 2]).unwrap();
+        fs::remove_file(path(2)).unwrap();
+        let tmp = path(3).with_file_name(format!(
+            ".{}{TEMP_TAG}0123456789abcdef",
+            path(3).file_name().unwrap().to_string_lossy()
+        ));
+        fs::write(&tmp, b"half").unwrap();
+        drop(cache);
+        let cache = CacheStore::open(
+            dir.path().join("cache"),
+            counting.clone(),
+            &CacheOptions::default(),
+        )
+        .unwrap();
+        let got: Vec<_> = cache
+            .fetch_ordered(es.clone())
+            .map(|r| r.unwrap())
+            .collect();
+        for (g, e) in got.iter().zip(&es) {
+            assert_eq!(g.chunk.id(), e.id);
+        }
+        assert_eq!(
+            counting.fetches.load(Ordering::Relaxed),
+            8,
+            "exactly the 3 damaged"
+        );
+        for e in &es {
+            cache.fetch(e).unwrap();
+        }
+        assert_eq!(
+            counting.fetches.load(Ordering::Relaxed),
+            8,
+            "all repaired in the cache"
+        );
+    }
+
+    #[test]
+    fn scan_eviction_and_inserts_never_follow_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        let (counting, cache, es) = cache_over(dir.path(), 4, 1);
+        let chunks = cache.dir().join("chunks");
+        // A link in place of chunk 0's file, to a victim outside.
+        let victim = outside.join("victim");
+        fs::write(&victim, b"precious").unwrap();
+        let p0 = cache.dir().join(chunk_path(&es[0].id));
+        fs::create_dir_all(p0.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(&victim, &p0).unwrap();
+        // A link in place of chunk 1's fan-out directory, to a directory outside that
+        // holds a file of a chunk's name.
+        let p1 = cache.dir().join(chunk_path(&es[1].id));
+        let fan1 = p1.parent().unwrap();
+        let outside_fan = outside.join("fan");
+        fs::create_dir(&outside_fan).unwrap();
+        let bait = outside_fan.join(p1.file_name().unwrap());
+        fs::write(&bait, vec![1u8; 100_000]).unwrap();
+        assert_ne!(
+            fan1,
+            p0.parent().unwrap(),
+            "pick chunks of two fan-out directories"
+        );
+        std::os::unix::fs::symlink(&outside_fan, fan1).unwrap();
+        // Names the cache does not own.
+        let foreign = p0.parent().unwrap().join("notes.txt");
+        fs::write(&foreign, b"mine").unwrap();
+        let old_dot = p0.parent().unwrap().join(".profile");
+        fs::write(&old_dot, b"mine").unwrap();
+        let f = File::options().write(true).open(&old_dot).unwrap();
+        f.set_modified(SystemTime::UNIX_EPOCH).unwrap();
+        // Fetch everything through the cache (its bound of 1 byte evicts all the time).
+        for e in &es {
+            assert_eq!(cache.fetch(e).unwrap().id(), e.id);
+        }
+        let got: Vec<_> = cache
+            .fetch_ordered(es.clone())
+            .map(|r| r.unwrap())
+            .collect();
+        assert_eq!(got.len(), 4);
+        assert!(
+            counting.fetches.load(Ordering::Relaxed) >= 8,
+            "a link is never a hit"
+        );
+        cache.evict().unwrap();
+        scan(cache.dir()).unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        assert!(fs::symlink_metadata(&p0).unwrap().file_type().is_symlink());
+        assert_eq!(fs::read(&bait).unwrap(), vec![1u8; 100_000]);
+        assert_eq!(
+            fs::read_dir(&outside_fan).unwrap().count(),
+            1,
+            "nothing written outside"
+        );
+        assert_eq!(fs::read(&foreign).unwrap(), b"mine");
+        assert_eq!(fs::read(&old_dot).unwrap(), b"mine");
+        assert!(chunks.is_dir());
     }
 }

@@ -415,7 +415,7 @@ impl<'a> Executor<'a> {
             drop(done_tx);
             drop(local_rx);
 
-            let mut writer = Writer::new(self.target);
+            let mut writer = Writer::new(self.target, self.index.image_size());
             let mut pending = BTreeMap::new();
             let mut next = 0;
             let result = (|| -> Result<()> {
@@ -488,9 +488,43 @@ impl<'a> Executor<'a> {
     }
 }
 
+/// The one door through which the executor writes to the target: any range that
+/// leaves `0..image_size` is an error naming it, never a write (a malformed index or plan
+/// must not make sync write past the image, into the rest of a partition).
+pub(crate) struct Bounded<'a> {
+    pub target: &'a dyn WriteAt,
+    pub image_size: u64,
+}
+
+impl Bounded<'_> {
+    fn check(&self, what: &str, offset: u64, len: u64) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.image_size => Ok(()),
+            _ => Err(Error::InvalidInput(format!(
+                "refusing to {what} {len} bytes at offset {offset} of {}: outside the image \
+                 (0..{}); the index or plan is inconsistent",
+                self.target.name(),
+                self.image_size
+            ))),
+        }
+    }
+
+    /// Writes `data` at `offset` if it lies within the image.
+    pub fn write_all_at(&self, data: &[u8], offset: u64) -> Result<()> {
+        self.check("write", offset, data.len() as u64)?;
+        self.target.write_all_at(data, offset)
+    }
+
+    /// Zeros `len` bytes at `offset` if they lie within the image.
+    pub fn write_zeros(&self, offset: u64, len: u64) -> Result<()> {
+        self.check("zero", offset, len)?;
+        self.target.write_zeros(offset, len)
+    }
+}
+
 /// Merges adjacent writes (and adjacent holes) into large ones.
 struct Writer<'a> {
-    target: &'a dyn WriteAt,
+    target: Bounded<'a>,
     buf: Vec<u8>,
     buf_at: u64,
     zero_at: u64,
@@ -498,9 +532,9 @@ struct Writer<'a> {
 }
 
 impl<'a> Writer<'a> {
-    fn new(target: &'a dyn WriteAt) -> Writer<'a> {
+    fn new(target: &'a dyn WriteAt, image_size: u64) -> Writer<'a> {
         Writer {
-            target,
+            target: Bounded { target, image_size },
             buf: Vec::with_capacity(COALESCE),
             buf_at: 0,
             zero_at: 0,
@@ -557,5 +591,65 @@ impl<'a> Writer<'a> {
     fn finish(&mut self) -> Result<()> {
         self.flush_data()?;
         self.flush_zeros()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::DeviceKind;
+    use std::sync::Mutex;
+
+    /// Records every write that reaches it.
+    struct Recorder(Mutex<Vec<(u64, u64)>>);
+
+    impl ReadAt for Recorder {
+        fn name(&self) -> String {
+            "recorder".into()
+        }
+        fn size(&self) -> u64 {
+            1 << 40
+        }
+        fn read_exact_at(&self, buf: &mut [u8], _offset: u64) -> Result<()> {
+            buf.fill(0);
+            Ok(())
+        }
+    }
+
+    impl WriteAt for Recorder {
+        fn kind(&self) -> DeviceKind {
+            DeviceKind::BlockDevice
+        }
+        fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+            self.0.lock().unwrap().push((offset, buf.len() as u64));
+            Ok(())
+        }
+        fn write_zeros(&self, offset: u64, len: u64) -> Result<()> {
+            self.0.lock().unwrap().push((offset, len));
+            Ok(())
+        }
+        fn flush(&self) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn no_write_ever_leaves_the_image() {
+        let rec = Recorder(Mutex::new(Vec::new()));
+        let b = Bounded {
+            target: &rec,
+            image_size: 1000,
+        };
+        b.write_all_at(&[1; 100], 900).unwrap();
+        b.write_zeros(0, 1000).unwrap();
+        let e = b.write_all_at(&[1; 101], 900).unwrap_err();
+        assert!(e.to_string().contains("offset 900 of recorder"), "{e}");
+        assert!(b.write_zeros(1000, 1).is_err());
+        assert!(b.write_zeros(u64::MAX, 2).is_err());
+        // Through the coalescing writer too: the bad range is refused when it goes out.
+        let mut w = Writer::new(&rec, 1000);
+        w.write(990, &[2; 20]).unwrap();
+        assert!(w.finish().is_err());
+        assert_eq!(*rec.0.lock().unwrap(), [(900, 100), (0, 1000)]);
     }
 }

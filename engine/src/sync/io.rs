@@ -122,3 +122,54 @@ impl WriteAt for Absent {
         Ok(())
     }
 }
+
+/// A target seen by a dry run as the sync would make it: a file shorter than the image
+/// reads as grown with zeros up to `size`; writes are refused.
+pub(crate) struct Padded<'a, D: WriteAt> {
+    pub inner: &'a D,
+    pub size: u64,
+}
+
+impl<D: WriteAt> ReadAt for Padded<'_, D> {
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .filter(|&e| e <= self.size)
+            .ok_or_else(|| {
+                Error::InvalidInput(format!(
+                    "read of {} bytes at offset {offset} past the end of {}",
+                    buf.len(),
+                    self.name()
+                ))
+            })?;
+        let have = self.inner.size();
+        let split = (have.clamp(offset, end) - offset) as usize;
+        let (head, tail) = buf.split_at_mut(split);
+        if !head.is_empty() {
+            self.inner.read_exact_at(head, offset)?;
+        }
+        tail.fill(0);
+        Ok(())
+    }
+}
+
+impl<D: WriteAt> WriteAt for Padded<'_, D> {
+    fn kind(&self) -> DeviceKind {
+        self.inner.kind()
+    }
+    fn write_all_at(&self, _buf: &[u8], _offset: u64) -> Result<()> {
+        Err(Error::InvalidInput("a dry run writes nothing".into()))
+    }
+    fn write_zeros(&self, _offset: u64, _len: u64) -> Result<()> {
+        Err(Error::InvalidInput("a dry run writes nothing".into()))
+    }
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+}

@@ -20,12 +20,13 @@
 //! MAC and ends the list; the journal is cut back to its valid prefix before anything is
 //! appended, so leftover bytes are never read as records.
 
-use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use super::fs::{is_errno, is_io_kind, remove_temp_debris, temp_path, Fs, FsFile, RealFs};
+use super::io::{ReadAt, WriteAt};
 use super::plan::{Op, Phase, Source, Stash};
+use crate::device::DeviceKind;
 use crate::error::{Error, Result};
 use crate::index::Index;
 
@@ -66,88 +67,154 @@ pub trait JournalIo: Send {
     /// # Errors
     /// I/O errors.
     fn remove(&mut self) -> Result<()>;
+    /// Replaces the journal with `bytes`, atomically and durably: after a crash it holds
+    /// either what it held before or exactly `bytes`, never a prefix or a mix.
+    ///
+    /// # Errors
+    /// I/O errors.
+    fn replace(&mut self, bytes: &[u8]) -> Result<()>;
 }
 
-/// A journal in a file.
+/// A journal in a file, on the file system `F` (the real one by default).
+///
+/// The file is never reached through a symbolic link (`O_NOFOLLOW`: a link at its path is
+/// an error), and an existing file that is not a journal (it is neither empty nor starts
+/// with the magic) is refused, never overwritten. A new journal is written whole under a
+/// temporary name (`O_EXCL|O_NOFOLLOW`, mode 0600, random suffix), synced and renamed into
+/// place ([`JournalIo::replace`]), so the file at the journal's path always starts with a
+/// complete header.
 #[derive(Debug)]
-pub struct FileJournal {
+pub struct FileJournal<'a, F: Fs = RealFs> {
+    fs: &'a F,
     path: PathBuf,
-    file: Option<File>,
+    file: Option<F::File>,
     created: bool,
+    /// [`JournalIo::load`] found the path free or holding a journal.
+    checked: bool,
 }
 
-impl FileJournal {
+impl FileJournal<'static> {
     /// A journal at `path` (nothing is opened or created yet).
-    pub fn new(path: impl Into<PathBuf>) -> FileJournal {
+    pub fn new(path: impl Into<PathBuf>) -> FileJournal<'static> {
+        FileJournal::with_fs(&RealFs, path)
+    }
+}
+
+impl<'a, F: Fs> FileJournal<'a, F> {
+    /// A journal at `path` on `fs` (nothing is opened or created yet).
+    pub fn with_fs(fs: &'a F, path: impl Into<PathBuf>) -> FileJournal<'a, F> {
         FileJournal {
+            fs,
             path: path.into(),
             file: None,
             created: false,
+            checked: false,
         }
     }
 
-    fn err(&self, what: &'static str, e: io::Error) -> Error {
-        Error::io(what, &self.path, e)
+    fn dir(&self) -> PathBuf {
+        match self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            Some(d) => d.to_path_buf(),
+            None => PathBuf::from("."),
+        }
     }
 
-    fn file(&mut self) -> Result<&File> {
+    fn write_temp(&self, tmp: &Path, bytes: &[u8]) -> Result<F::File> {
+        let f = self.fs.create_new(tmp, 0o600)?;
+        f.write_all_at(bytes, 0)?;
+        f.sync_all()?;
+        Ok(f)
+    }
+
+    /// The open journal, created (exclusively) if it does not exist yet.
+    fn file(&mut self) -> Result<&F::File> {
         if self.file.is_none() {
-            if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                fs::create_dir_all(dir)
-                    .map_err(|e| Error::io("creating journal directory", dir, e))?;
-            }
-            self.created = !self.path.exists();
-            let f = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&self.path)
-                .map_err(|e| self.err("opening journal", e))?;
+            self.fs.create_dir_all(&self.dir())?;
+            let f = self.fs.create_new(&self.path, 0o600).map_err(|e| {
+                if is_io_kind(&e, io::ErrorKind::AlreadyExists) {
+                    Error::InvalidInput(format!(
+                        "journal {} appeared while tessera was creating it; refusing to \
+                         overwrite it",
+                        self.path.display()
+                    ))
+                } else {
+                    e
+                }
+            })?;
             self.file = Some(f);
+            self.created = true;
         }
         Ok(self.file.as_ref().expect("just opened"))
     }
-
-    fn sync_dir(&self) -> Result<()> {
-        let dir = match self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            Some(d) => d,
-            None => Path::new("."),
-        };
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| Error::io("syncing journal directory", dir, e))
-    }
 }
 
-impl JournalIo for FileJournal {
+/// Whether `head` (the first bytes of an existing file) may be a journal: it starts with
+/// (a prefix of) the magic, or the file is empty.
+fn may_be_journal(head: &[u8]) -> bool {
+    let n = head.len().min(MAGIC.len());
+    head[..n] == MAGIC[..n]
+}
+
+impl<F: Fs> JournalIo for FileJournal<'_, F> {
     fn location(&self) -> String {
         self.path.display().to_string()
     }
 
     fn load(&mut self) -> Result<Vec<u8>> {
-        match fs::read(&self.path) {
-            Ok(b) => Ok(b),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
-            Err(e) => Err(self.err("reading journal", e)),
+        self.file = None;
+        self.checked = false;
+        let f = match self.fs.open_rw_nofollow(&self.path) {
+            Ok(f) => f,
+            Err(e) if is_io_kind(&e, io::ErrorKind::NotFound) => {
+                self.checked = true;
+                return Ok(Vec::new());
+            }
+            Err(e) if is_errno(&e, libc::ELOOP) => {
+                return Err(Error::InvalidInput(format!(
+                    "journal {} is a symbolic link: refusing to follow it (remove it, or \
+                     name another journal)",
+                    self.path.display()
+                )))
+            }
+            Err(e) => return Err(e),
+        };
+        if f.kind() != DeviceKind::File {
+            return Err(Error::InvalidInput(format!(
+                "journal {} is not a regular file",
+                self.path.display()
+            )));
         }
+        let len = usize::try_from(f.size()).map_err(|_| {
+            Error::InvalidInput(format!("journal {} is too large", self.path.display()))
+        })?;
+        let mut head = vec![0u8; len.min(MAGIC.len())];
+        f.read_exact_at(&mut head, 0)?;
+        if !may_be_journal(&head) {
+            return Err(Error::InvalidInput(format!(
+                "{} is not a tessera journal: refusing to overwrite it (remove it, or name \
+                 another journal)",
+                self.path.display()
+            )));
+        }
+        let mut bytes = vec![0u8; len];
+        f.read_exact_at(&mut bytes, 0)?;
+        self.file = Some(f);
+        self.checked = true;
+        Ok(bytes)
     }
 
     fn write_at(&mut self, offset: u64, bytes: &[u8]) -> Result<()> {
-        let r = self.file()?.write_all_at(bytes, offset);
-        r.map_err(|e| self.err("writing journal", e))
+        self.file()?.write_all_at(bytes, offset)
     }
 
     fn set_len(&mut self, len: u64) -> Result<()> {
-        let r = self.file()?.set_len(len);
-        r.map_err(|e| self.err("truncating journal", e))
+        self.file()?.set_len(len)
     }
 
     fn sync(&mut self) -> Result<()> {
-        let r = self.file()?.sync_data();
-        r.map_err(|e| self.err("syncing journal", e))?;
+        self.file()?.sync_all()?;
         if self.created {
-            self.sync_dir()?;
+            self.fs.sync_dir(&self.dir())?;
             self.created = false;
         }
         Ok(())
@@ -155,11 +222,41 @@ impl JournalIo for FileJournal {
 
     fn remove(&mut self) -> Result<()> {
         self.file = None;
-        match fs::remove_file(&self.path) {
-            Ok(()) => self.sync_dir(),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(self.err("removing journal", e)),
+        match self.fs.remove_file(&self.path) {
+            Ok(()) => self.fs.sync_dir(&self.dir()),
+            Err(e) if is_io_kind(&e, io::ErrorKind::NotFound) => Ok(()),
+            Err(e) => Err(e),
         }
+    }
+
+    fn replace(&mut self, bytes: &[u8]) -> Result<()> {
+        if !self.checked {
+            // Never replace what was not seen to be a journal.
+            self.load()?;
+        }
+        let dir = self.dir();
+        self.fs.create_dir_all(&dir)?;
+        remove_temp_debris(self.fs, &self.path);
+        let tmp = temp_path(&self.path)?;
+        let mut f = self.write_temp(&tmp, bytes).inspect_err(|_| {
+            let _ = self.fs.remove_file(&tmp);
+        })?;
+        // The old journal (checked to be one by `load`) makes way; a crash from here to
+        // the directory sync leaves the old journal or none, and the target unwritten.
+        self.file = None;
+        let moved = match self.fs.remove_file(&self.path) {
+            Err(e) if !is_io_kind(&e, io::ErrorKind::NotFound) => Err(e),
+            _ => self.fs.rename_noreplace(&tmp, &self.path),
+        };
+        if let Err(e) = moved {
+            let _ = self.fs.remove_file(&tmp);
+            return Err(e);
+        }
+        f.renamed(&self.path);
+        self.fs.sync_dir(&dir)?;
+        self.file = Some(f);
+        self.created = false;
+        Ok(())
     }
 }
 
@@ -236,11 +333,9 @@ impl<'a> Journal<'a> {
         header.extend_from_slice(&plan);
         self.header_sum = *blake3::hash(&header).as_bytes();
         header.extend_from_slice(&self.header_sum);
-        // Cut first: a crash mid-write then leaves a short file that fails its checksum,
-        // never an old journal's records behind a new header.
-        self.io.set_len(0)?;
-        self.io.write_at(0, &header)?;
-        self.io.sync()?;
+        // Whole or not at all: never an old journal's records behind a new header, never a
+        // torn header at the journal's path.
+        self.io.replace(&header)?;
         self.end = header.len() as u64;
         self.records = 0;
         Ok(())
@@ -470,6 +565,10 @@ impl JournalIo for MemoryJournal {
         self.0.clear();
         Ok(())
     }
+    fn replace(&mut self, bytes: &[u8]) -> Result<()> {
+        self.0 = bytes.to_vec();
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -560,13 +659,17 @@ mod tests {
             let mut m = MemoryJournal(full.clone());
             m.0[i] ^= 0x20;
             let (_, resume) = Journal::open(&mut m, id, &idx, 1).unwrap();
-            match resume {
-                None => assert!(i < header_len, "header byte {i} damaged but accepted"),
-                Some(r) => assert!(
-                    r.next_phase < 2 || i >= full.len(),
-                    "record byte {i} damaged but accepted"
-                ),
-            }
+            // Damage in the header voids the journal; in a record, ends the list there.
+            let expect = match i {
+                i if i < header_len => None,
+                i if i < header_len + RECORD_LEN => Some(0),
+                _ => Some(1),
+            };
+            assert_eq!(
+                resume.map(|r| r.next_phase),
+                expect,
+                "byte {i} damaged (header {header_len} bytes)"
+            );
         }
         // A torn record followed by a new append: the leftover is cut first.
         let mut m = MemoryJournal(full[..header_len + RECORD_LEN + 10].to_vec());

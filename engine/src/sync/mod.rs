@@ -19,15 +19,17 @@
 //! `docs/SYNC.md` gives the design, the crash-safety argument and the journal format.
 
 mod apply;
+pub mod fs;
 mod io;
 mod journal;
 mod order;
 mod plan;
 mod seed;
+mod target;
 
 use std::collections::{HashMap, HashSet};
-use std::fs;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::fs as stdfs;
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -38,13 +40,15 @@ pub use journal::{FileJournal, JournalIo, MemoryJournal};
 pub use plan::{
     plan, Holder, Holdings, InPlace, Location, Op, Phase, PlanTotals, Source, Stash, SyncPlan,
 };
+pub use target::{open_target, OpenTarget};
 
+use self::fs::{is_io_kind, Fs, FsFile, RealFs};
 use apply::Executor;
-use io::{Absent, TargetRead};
+use io::{Absent, Padded, TargetRead};
 use journal::Journal;
 use seed::{Found, ScanSource};
 
-use crate::device::{Device, DeviceKind};
+use crate::device::{check_target_size, DeviceKind};
 use crate::error::{Error, Result};
 use crate::index::{hex, Index};
 use crate::progress::Progress;
@@ -79,6 +83,10 @@ pub struct SyncOptions {
     pub scratch_size: u64,
     /// Threads reading, hashing and scanning. Default: the number of CPUs, at least 2.
     pub workers: usize,
+    /// Write into a block device even while it is mounted or claimed by the kernel
+    /// (device-mapper, RAID, swap): it is then not opened with `O_EXCL`. Whatever uses it
+    /// may overwrite the image, or be corrupted by it. Default: false.
+    pub force: bool,
 }
 
 impl Default for SyncOptions {
@@ -91,6 +99,7 @@ impl Default for SyncOptions {
             workers: std::thread::available_parallelism()
                 .map_or(2, |n| n.get())
                 .max(2),
+            force: false,
         }
     }
 }
@@ -156,14 +165,14 @@ pub fn sync(
 /// (`$TESSERA_STATE_DIR`, else `$XDG_STATE_HOME/tessera`, else `~/.local/state/tessera`,
 /// else `/var/lib/tessera`) in `journal/`, named after the device path.
 pub fn default_journal_path(target: &Path) -> PathBuf {
-    let is_block = fs::metadata(target).is_ok_and(|m| m.file_type().is_block_device());
+    let is_block = stdfs::metadata(target).is_ok_and(|m| m.file_type().is_block_device());
     if !is_block {
         let name = target
             .file_name()
             .map_or_else(|| "target".into(), |n| n.to_string_lossy().into_owned());
         return target.with_file_name(format!(".{name}.tessera-journal"));
     }
-    let canonical = fs::canonicalize(target).unwrap_or_else(|_| target.to_path_buf());
+    let canonical = stdfs::canonicalize(target).unwrap_or_else(|_| target.to_path_buf());
     let shown: String = canonical
         .to_string_lossy()
         .trim_start_matches('/')
@@ -189,21 +198,13 @@ fn state_dir() -> PathBuf {
 }
 
 /// Identity of an open file or device across runs: path, inode (or device number), size.
-fn device_identity(path: &Path, dev: &Device) -> Result<String> {
-    let meta = dev
-        .file()
-        .metadata()
-        .map_err(|e| Error::io("inspecting", path, e))?;
-    let canonical = fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-    let node = match dev.kind() {
-        DeviceKind::BlockDevice => format!("block {:#x}", meta.rdev()),
-        DeviceKind::File => format!("file {:#x}:{}", meta.dev(), meta.ino()),
+fn device_identity(path: &Path, dev: &dyn FsFile) -> String {
+    let canonical = stdfs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let node = match dev.node() {
+        (u64::MAX, rdev) => format!("block {rdev:#x}"),
+        (dev, ino) => format!("file {dev:#x}:{ino}"),
     };
-    Ok(format!(
-        "{} {node} size {}",
-        canonical.display(),
-        dev.size()
-    ))
+    format!("{} {node} size {}", canonical.display(), dev.size())
 }
 
 /// Writes the image of `index` into `target` (created if missing), reusing what the
@@ -211,11 +212,18 @@ fn device_identity(path: &Path, dev: &Device) -> Result<String> {
 /// interrupted run of the same sync from its journal. Returns only after every chunk of
 /// the target was hashed against the index.
 ///
+/// A missing file target is created durably at the image size before anything else is
+/// written (temporary name, size, fsync, rename, fsync of the directory); a file shorter
+/// than the image is grown. A block device is opened with `O_EXCL` (unless
+/// [`SyncOptions::force`]), so one that is mounted or claimed by the kernel is refused.
+///
 /// # Errors
-/// [`Error::InvalidInput`] if the target is too small (nothing is written then) or a
-/// seed is unusable; [`Error::MissingChunk`] / [`Error::CorruptChunk`] for a chunk no
-/// source has intact; I/O errors; [`Error::VerifyFailed`] if the final check fails. After
-/// an error, running the same sync again resumes it.
+/// [`Error::InvalidInput`] if a block device is too small, mounted or claimed (the error
+/// names its mount point; nothing is written then), if the journal path is a symbolic
+/// link or a file that is not a journal, or a seed is unusable;
+/// [`Error::MissingChunk`] / [`Error::CorruptChunk`] for a chunk no source has intact;
+/// I/O errors; [`Error::VerifyFailed`] if the final check fails. After an error, running
+/// the same sync again resumes it.
 pub fn sync_with(
     index: &Index,
     target: &Path,
@@ -223,40 +231,60 @@ pub fn sync_with(
     opts: &SyncOptions,
     progress: &dyn Progress,
 ) -> Result<SyncReport> {
-    let exists = fs::symlink_metadata(target).is_ok();
-    let device = if opts.dry_run {
-        exists.then(|| Device::open_read(target)).transpose()?
+    sync_with_fs(&RealFs, index, target, store, opts, progress)
+}
+
+/// [`sync_with`] on the file system `fs`: every file-system operation of the run (target
+/// creation, sizing, renames, syncs, seeds, journal) goes through it. Tests put a
+/// file system that loses what was not synced at a simulated power cut behind it.
+///
+/// # Errors
+/// As [`sync_with`].
+pub fn sync_with_fs<F: Fs>(
+    fs: &F,
+    index: &Index,
+    target: &Path,
+    store: &dyn ChunkStore,
+    opts: &SyncOptions,
+    progress: &dyn Progress,
+) -> Result<SyncReport> {
+    let image_size = index.image_size();
+    let (device, fresh) = if opts.dry_run {
+        match fs.open_read(target) {
+            Ok(d) => (Some(d), false),
+            Err(e) if is_io_kind(&e, std::io::ErrorKind::NotFound) => (None, true),
+            Err(e) => return Err(e),
+        }
     } else {
-        Some(Device::open_target(target, index.image_size())?)
+        let t = open_target(fs, target, image_size, !opts.force)?;
+        (Some(t.file), t.fresh)
     };
-    if let Some(d) = device.as_ref().filter(|d| d.size() < index.image_size()) {
-        return Err(Error::InvalidInput(format!(
-            "target {} holds {} bytes but the image needs {}",
-            target.display(),
-            d.size(),
-            index.image_size()
-        )));
-    }
-    let absent = Absent(index.image_size());
-    let (target_io, target_id): (&dyn WriteAt, String) = match &device {
-        Some(d) => (d, device_identity(target, d)?),
-        None => (&absent, format!("{} (absent)", target.display())),
+    let absent = Absent(image_size);
+    // A dry run sees a short file as the sync would make it: grown with zeros (a block
+    // device keeps its size, and is refused below if too small).
+    let padded = device.as_ref().map(|d| Padded {
+        inner: d,
+        size: match d.kind() {
+            DeviceKind::File => d.size().max(image_size),
+            DeviceKind::BlockDevice => d.size(),
+        },
+    });
+    let (target_io, target_id): (&dyn WriteAt, String) = match (&device, &padded) {
+        (Some(d), Some(p)) => {
+            check_target_size(target.display(), d.kind(), p.size, image_size)?;
+            let io: &dyn WriteAt = if opts.dry_run { p } else { d };
+            (io, device_identity(target, d))
+        }
+        _ => (&absent, format!("{} (absent)", target.display())),
     };
-    let target_key = device
-        .as_ref()
-        .and_then(|d| d.file().metadata().ok())
-        .map(|m| node_key(&m));
+    let target_key = device.as_ref().map(|d| d.node());
 
     let mut opened = Vec::new();
     let mut target_index = None;
     let mut seen = HashSet::new();
     for spec in &opts.seeds {
-        let dev = Device::open_read(&spec.path)?;
-        let meta = dev
-            .file()
-            .metadata()
-            .map_err(|e| Error::io("inspecting", &spec.path, e))?;
-        let key = node_key(&meta);
+        let dev = fs.open_read(&spec.path)?;
+        let key = dev.node();
         if Some(key) == target_key {
             // The target is always scanned; an index of it replaces the scan.
             if spec.index.is_some() {
@@ -265,7 +293,7 @@ pub fn sync_with(
             continue;
         }
         if seen.insert(key) {
-            let id = device_identity(&spec.path, &dev)?;
+            let id = device_identity(&spec.path, &dev);
             opened.push((dev, id, spec.index.as_ref()));
         }
     }
@@ -281,11 +309,11 @@ pub fn sync_with(
         .journal
         .clone()
         .unwrap_or_else(|| default_journal_path(target));
-    let mut journal = FileJournal::new(journal_path);
+    let mut journal = FileJournal::with_fs(fs, journal_path);
     let io = SyncIo {
         target: target_io,
         target_id,
-        target_fresh: !exists,
+        target_fresh: fresh,
         target_index,
         seeds,
         journal: Some(&mut journal),
@@ -294,16 +322,6 @@ pub fn sync_with(
         workers: opts.workers,
     };
     sync_io(index, io, store, progress)
-}
-
-/// The device and inode (or device number) of an open file, to spot a seed that is the
-/// target itself or repeated.
-fn node_key(meta: &fs::Metadata) -> (u64, u64) {
-    if meta.file_type().is_block_device() {
-        (u64::MAX, meta.rdev())
-    } else {
-        (meta.dev(), meta.ino())
-    }
 }
 
 /// A seed opened by the caller.
@@ -323,7 +341,8 @@ pub struct SyncIo<'a> {
     pub target: &'a dyn WriteAt,
     /// What identifies the target across runs: part of the journal identity.
     pub target_id: String,
-    /// The target was just created and reads as zeros: it is not scanned.
+    /// This run created the target (a file found at the start, even one a cut run
+    /// created, is not fresh): it reads as zeros and is not scanned.
     pub target_fresh: bool,
     /// What the target holds, when known: it is then not scanned; chunks it claims are
     /// hashed when read and by the final check.
@@ -412,15 +431,12 @@ pub fn apply(
 }
 
 fn check_size(index: &Index, target: &dyn WriteAt) -> Result<()> {
-    if target.size() < index.image_size() {
-        return Err(Error::InvalidInput(format!(
-            "target {} holds {} bytes but the image needs {}; nothing was written",
-            target.name(),
-            target.size(),
-            index.image_size()
-        )));
-    }
-    Ok(())
+    check_target_size(
+        target.name(),
+        target.kind(),
+        target.size(),
+        index.image_size(),
+    )
 }
 
 /// The phases to run and what is known before running them.

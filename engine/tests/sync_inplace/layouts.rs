@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::fs;
 
 use tessera_engine::sync::ReadAt;
-use tessera_engine::sync::{sync_io, MemoryJournal, SeedIo, SyncIo};
+use tessera_engine::sync::{sync_io, FileJournal, MemoryJournal, SeedIo, SyncIo};
 use tessera_engine::{
     sync_with, ChunkId, DeviceKind, ErrorKind, Index, LocalStore, NoProgress, Result, SeedSpec,
     SyncOptions,
@@ -374,28 +374,28 @@ fn dry_run_changes_nothing_and_matches_the_run() {
 }
 
 #[test]
-fn a_refused_target_is_untouched_and_gets_no_journal() {
+fn a_block_device_too_small_is_untouched_and_gets_no_journal() {
+    // A file shorter than the image is grown (see `names.rs`); a block device is not.
     let new = random_bytes(300_000, 8);
     let dir = tempfile::TempDir::new().unwrap();
     let store = LocalStore::open(dir.path().join("store"), true).unwrap();
     let index = make_index(&new, small_params(), &store);
-    let target = dir.path().join("small.img");
-    fs::write(&target, vec![1u8; 1000]).unwrap();
-    let err = sync_with(
-        &index,
-        &target,
-        &store,
-        &SyncOptions::default(),
-        &NoProgress,
-    )
-    .unwrap_err();
+    let target = MemDevice::new("/dev/small", vec![1u8; 1000], DeviceKind::BlockDevice);
+    let journal_path = dir.path().join("journal");
+    let mut journal = FileJournal::new(&journal_path);
+    let sio = SyncIo {
+        journal: Some(&mut journal),
+        ..io(&target, vec![], 1 << 20)
+    };
+    let err = sync_io(&index, sio, &store, &NoProgress).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidInput);
-    assert_eq!(fs::read(&target).unwrap(), vec![1u8; 1000]);
     assert_eq!(
-        fs::read_dir(dir.path()).unwrap().count(),
-        2,
-        "only the store and the target"
+        err.to_string(),
+        "block device /dev/small holds 1000 bytes but the image needs 300000; nothing was \
+         written (use a larger device or partition)"
     );
+    assert_eq!(target.bytes(), vec![1u8; 1000]);
+    assert!(!journal_path.exists(), "no journal for a refused target");
 }
 
 #[test]

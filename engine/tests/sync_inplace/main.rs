@@ -4,6 +4,7 @@
 //! One test binary with shared helpers in `util`.
 
 mod layouts;
+mod names;
 mod powercut;
 mod props;
 mod util;

@@ -1,83 +1,106 @@
-//! Power cuts, simulated: the target and the journal sit on fault-injecting media whose
-//! writes stay volatile until flushed. After a budget of I/O operations the power goes:
-//! every later operation fails, and each write not yet flushed is independently kept,
-//! dropped or torn (a random subset of its 512-byte sectors reaches the medium). Then
-//! the same sync runs again, and may be cut again, until one run completes. The target
-//! must then hold exactly the new image, every time, and the store must not have served
-//! more than the uninterrupted run plus what each cut run had fetched or held in scratch.
+//! Power cuts, simulated: sync runs on a file system (the rig, [`Rig`]) that keeps two
+//! states of everything: what the running program sees, and what survives a cut. File
+//! contents and sizes become durable at `fsync`; directory entries (creations, renames,
+//! removals) only at a sync of their directory, the way POSIX allows and btrfs or a
+//! FUSE-backed file can behave. After a budget of I/O operations the power goes: every
+//! later operation fails; each unsynced write is independently kept, dropped or torn (a
+//! random subset of its 512-byte sectors reaches the medium), each unsynced size change
+//! and directory entry change independently kept or dropped. Then the same sync runs
+//! again, and may be cut again, until one run completes. The target must then hold
+//! exactly the new image, durably, every time; no temporary target may be left; and the
+//! store must not have served more than the uninterrupted run plus what each cut run had
+//! fetched or held in scratch.
+//!
+//! Cases: existing targets (files and block devices), fresh targets (created by the sync,
+//! with a leftover temporary file of an earlier cut), a fresh target filled from a seed, a
+//! file shorter than the image (grown), and a tiny scratch.
 
+use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::fs;
-use std::sync::Mutex;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use tessera_engine::sync::{sync_io, JournalIo, SyncIo};
-use tessera_engine::sync::{ReadAt, WriteAt};
-use tessera_engine::{DeviceKind, Error, Index, NoProgress, Result};
+use tessera_engine::sync::fs::{Fs, FsFile};
+use tessera_engine::sync::{sync_with_fs, ReadAt, WriteAt};
+use tessera_engine::{DeviceKind, Error, Index, NoProgress, Result, SeedSpec, SyncOptions};
 use tessera_fixtures::{Fixtures, Pair, Params};
 
 use crate::util::*;
 
 const SECTOR: u64 = 512;
+const DIR: &str = "/rig";
+const TARGET: &str = "/rig/target";
+const SEED: &str = "/rig/seed";
+/// What an earlier cut run could have left: a temporary target.
+const LEFTOVER: &str = "/rig/.target.tessera-new.0123456789abcdef";
 
 enum Pending {
     Write(u64, Vec<u8>),
     Zero(u64, u64),
     SetLen(u64),
-    Remove,
 }
 
-#[derive(Default, Clone)]
-struct Medium {
+enum DirOp {
+    Link(String, usize),
+    Rename(String, String, usize),
+    Unlink(String),
+}
+
+/// A file or block device of the rig.
+struct Node {
+    kind: DeviceKind,
     /// What the running program sees.
     current: Vec<u8>,
     /// What survives a cut.
     durable: Vec<u8>,
-    exists: bool,
-    durable_exists: bool,
+    log: Vec<Pending>,
 }
 
 #[derive(Default)]
 struct State {
-    target: Medium,
-    journal: Medium,
-    target_log: Vec<Pending>,
-    journal_log: Vec<Pending>,
+    nodes: Vec<Node>,
+    /// The directory as the running program sees it: name to node.
+    names: BTreeMap<String, usize>,
+    /// The directory as it survives a cut.
+    durable_names: BTreeMap<String, usize>,
+    dir_log: Vec<DirOp>,
     /// Operations left before the cut; `None`: no cut planned.
     budget: Option<u64>,
     cut: bool,
     ops: u64,
 }
 
-/// Both media and the power switch.
+/// The rig: one directory of nodes, and the power switch. Clones share it.
+#[derive(Default, Clone)]
 struct Rig {
-    state: Mutex<State>,
-    kind: DeviceKind,
+    state: Arc<Mutex<State>>,
 }
 
 fn power_cut() -> Error {
-    Error::io(
-        "writing",
-        "rig",
-        std::io::Error::other("simulated power cut"),
-    )
+    Error::io("writing", "rig", io::Error::other("simulated power cut"))
+}
+
+fn fs_error(what: &'static str, path: &str, kind: io::ErrorKind) -> Error {
+    Error::io(what, path, io::Error::from(kind))
 }
 
 impl Rig {
-    fn new(target: Vec<u8>, kind: DeviceKind) -> Rig {
-        let medium = Medium {
-            current: target.clone(),
-            durable: target,
-            exists: true,
-            durable_exists: true,
-        };
-        Rig {
-            state: Mutex::new(State {
-                target: medium,
-                ..State::default()
-            }),
+    /// Adds a durable node named `name`.
+    fn add(&self, name: &str, bytes: Vec<u8>, kind: DeviceKind) {
+        let mut s = self.state.lock().unwrap();
+        let n = s.nodes.len();
+        s.nodes.push(Node {
             kind,
-        }
+            current: bytes.clone(),
+            durable: bytes,
+            log: vec![],
+        });
+        s.names.insert(name.into(), n);
+        s.durable_names.insert(name.into(), n);
     }
 
     /// Counts one mutating operation; fails once the budget is spent.
@@ -99,17 +122,13 @@ impl Rig {
         }
     }
 
-    /// The power comes back: unflushed writes are kept, dropped or torn at random.
+    /// The power comes back: unsynced changes are kept, dropped or torn at random.
     fn restore(&self, rng: &mut ChaCha8Rng) {
         let mut s = self.state.lock().unwrap();
         let s = &mut *s;
-        for (m, log) in [
-            (&mut s.target, &mut s.target_log),
-            (&mut s.journal, &mut s.journal_log),
-        ] {
-            let mut bytes = std::mem::take(&mut m.durable);
-            let mut exists = m.durable_exists;
-            for op in log.drain(..) {
+        for node in &mut s.nodes {
+            let mut bytes = std::mem::take(&mut node.durable);
+            for op in node.log.drain(..) {
                 let fate = rng.gen_range(0..3); // 0 kept, 1 dropped, 2 torn
                 if fate == 1 {
                     continue;
@@ -119,28 +138,65 @@ impl Rig {
                     Pending::Zero(off, len) => {
                         apply(&mut bytes, off, &vec![0; len as usize], fate == 2, rng)
                     }
-                    Pending::SetLen(len) => {
-                        bytes.resize(len as usize, 0);
-                        exists = true;
-                    }
-                    Pending::Remove => {
-                        bytes.clear();
-                        exists = false;
-                    }
+                    Pending::SetLen(len) => bytes.resize(len as usize, 0),
                 }
             }
-            m.current = bytes.clone();
-            m.durable = bytes;
-            m.exists = exists;
-            m.durable_exists = exists;
+            node.current = bytes.clone();
+            node.durable = bytes;
         }
+        for op in s.dir_log.drain(..) {
+            if rng.gen_bool(0.5) {
+                continue; // lost
+            }
+            let names = &mut s.durable_names;
+            match op {
+                DirOp::Link(name, n) => {
+                    names.insert(name, n);
+                }
+                DirOp::Rename(from, to, n) => {
+                    names.remove(&from);
+                    names.insert(to, n);
+                }
+                DirOp::Unlink(name) => {
+                    names.remove(&name);
+                }
+            }
+        }
+        s.names = s.durable_names.clone();
         s.cut = false;
         s.budget = None;
     }
 
-    fn target_bytes(&self) -> (Vec<u8>, Vec<u8>) {
+    /// The durable and current bytes of the node named `name`, if it exists in both views.
+    fn bytes_of(&self, name: &str) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
         let s = self.state.lock().unwrap();
-        (s.target.current.clone(), s.target.durable.clone())
+        (
+            s.durable_names
+                .get(name)
+                .map(|&n| s.nodes[n].durable.clone()),
+            s.names.get(name).map(|&n| s.nodes[n].current.clone()),
+        )
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.state.lock().unwrap().names.keys().cloned().collect()
+    }
+
+    fn open(&self, path: &Path, writable: bool) -> Result<RigFile> {
+        let s = self.state.lock().unwrap();
+        if s.cut {
+            return Err(power_cut());
+        }
+        let name = path.to_string_lossy().into_owned();
+        match s.names.get(&name) {
+            Some(&node) => Ok(RigFile {
+                rig: self.clone(),
+                node,
+                name,
+                writable,
+            }),
+            None => Err(fs_error("opening", &name, io::ErrorKind::NotFound)),
+        }
     }
 }
 
@@ -166,104 +222,301 @@ fn apply(bytes: &mut Vec<u8>, off: u64, data: &[u8], torn: bool, rng: &mut ChaCh
     }
 }
 
-struct CutTarget<'a>(&'a Rig);
+/// An open node of the rig.
+struct RigFile {
+    rig: Rig,
+    node: usize,
+    name: String,
+    writable: bool,
+}
 
-impl ReadAt for CutTarget<'_> {
+impl RigFile {
+    /// Runs a mutation of this node, counted against the budget.
+    fn mutate(&self, f: impl FnOnce(&mut Node) -> Result<Option<Pending>>) -> Result<()> {
+        let mut s = self.rig.state.lock().unwrap();
+        Rig::tick(&mut s)?;
+        if !self.writable {
+            return Err(fs_error(
+                "writing",
+                &self.name,
+                io::ErrorKind::PermissionDenied,
+            ));
+        }
+        let node = &mut s.nodes[self.node];
+        if let Some(p) = f(node)? {
+            node.log.push(p);
+        }
+        Ok(())
+    }
+}
+
+impl ReadAt for RigFile {
     fn name(&self) -> String {
-        "cut-target".into()
+        self.name.clone()
     }
     fn size(&self) -> u64 {
-        self.0.state.lock().unwrap().target.current.len() as u64
+        self.rig.state.lock().unwrap().nodes[self.node]
+            .current
+            .len() as u64
     }
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let s = self.0.state.lock().unwrap();
+        let s = self.rig.state.lock().unwrap();
         if s.cut {
             return Err(power_cut());
         }
-        buf.copy_from_slice(&s.target.current[offset as usize..offset as usize + buf.len()]);
+        let data = &s.nodes[self.node].current;
+        let end = offset as usize + buf.len();
+        if end > data.len() {
+            return Err(fs_error(
+                "reading",
+                &self.name,
+                io::ErrorKind::UnexpectedEof,
+            ));
+        }
+        buf.copy_from_slice(&data[offset as usize..end]);
         Ok(())
     }
 }
 
-impl WriteAt for CutTarget<'_> {
+impl WriteAt for RigFile {
     fn kind(&self) -> DeviceKind {
-        self.0.kind
+        self.rig.state.lock().unwrap().nodes[self.node].kind
     }
     fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        let mut s = self.0.state.lock().unwrap();
-        Rig::tick(&mut s)?;
-        let end = offset as usize + buf.len();
-        assert!(end <= s.target.current.len(), "write past the target's end");
-        s.target.current[offset as usize..end].copy_from_slice(buf);
-        s.target_log.push(Pending::Write(offset, buf.to_vec()));
-        Ok(())
+        self.mutate(|n| {
+            let end = offset as usize + buf.len();
+            if n.current.len() < end {
+                assert_eq!(n.kind, DeviceKind::File, "write past a block device's end");
+                n.current.resize(end, 0);
+            }
+            n.current[offset as usize..end].copy_from_slice(buf);
+            Ok(Some(Pending::Write(offset, buf.to_vec())))
+        })
     }
     fn write_zeros(&self, offset: u64, len: u64) -> Result<()> {
-        let mut s = self.0.state.lock().unwrap();
-        Rig::tick(&mut s)?;
-        s.target.current[offset as usize..(offset + len) as usize].fill(0);
-        s.target_log.push(Pending::Zero(offset, len));
-        Ok(())
+        self.mutate(|n| {
+            let end = (offset + len) as usize;
+            assert!(end <= n.current.len(), "zeros past the end of a target");
+            n.current[offset as usize..end].fill(0);
+            Ok(Some(Pending::Zero(offset, len)))
+        })
     }
     fn flush(&self) -> Result<()> {
-        let mut s = self.0.state.lock().unwrap();
-        Rig::tick(&mut s)?;
-        s.target.durable = s.target.current.clone();
-        s.target_log.clear();
-        Ok(())
+        self.mutate(|n| {
+            n.durable = n.current.clone();
+            n.log.clear();
+            Ok(None)
+        })
     }
 }
 
-struct CutJournal<'a>(&'a Rig);
-
-impl JournalIo for CutJournal<'_> {
-    fn location(&self) -> String {
-        "cut-journal".into()
-    }
-    fn load(&mut self) -> Result<Vec<u8>> {
-        let s = self.0.state.lock().unwrap();
-        Ok(if s.journal.exists {
-            s.journal.current.clone()
-        } else {
-            vec![]
+impl FsFile for RigFile {
+    fn set_len(&self, len: u64) -> Result<()> {
+        let name = self.name.clone();
+        self.mutate(|n| {
+            if n.kind == DeviceKind::BlockDevice {
+                return Err(fs_error("resizing", &name, io::ErrorKind::InvalidInput));
+            }
+            n.current.resize(len as usize, 0);
+            Ok(Some(Pending::SetLen(len)))
         })
     }
-    fn write_at(&mut self, offset: u64, bytes: &[u8]) -> Result<()> {
-        let mut s = self.0.state.lock().unwrap();
+    fn sync_all(&self) -> Result<()> {
+        self.flush()
+    }
+    fn node(&self) -> (u64, u64) {
+        (0, self.node as u64)
+    }
+    fn renamed(&mut self, path: &Path) {
+        self.name = path.to_string_lossy().into_owned();
+    }
+}
+
+impl Rig {
+    /// A directory mutation, counted against the budget.
+    fn dir_op<T>(&self, f: impl FnOnce(&mut State) -> Result<(T, Option<DirOp>)>) -> Result<T> {
+        let mut s = self.state.lock().unwrap();
         Rig::tick(&mut s)?;
-        let end = offset as usize + bytes.len();
-        let j = &mut s.journal;
-        if j.current.len() < end {
-            j.current.resize(end, 0);
+        let (t, op) = f(&mut s)?;
+        s.dir_log.extend(op);
+        Ok(t)
+    }
+}
+
+fn name_of(path: &Path) -> String {
+    path.to_string_lossy().into_owned()
+}
+
+impl Fs for Rig {
+    type File = RigFile;
+
+    fn open_read(&self, path: &Path) -> Result<RigFile> {
+        self.open(path, false)
+    }
+    fn open_rw(&self, path: &Path, _exclusive: bool) -> Result<RigFile> {
+        self.open(path, true)
+    }
+    fn open_rw_nofollow(&self, path: &Path) -> Result<RigFile> {
+        self.open(path, true)
+    }
+    fn create_new(&self, path: &Path, _mode: u32) -> Result<RigFile> {
+        let name = name_of(path);
+        let node = self.dir_op(|s| {
+            if s.names.contains_key(&name) {
+                return Err(fs_error("creating", &name, io::ErrorKind::AlreadyExists));
+            }
+            let n = s.nodes.len();
+            s.nodes.push(Node {
+                kind: DeviceKind::File,
+                current: vec![],
+                durable: vec![],
+                log: vec![],
+            });
+            s.names.insert(name.clone(), n);
+            Ok((n, Some(DirOp::Link(name.clone(), n))))
+        })?;
+        Ok(RigFile {
+            rig: self.clone(),
+            node,
+            name,
+            writable: true,
+        })
+    }
+    fn rename_noreplace(&self, from: &Path, to: &Path) -> Result<()> {
+        let (from, to) = (name_of(from), name_of(to));
+        self.dir_op(|s| {
+            if s.names.contains_key(&to) {
+                return Err(fs_error("renaming into", &to, io::ErrorKind::AlreadyExists));
+            }
+            let Some(n) = s.names.remove(&from) else {
+                return Err(fs_error("renaming", &from, io::ErrorKind::NotFound));
+            };
+            s.names.insert(to.clone(), n);
+            Ok(((), Some(DirOp::Rename(from, to, n))))
+        })
+    }
+    fn remove_file(&self, path: &Path) -> Result<()> {
+        let name = name_of(path);
+        self.dir_op(|s| match s.names.remove(&name) {
+            Some(_) => Ok(((), Some(DirOp::Unlink(name.clone())))),
+            None => Err(fs_error("removing", &name, io::ErrorKind::NotFound)),
+        })
+    }
+    fn sync_dir(&self, dir: &Path) -> Result<()> {
+        assert_eq!(dir, Path::new(DIR), "the rig has one directory");
+        self.dir_op(|s| {
+            s.durable_names = s.names.clone();
+            s.dir_log.clear();
+            Ok(((), None))
+        })
+    }
+    fn create_dir_all(&self, dir: &Path) -> Result<()> {
+        assert_eq!(dir, Path::new(DIR), "the rig has one directory");
+        Ok(())
+    }
+    fn list_dir(&self, dir: &Path) -> Result<Vec<OsString>> {
+        let s = self.state.lock().unwrap();
+        if s.cut {
+            return Err(power_cut());
         }
-        j.current[offset as usize..end].copy_from_slice(bytes);
-        j.exists = true;
-        s.journal_log.push(Pending::Write(offset, bytes.to_vec()));
-        Ok(())
+        Ok(s.names
+            .keys()
+            .filter_map(|n| {
+                let p = Path::new(n);
+                (p.parent() == Some(dir)).then(|| p.file_name().unwrap().to_owned())
+            })
+            .collect())
     }
-    fn set_len(&mut self, len: u64) -> Result<()> {
-        let mut s = self.0.state.lock().unwrap();
-        Rig::tick(&mut s)?;
-        s.journal.current.resize(len as usize, 0);
-        s.journal.exists = true;
-        s.journal_log.push(Pending::SetLen(len));
-        Ok(())
+}
+/// What the target is before the sync.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Start {
+    /// The old image (grown with zeros to the new image's size if shorter).
+    Old,
+    /// A regular file holding the first third of the old image: grown by the sync.
+    Short,
+    /// No target (but a temporary target left by an earlier cut): created by the sync.
+    Absent,
+}
+
+/// One scenario.
+#[derive(Clone, Copy)]
+struct Case {
+    pair: Pair,
+    /// Fixture seed.
+    seed: u64,
+    start: Start,
+    kind: DeviceKind,
+    scratch: u64,
+    /// The old image is a seed (`--seed`).
+    old_as_seed: bool,
+}
+
+impl Case {
+    fn new(pair: Pair, seed: u64, start: Start, kind: DeviceKind, scratch: u64) -> Case {
+        Case {
+            pair,
+            seed,
+            start,
+            kind,
+            scratch,
+            old_as_seed: false,
+        }
     }
-    fn sync(&mut self) -> Result<()> {
-        let mut s = self.0.state.lock().unwrap();
-        Rig::tick(&mut s)?;
-        s.journal.durable = s.journal.current.clone();
-        s.journal.durable_exists = s.journal.exists;
-        s.journal_log.clear();
-        Ok(())
+
+    /// A rig holding the case's target (and seed) durably.
+    fn rig(&self, old: &[u8], new_len: usize) -> Rig {
+        let rig = Rig::default();
+        match self.start {
+            Start::Old => {
+                let mut t = old.to_vec();
+                if t.len() < new_len {
+                    t.resize(new_len, 0);
+                }
+                rig.add(TARGET, t, self.kind);
+            }
+            Start::Short => rig.add(TARGET, old[..new_len / 3].to_vec(), DeviceKind::File),
+            Start::Absent => rig.add(LEFTOVER, vec![7; 1000], DeviceKind::File),
+        }
+        if self.old_as_seed {
+            rig.add(SEED, old.to_vec(), DeviceKind::File);
+        }
+        rig
     }
-    fn remove(&mut self) -> Result<()> {
-        let mut s = self.0.state.lock().unwrap();
-        Rig::tick(&mut s)?;
-        s.journal.current.clear();
-        s.journal.exists = false;
-        s.journal_log.push(Pending::Remove);
-        Ok(())
+
+    fn options(&self) -> SyncOptions {
+        SyncOptions {
+            seeds: if self.old_as_seed {
+                vec![SeedSpec {
+                    path: SEED.into(),
+                    index: None,
+                }]
+            } else {
+                vec![]
+            },
+            // A file's journal goes to its default place beside it.
+            journal: (self.kind == DeviceKind::BlockDevice)
+                .then(|| PathBuf::from("/rig/target.journal")),
+            scratch_size: self.scratch,
+            workers: 2,
+            ..SyncOptions::default()
+        }
+    }
+
+    fn run(
+        &self,
+        rig: &Rig,
+        index: &Index,
+        store: &MemStore,
+    ) -> Result<tessera_engine::SyncReport> {
+        sync_with_fs(
+            rig,
+            index,
+            Path::new(TARGET),
+            store,
+            &self.options(),
+            &NoProgress,
+        )
     }
 }
 
@@ -273,21 +526,20 @@ struct Outcome {
     extra_fetched: i64,
 }
 
-/// Runs the sync of `index` over `old` until it succeeds, cutting the power after a
-/// random number of operations (between 1 and `max_ops`) in each of the first runs.
+/// Runs the sync of `index` until it succeeds, cutting the power after a random number
+/// of operations (between 1 and `max_ops`) in each of the first runs.
 #[allow(clippy::too_many_arguments)]
 fn cut_until_done(
+    case: &Case,
     index: &Index,
     old: &[u8],
     new: &[u8],
     store: &MemStore,
-    kind: DeviceKind,
-    scratch: u64,
     max_ops: u64,
     baseline_served: u64,
     rng: &mut ChaCha8Rng,
 ) -> Outcome {
-    let rig = Rig::new(old.to_vec(), kind);
+    let rig = case.rig(old, new.len());
     let mut cuts = 0;
     let mut resumed = 0;
     let mut allowance = 0u64;
@@ -301,20 +553,7 @@ fn cut_until_done(
             s.budget = (attempt < 10 && rng.gen_bool(0.85)).then(|| rng.gen_range(0..horizon));
         }
         let served_before = store.served();
-        let target = CutTarget(&rig);
-        let mut journal = CutJournal(&rig);
-        let io = SyncIo {
-            target: &target,
-            target_id: "rig".into(),
-            target_fresh: false,
-            target_index: None,
-            seeds: vec![],
-            journal: Some(&mut journal),
-            dry_run: false,
-            scratch_size: scratch,
-            workers: 2,
-        };
-        match sync_io(index, io, store, &NoProgress) {
+        match case.run(&rig, index, store) {
             Ok(r) => {
                 resumed += u64::from(r.resumed);
                 break;
@@ -326,13 +565,15 @@ fn cut_until_done(
                 );
                 // What this run fetched, or held in scratch, may be lost with it (scratch
                 // is counted uncompressed: allow zstd's few bytes per frame on top).
-                allowance += store.served() - served_before + scratch + scratch / 16;
+                allowance += store.served() - served_before + case.scratch + case.scratch / 16;
                 cuts += 1;
                 rig.restore(rng);
             }
         }
     }
-    let (current, durable) = rig.target_bytes();
+    let (durable, current) = rig.bytes_of(TARGET);
+    let current = current.expect("no target after success");
+    let durable = durable.expect("the target's directory entry is not durable after success");
     assert!(
         current[..new.len()] == new[..],
         "target differs from the image after {cuts} cuts"
@@ -340,6 +581,22 @@ fn cut_until_done(
     assert!(
         durable[..new.len()] == new[..],
         "the image is not durable after success"
+    );
+    if case.start != Start::Old {
+        assert_eq!(
+            durable.len(),
+            new.len(),
+            "a created or grown target has the image's size"
+        );
+    }
+    let names = rig.names();
+    assert!(
+        !names.iter().any(|n| n.contains(".tessera-new.")),
+        "a temporary target is left after success: {names:?}"
+    );
+    assert!(
+        !names.iter().any(|n| n.contains("journal")),
+        "a journal is left after success: {names:?}"
     );
     let served = store.served() - start;
     assert!(
@@ -360,44 +617,28 @@ fn trials() -> u64 {
         .unwrap_or(12)
 }
 
-fn power_cuts_on(pair: Pair, kind: DeviceKind, scratch: u64, seed: u64) {
+fn power_cuts_on(case: Case) {
     let fixtures = Fixtures::from_env();
     let files = fixtures
-        .pair(pair, Params::default().with_size(2 << 20).with_seed(seed))
+        .pair(
+            case.pair,
+            Params::default().with_size(2 << 20).with_seed(case.seed),
+        )
         .unwrap();
-    let (mut old, new) = (fs::read(&files.old).unwrap(), fs::read(&files.new).unwrap());
-    if old.len() < new.len() {
-        old.resize(new.len(), 0);
-    }
+    let (old, new) = (fs::read(&files.old).unwrap(), fs::read(&files.new).unwrap());
     let store = MemStore::default();
     let index = make_index(&new, small_params(), &store);
     // The uninterrupted run: its operation count bounds the cut points.
-    let rig = Rig::new(old.clone(), kind);
+    let rig = case.rig(&old, new.len());
     let served = store.served();
-    let r = sync_io(
-        &index,
-        SyncIo {
-            target: &CutTarget(&rig),
-            target_id: "rig".into(),
-            target_fresh: false,
-            target_index: None,
-            seeds: vec![],
-            journal: Some(&mut CutJournal(&rig)),
-            dry_run: false,
-            scratch_size: scratch,
-            workers: 2,
-        },
-        &store,
-        &NoProgress,
-    )
-    .unwrap();
+    let r = case.run(&rig, &index, &store).unwrap();
     let baseline = store.served() - served;
     let max_ops = rig.state.lock().unwrap().ops;
-    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed);
+    let mut rng = ChaCha8Rng::seed_from_u64(case.seed ^ 0x5eed);
     let (mut cuts, mut resumed, mut extra) = (0, 0, 0i64);
     for _ in 0..trials() {
         let o = cut_until_done(
-            &index, &old, &new, &store, kind, scratch, max_ops, baseline, &mut rng,
+            &case, &index, &old, &new, &store, max_ops, baseline, &mut rng,
         );
         cuts += o.cuts;
         resumed += o.resumed;
@@ -406,7 +647,7 @@ fn power_cuts_on(pair: Pair, kind: DeviceKind, scratch: u64, seed: u64) {
     eprintln!(
         "power cuts {}: {} phases, {max_ops} I/O ops, {cuts} cuts over {} trials, {resumed} completions \
          resumed a journal, {} bytes fetched uninterrupted, {extra} extra bytes fetched in all",
-        pair.name(),
+        case.pair.name(),
         r.phases,
         trials(),
         baseline
@@ -419,26 +660,103 @@ fn power_cuts_on(pair: Pair, kind: DeviceKind, scratch: u64, seed: u64) {
 
 #[test]
 fn power_cuts_during_a_release_update() {
-    power_cuts_on(Pair::Release, DeviceKind::File, 64 << 10, 1);
+    power_cuts_on(Case::new(
+        Pair::Release,
+        1,
+        Start::Old,
+        DeviceKind::File,
+        64 << 10,
+    ));
 }
 
 #[test]
 fn power_cuts_during_a_rotation() {
-    power_cuts_on(Pair::Rotate, DeviceKind::BlockDevice, 48 << 10, 2);
+    power_cuts_on(Case::new(
+        Pair::Rotate,
+        2,
+        Start::Old,
+        DeviceKind::BlockDevice,
+        48 << 10,
+    ));
 }
 
 #[test]
 fn power_cuts_during_a_shift() {
-    power_cuts_on(Pair::ShiftForward, DeviceKind::BlockDevice, 128 << 10, 3);
+    power_cuts_on(Case::new(
+        Pair::ShiftForward,
+        3,
+        Start::Old,
+        DeviceKind::BlockDevice,
+        128 << 10,
+    ));
 }
 
 #[test]
 fn power_cuts_during_a_shuffle_with_duplicates() {
-    power_cuts_on(Pair::Shuffle, DeviceKind::File, 32 << 10, 4);
-    power_cuts_on(Pair::Duplicate, DeviceKind::File, 32 << 10, 5);
+    power_cuts_on(Case::new(
+        Pair::Shuffle,
+        4,
+        Start::Old,
+        DeviceKind::File,
+        32 << 10,
+    ));
+    power_cuts_on(Case::new(
+        Pair::Duplicate,
+        5,
+        Start::Old,
+        DeviceKind::File,
+        32 << 10,
+    ));
 }
 
 #[test]
 fn power_cuts_during_a_shrink() {
-    power_cuts_on(Pair::Shrink, DeviceKind::File, 64 << 10, 6);
+    power_cuts_on(Case::new(
+        Pair::Shrink,
+        6,
+        Start::Old,
+        DeviceKind::File,
+        64 << 10,
+    ));
+}
+
+#[test]
+fn power_cuts_while_creating_the_target() {
+    power_cuts_on(Case::new(
+        Pair::Release,
+        7,
+        Start::Absent,
+        DeviceKind::File,
+        64 << 10,
+    ));
+}
+
+#[test]
+fn power_cuts_while_filling_a_new_target_from_a_seed() {
+    power_cuts_on(Case {
+        old_as_seed: true,
+        ..Case::new(Pair::Release, 8, Start::Absent, DeviceKind::File, 64 << 10)
+    });
+}
+
+#[test]
+fn power_cuts_while_growing_a_short_file() {
+    power_cuts_on(Case::new(
+        Pair::Release,
+        9,
+        Start::Short,
+        DeviceKind::File,
+        64 << 10,
+    ));
+}
+
+#[test]
+fn power_cuts_with_a_tiny_scratch() {
+    power_cuts_on(Case::new(
+        Pair::Rotate,
+        10,
+        Start::Old,
+        DeviceKind::File,
+        4 << 10,
+    ));
 }

@@ -76,6 +76,11 @@ fn assemble(layout: &Layout, list: &[usize], junk_salt: u64) -> (Vec<u8>, Vec<u6
 }
 
 fn run(layout: Layout) -> Result<(), TestCaseError> {
+    run_counting(layout).map(|_| ())
+}
+
+/// Runs `layout`; returns the index and the store (which counts what it served).
+fn run_counting(layout: Layout) -> Result<(Index, MemStore), TestCaseError> {
     let params = ChunkerParams::new(64, 256, 1024).unwrap();
     let (new, _) = assemble(&layout, &layout.new, 0);
     let records = layout.new.iter().map(|&b| {
@@ -265,7 +270,7 @@ fn run(layout: Layout) -> Result<(), TestCaseError> {
     prop_assert_eq!(r.fallbacks, 0, "a planned source failed its hash: {:?}", r);
     prop_assert_eq!(r.bytes_fetched, p.totals.bytes_fetched);
     prop_assert_eq!(r.chunks_repaired, 0);
-    Ok(())
+    Ok((index, store))
 }
 
 proptest! {
@@ -291,5 +296,21 @@ fn a_three_cycle_with_no_scratch_is_fetched_once() {
         scratch: 0,
         block_device: true,
     };
-    run(layout).unwrap();
+    let (index, store) = run_counting(layout).unwrap();
+    let counts: Vec<u64> = index
+        .chunks()
+        .iter()
+        .map(|c| store.fetches_of(&c.id))
+        .collect();
+    eprintln!("fetches per chunk of the cycle: {counts:?}");
+    assert_eq!(counts.len(), 3);
+    assert!(
+        counts.iter().all(|&n| n <= 1),
+        "a chunk fetched twice: {counts:?}"
+    );
+    assert_eq!(
+        counts.iter().sum::<u64>(),
+        1,
+        "the cycle is broken by one fetch: {counts:?}"
+    );
 }

@@ -33,11 +33,17 @@ pub struct MemStore {
     chunks: Mutex<HashMap<ChunkId, Vec<u8>>>,
     /// Compressed bytes served.
     pub served: AtomicU64,
+    /// Times each chunk was served.
+    fetches: Mutex<HashMap<ChunkId, u64>>,
 }
 
 impl MemStore {
     pub fn served(&self) -> u64 {
         self.served.load(Ordering::Relaxed)
+    }
+    /// Times `id` was served.
+    pub fn fetches_of(&self, id: &ChunkId) -> u64 {
+        self.fetches.lock().unwrap().get(id).copied().unwrap_or(0)
     }
     pub fn remove(&self, id: &ChunkId) -> Option<Vec<u8>> {
         self.chunks.lock().unwrap().remove(id)
@@ -55,6 +61,7 @@ impl ChunkStore for MemStore {
         let got = self.chunks.lock().unwrap().get(id).cloned();
         if let Some(c) = &got {
             self.served.fetch_add(c.len() as u64, Ordering::Relaxed);
+            *self.fetches.lock().unwrap().entry(*id).or_default() += 1;
         }
         Ok(got)
     }

@@ -1,0 +1,164 @@
+//! Names sync picks itself, on the real file system: the journal and the temporary name
+//! of a new target are never reached through a planted symbolic link, and never replace
+//! a file that is not theirs. Plus the target-creation protocol seen from outside: a
+//! missing target is created at the image size, a short file is grown, and what a killed
+//! creation left is cleaned up.
+
+use std::fs;
+use std::os::unix::fs::symlink;
+
+use tessera_engine::{sync_with, ErrorKind, NoProgress, SyncOptions};
+
+use crate::util::*;
+
+/// A store holding a 300 kB image, its index, the image.
+fn setup() -> (MemStore, tessera_engine::Index, Vec<u8>) {
+    let store = MemStore::default();
+    let image = random_bytes(300_000, 11);
+    let index = make_index(&image, small_params(), &store);
+    (store, index, image)
+}
+
+#[test]
+fn a_symlink_at_the_journal_path_is_refused_and_its_victim_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, index, _) = setup();
+    let target = dir.path().join("t.img");
+    let old = random_bytes(300_000, 12);
+    fs::write(&target, &old).unwrap();
+    let victim = dir.path().join("victim");
+    fs::write(&victim, b"precious").unwrap();
+    symlink(&victim, dir.path().join(".t.img.tessera-journal")).unwrap();
+    let err = sync_with(
+        &index,
+        &target,
+        &store,
+        &SyncOptions::default(),
+        &NoProgress,
+    )
+    .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains(".t.img.tessera-journal") && msg.contains("symbolic link"),
+        "{msg}"
+    );
+    assert_eq!(fs::read(&victim).unwrap(), b"precious");
+    assert_eq!(
+        fs::read(&target).unwrap(),
+        old,
+        "nothing written before the refusal"
+    );
+}
+
+#[test]
+fn a_foreign_file_at_the_journal_path_is_not_overwritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, index, image) = setup();
+    let target = dir.path().join("t.img");
+    let old = random_bytes(300_000, 13);
+    fs::write(&target, &old).unwrap();
+    let journal = dir.path().join("notes.txt");
+    fs::write(&journal, b"my notes").unwrap();
+    let opts = SyncOptions {
+        journal: Some(journal.clone()),
+        ..SyncOptions::default()
+    };
+    let err = sync_with(&index, &target, &store, &opts, &NoProgress).unwrap_err();
+    assert!(
+        err.to_string().contains("is not a tessera journal"),
+        "{err}"
+    );
+    assert_eq!(fs::read(&journal).unwrap(), b"my notes");
+    assert_eq!(fs::read(&target).unwrap(), old);
+    // Nor one that starts with zeros (a blank disk image, say).
+    fs::write(&journal, vec![0u8; 4096]).unwrap();
+    let err = sync_with(&index, &target, &store, &opts, &NoProgress).unwrap_err();
+    assert!(
+        err.to_string().contains("is not a tessera journal"),
+        "{err}"
+    );
+    assert_eq!(fs::read(&journal).unwrap(), vec![0u8; 4096]);
+    // An empty file holds nothing to lose: it is taken over.
+    fs::write(&journal, b"").unwrap();
+    sync_with(&index, &target, &store, &opts, &NoProgress).unwrap();
+    assert_eq!(fs::read(&target).unwrap(), image);
+    assert!(!journal.exists());
+}
+
+#[test]
+fn a_missing_target_is_created_and_debris_of_a_killed_creation_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, index, image) = setup();
+    let target = dir.path().join("new.img");
+    // What a killed creation leaves (a temporary target), and a planted link of the same
+    // shape: both names are removed, what the link points to is not touched.
+    let debris = dir.path().join(".new.img.tessera-new.00000000deadbeef");
+    fs::write(&debris, b"half").unwrap();
+    let victim = dir.path().join("victim");
+    fs::write(&victim, b"precious").unwrap();
+    symlink(
+        &victim,
+        dir.path().join(".new.img.tessera-new.0123456789abcdef"),
+    )
+    .unwrap();
+    // A name that only looks similar is not ours.
+    let other = dir.path().join(".new.img.tessera-new.mine");
+    fs::write(&other, b"mine").unwrap();
+    let r = sync_with(
+        &index,
+        &target,
+        &store,
+        &SyncOptions::default(),
+        &NoProgress,
+    )
+    .unwrap();
+    assert_eq!(fs::read(&target).unwrap(), image);
+    assert_eq!(r.bytes_in_place, 0);
+    let mut names: Vec<String> = fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, [".new.img.tessera-new.mine", "new.img", "victim"]);
+    assert_eq!(fs::read(&victim).unwrap(), b"precious");
+}
+
+#[test]
+fn a_file_shorter_than_the_image_is_grown_and_scanned() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, index, image) = setup();
+    let target = dir.path().join("short.img");
+    // The first half of the image is already there: it must be found, not rewritten.
+    fs::write(&target, &image[..150_000]).unwrap();
+    let r = sync_with(
+        &index,
+        &target,
+        &store,
+        &SyncOptions::default(),
+        &NoProgress,
+    )
+    .unwrap();
+    assert_eq!(fs::read(&target).unwrap(), image);
+    assert!(r.bytes_in_place > 100_000, "{r:?}");
+    // An empty file (what a cut during creation may leave on some file systems) too.
+    fs::write(&target, b"").unwrap();
+    sync_with(
+        &index,
+        &target,
+        &store,
+        &SyncOptions::default(),
+        &NoProgress,
+    )
+    .unwrap();
+    assert_eq!(fs::read(&target).unwrap(), image);
+    // A dry run on a short file plans the same and changes nothing.
+    fs::write(&target, &image[..150_000]).unwrap();
+    let opts = SyncOptions {
+        dry_run: true,
+        ..SyncOptions::default()
+    };
+    let plan = sync_with(&index, &target, &store, &opts, &NoProgress).unwrap();
+    assert_eq!(plan.bytes_in_place, r.bytes_in_place, "{plan:?}");
+    assert_eq!(fs::read(&target).unwrap(), &image[..150_000]);
+}
