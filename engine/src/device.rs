@@ -176,8 +176,23 @@ impl FsFile for Device {
     }
 }
 
-/// The one check that a target holds the image: `name` of `kind` holds `size` bytes,
-/// the image needs `image_size`. Sync, verify and the dm-verity tree share its wording.
+/// Why `name` (of `kind`, `size` bytes) cannot hold an image of `image_size` bytes, or
+/// `None` when it can: the one wording that sync, verify and the dm-verity tree share.
+pub fn size_shortfall(
+    name: impl Display,
+    kind: DeviceKind,
+    size: u64,
+    image_size: u64,
+) -> Option<String> {
+    let what = match kind {
+        DeviceKind::BlockDevice => "block device",
+        DeviceKind::File => "file",
+    };
+    (size < image_size)
+        .then(|| format!("{what} {name} holds {size} bytes but the image needs {image_size}"))
+}
+
+/// The one check that a target to be written holds the image (see [`size_shortfall`]).
 ///
 /// # Errors
 /// [`Error::InvalidInput`] naming the target, both sizes and what to do.
@@ -187,16 +202,15 @@ pub fn check_target_size(
     size: u64,
     image_size: u64,
 ) -> Result<()> {
-    if size >= image_size {
+    let Some(why) = size_shortfall(name, kind, size, image_size) else {
         return Ok(());
-    }
-    let (what, hint) = match kind {
-        DeviceKind::BlockDevice => ("block device", "use a larger device or partition".into()),
-        DeviceKind::File => ("file", format!("grow it with `truncate -s {image_size}`")),
+    };
+    let hint = match kind {
+        DeviceKind::BlockDevice => "use a larger device or partition".into(),
+        DeviceKind::File => format!("grow it with `truncate -s {image_size}`"),
     };
     Err(Error::InvalidInput(format!(
-        "{what} {name} holds {size} bytes but the image needs {image_size}; nothing was \
-         written ({hint})"
+        "{why}; nothing was written ({hint})"
     )))
 }
 

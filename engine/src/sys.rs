@@ -75,7 +75,6 @@ pub(crate) fn syncfs(path: &Path) -> io::Result<()> {
 
 /// Renames `from` to `to` unless `to` exists (then `AlreadyExists`). Falls back to
 /// link + unlink on filesystems without `RENAME_NOREPLACE`.
-#[allow(dead_code)] // For path-based callers (sync's target files, overlays).
 pub(crate) fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
     let cstr = |p: &Path| {
         CString::new(p.as_os_str().as_bytes())

@@ -14,7 +14,7 @@ use std::path::Path;
 use crossbeam_channel::bounded;
 use serde::Serialize;
 
-use crate::device::Device;
+use crate::device::{size_shortfall, Device};
 use crate::error::{Error, Result};
 use crate::index::{ChunkEntry, Index};
 use crate::progress::Progress;
@@ -65,7 +65,14 @@ impl VerifyReport {
 /// I/O errors, or [`Error::VerifyFailed`] if the target is smaller than the image.
 pub fn verify(index: &Index, target: &Path, progress: &dyn Progress) -> Result<VerifyReport> {
     let device = Device::open_read(target)?;
-    check_target_size(&device, index)?;
+    if let Some(why) = size_shortfall(
+        device.path().display(),
+        device.kind(),
+        device.size(),
+        index.image_size(),
+    ) {
+        return Err(Error::VerifyFailed(why));
+    }
     progress.start("verifying", index.image_size());
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
     let bad = check_chunks(index, &device, all_chunks(index)?, workers, progress)?;
@@ -75,19 +82,6 @@ pub fn verify(index: &Index, target: &Path, progress: &dyn Progress) -> Result<V
         bad_chunks: bad.len() as u64,
         first_bad_offset: bad.iter().map(|m| m.offset).min(),
     })
-}
-
-/// `Ok` when `device` holds at least the image's bytes.
-fn check_target_size(device: &Device, index: &Index) -> Result<()> {
-    if device.size() < index.image_size() {
-        return Err(Error::VerifyFailed(format!(
-            "{} holds {} bytes, less than the image's {}",
-            device.path().display(),
-            device.size(),
-            index.image_size()
-        )));
-    }
-    Ok(())
 }
 
 /// Every position of `index`'s chunk list, for [`check_chunks`].

@@ -26,6 +26,7 @@ use crate::error::{Error, Result};
 use crate::index::{ChunkEntry, Index};
 use crate::progress::Progress;
 use crate::store::{chunk_path, ChunkStore, Fetched};
+use crate::verify::check_chunks_with;
 use crate::ChunkId;
 
 /// Writes of adjacent chunks are merged up to this size.
@@ -274,21 +275,21 @@ impl<'a> Executor<'a> {
 
     /// Hashes the chunks `list` at their place in the target; returns those that differ.
     pub fn check(&self, list: &[u32]) -> Result<Vec<u32>> {
-        let bad = Mutex::new(Vec::new());
-        self.parallel(list, |&k| {
-            let c = self.entry(k);
-            let mut buf = vec![0u8; c.len as usize];
-            self.target.read_exact_at(&mut buf, c.offset)?;
-            add(&self.counters.checked, u64::from(c.len));
-            self.progress.advance(u64::from(c.len));
-            if ChunkId::of(&buf) == c.id {
-                self.verified[k as usize].store(true, Ordering::Relaxed);
-            } else {
-                bad.lock().expect("bad list").push(k);
-            }
-            Ok(())
-        })?;
-        let mut bad = bad.into_inner().expect("bad list");
+        let bad = check_chunks_with(
+            self.index,
+            self.target,
+            list.iter().copied(),
+            self.workers,
+            self.progress,
+            |k, c, _, good| {
+                add(&self.counters.checked, u64::from(c.len));
+                if good {
+                    self.verified[k as usize].store(true, Ordering::Relaxed);
+                }
+                Ok(())
+            },
+        )?;
+        let mut bad: Vec<u32> = bad.into_iter().map(|m| m.chunk).collect();
         bad.sort_unstable();
         Ok(bad)
     }

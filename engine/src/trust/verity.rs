@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use crate::device::{Device, DeviceKind};
+use crate::device::{size_shortfall, Device, DeviceKind};
 use crate::error::{Error, Result};
 use crate::fsutil::{create_temp_beside, refuse_symlink};
 use crate::index::Index;
@@ -441,19 +441,6 @@ fn derived_uuid(salt: &[u8], root: &[u8; 32]) -> [u8; 16] {
     u
 }
 
-/// `Ok` when `device` holds at least the image's bytes.
-fn check_data_size(device: &Device, index: &Index) -> Result<()> {
-    if device.size() < index.image_size() {
-        return Err(Error::VerifyFailed(format!(
-            "{} holds {} bytes, less than the image's {}",
-            device.path().display(),
-            device.size(),
-            index.image_size()
-        )));
-    }
-    Ok(())
-}
-
 /// Writes the dm-verity hash tree of the image of `index`, read from `data` (a file or
 /// block device holding it), to `hash_file`.
 ///
@@ -474,7 +461,14 @@ pub fn build_verity(
     progress: &dyn Progress,
 ) -> Result<VerityReport> {
     let device = Device::open_read(data)?;
-    check_data_size(&device, index)?;
+    if let Some(why) = size_shortfall(
+        device.path().display(),
+        device.kind(),
+        device.size(),
+        index.image_size(),
+    ) {
+        return Err(Error::VerifyFailed(why));
+    }
     let salt = options
         .salt
         .clone()
