@@ -121,35 +121,7 @@ impl StoreArgs {
     }
 }
 
-/// Parses `10G`, `512M`, `1048576`.
+/// Parses `10G`, `512M`, `1048576`: [`tessera_engine::parse_size`], for clap.
 pub(crate) fn parse_size(s: &str) -> anyhow::Result<u64> {
-    let s = s.trim();
-    let (num, mult) = match s.chars().last().map(|c| c.to_ascii_uppercase()) {
-        Some('K') => (&s[..s.len() - 1], 1u64 << 10),
-        Some('M') => (&s[..s.len() - 1], 1 << 20),
-        Some('G') => (&s[..s.len() - 1], 1 << 30),
-        Some('T') => (&s[..s.len() - 1], 1 << 40),
-        _ => (s, 1),
-    };
-    let n: u64 = num
-        .trim()
-        .parse()
-        .with_context(|| format!("not a size: {s:?}"))?;
-    n.checked_mul(mult)
-        .with_context(|| format!("size too large: {s:?}"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_size;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("10G").unwrap(), 10 << 30);
-        assert_eq!(parse_size("512m").unwrap(), 512 << 20);
-        assert_eq!(parse_size("123").unwrap(), 123);
-        assert!(parse_size("x").is_err());
-        assert!(parse_size("1X").is_err());
-        assert!(parse_size("99999999999T").is_err());
-    }
+    Ok(tessera_engine::parse_size(s)?)
 }
