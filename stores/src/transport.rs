@@ -7,13 +7,19 @@
 //! bucket or credentials will not heal), malformed URLs and TLS certificate failures.
 //! Pauses double from [`StoreOptions::backoff`] up to 5 s, with jitter so that many
 //! workers do not hammer a recovering server in step.
+//!
+//! Every request has two clocks: [`StoreOptions::timeout`] without a byte (retried) and
+//! [`StoreOptions::deadline`] for the whole exchange, redirects and body included (not
+//! retried: a server trickling bytes would trickle again). Bodies are bounded by the
+//! caller's limit, by Content-Length before reading and by what arrives while reading.
+//! Redirects are followed to http(s) URLs only, and never from https to plain http.
 
 use std::io;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tessera_engine::Error;
-use ureq::Agent;
+use ureq::{Agent, ResponseExt};
 
 use crate::StoreOptions;
 
@@ -40,6 +46,7 @@ pub(crate) struct Transport {
     agent: Agent,
     retries: u32,
     backoff: Duration,
+    deadline: Duration,
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -51,7 +58,9 @@ impl Transport {
             .timeout_connect(Some(opts.connect_timeout))
             .timeout_per_read(Some(opts.timeout))
             .timeout_per_write(Some(opts.timeout))
-            .timeout_per_call(Some(opts.timeout.saturating_mul(10)))
+            // The whole exchange, across redirects and including the body: no-progress
+            // timeouts alone let a server trickling a byte at a time hold a request.
+            .timeout_global(Some(opts.deadline))
             // Keep a connection per worker (and some) open to each host.
             .max_idle_connections(opts.jobs.max(1) * 2 + 8)
             .max_idle_connections_per_host(opts.jobs.max(1) * 2 + 8)
@@ -63,6 +72,7 @@ impl Transport {
             agent: Agent::new_with_config(config),
             retries: opts.retries,
             backoff: opts.backoff,
+            deadline: opts.deadline,
         }
     }
 
@@ -127,7 +137,8 @@ impl Transport {
         if fresh {
             req = req.header("cache-control", "no-cache");
         }
-        let mut resp = req.call().map_err(classify)?;
+        let mut resp = req.call().map_err(|e| self.classify(e))?;
+        check_redirect(url, resp.get_uri())?;
         let status = resp.status().as_u16();
         match status {
             200 => {}
@@ -153,7 +164,10 @@ impl Transport {
                 ureq::Error::BodyExceedsLimit(_) => {
                     Failure::Fatal(format!("the body is more than the {limit} bytes allowed"))
                 }
-                e => Failure::Retry(format!("reading the body: {e}")),
+                e => match self.classify(e) {
+                    Failure::Retry(m) => Failure::Retry(format!("reading the body: {m}")),
+                    Failure::Fatal(m) => Failure::Fatal(format!("reading the body: {m}")),
+                },
             })?;
         if let Some(n) = declared.filter(|&n| n != body.len() as u64) {
             return Err(Failure::Retry(format!(
@@ -167,7 +181,8 @@ impl Transport {
     /// HEAD with retries: whether the object exists.
     pub(crate) fn exists(&self, url: &str) -> Result<bool, Error> {
         self.retrying("checking", url, |_| {
-            let resp = self.agent.head(url).call().map_err(classify)?;
+            let resp = self.agent.head(url).call().map_err(|e| self.classify(e))?;
+            check_redirect(url, resp.get_uri())?;
             match resp.status().as_u16() {
                 200 => Ok(true),
                 404 | 410 => Ok(false),
@@ -184,7 +199,11 @@ impl Transport {
         body: &[u8],
     ) -> Result<(), Error> {
         self.retrying("uploading", url_for_errors, |_| {
-            let mut resp = self.agent.put(url()).send(body).map_err(classify)?;
+            let mut resp = self
+                .agent
+                .put(url())
+                .send(body)
+                .map_err(|e| self.classify(e))?;
             let status = resp.status().as_u16();
             // Drain the (small) answer so the connection can be reused.
             let _ = resp.body_mut().with_config().limit(1 << 20).read_to_vec();
@@ -196,21 +215,41 @@ impl Transport {
     }
 }
 
-/// Whether a transport error is worth another attempt.
-fn classify(e: ureq::Error) -> Failure {
-    use ureq::Error as E;
-    match e {
-        E::BadUri(_)
-        | E::Http(_)
-        | E::RequireHttpsOnly(_)
-        | E::InvalidProxyUrl
-        | E::TooManyRedirects
-        | E::RedirectFailed
-        | E::Tls(_)
-        | E::Rustls(_) => Failure::Fatal(e.to_string()),
-        E::Timeout(t) => Failure::Retry(format!("timed out ({t})")),
-        e => Failure::Retry(e.to_string()),
+impl Transport {
+    /// Whether a transport error is worth another attempt.
+    fn classify(&self, e: ureq::Error) -> Failure {
+        use ureq::Error as E;
+        match e {
+            E::BadUri(_)
+            | E::Http(_)
+            | E::RequireHttpsOnly(_)
+            | E::InvalidProxyUrl
+            | E::TooManyRedirects
+            | E::RedirectFailed
+            | E::Tls(_)
+            | E::Rustls(_) => Failure::Fatal(e.to_string()),
+            E::Timeout(ureq::Timeout::Global) => Failure::Fatal(format!(
+                "did not complete within the {} s deadline for one request (the server is \
+                 too slow or trickling bytes; raise the deadline if the link is just slow)",
+                self.deadline.as_secs_f64()
+            )),
+            E::Timeout(t) => Failure::Retry(format!("timed out ({t})")),
+            e => Failure::Retry(e.to_string()),
+        }
     }
+}
+
+/// Refuses an answer that came, through redirects, from an https URL to a plain http one
+/// (or anything but http(s), which the client cannot fetch anyway).
+fn check_redirect(asked: &str, answered: &ureq::http::Uri) -> Result<(), Failure> {
+    let scheme = answered.scheme_str().unwrap_or("");
+    let downgrade = asked.starts_with("https://") && scheme != "https";
+    if downgrade || !matches!(scheme, "http" | "https") {
+        return Err(Failure::Fatal(format!(
+            "redirected to {answered}, refused: redirects may not leave https or http(s)"
+        )));
+    }
+    Ok(())
 }
 
 fn status_failure(status: u16, reason: Option<&str>) -> Failure {
