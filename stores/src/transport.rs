@@ -16,10 +16,10 @@
 
 use std::io;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tessera_engine::Error;
-use ureq::{Agent, ResponseExt};
+use ureq::Agent;
 
 use crate::StoreOptions;
 
@@ -61,6 +61,9 @@ impl Transport {
             // The whole exchange, across redirects and including the body: no-progress
             // timeouts alone let a server trickling a byte at a time hold a request.
             .timeout_global(Some(opts.deadline))
+            // Redirects are followed by `Transport::call`, which checks where they lead.
+            .max_redirects(0)
+            .max_redirects_will_error(false)
             // Keep a connection per worker (and some) open to each host.
             .max_idle_connections(opts.jobs.max(1) * 2 + 8)
             .max_idle_connections_per_host(opts.jobs.max(1) * 2 + 8)
@@ -131,14 +134,69 @@ impl Transport {
         self.retrying(what, url, |_| self.get_once(url, limit, fresh))
     }
 
+    /// Sends a GET (or a HEAD) to `url`, following up to [`MAX_REDIRECTS`] redirects
+    /// to http(s) URLs only, never from https to http, all within one deadline.
+    fn call(
+        &self,
+        head: bool,
+        url: &str,
+        fresh: bool,
+    ) -> Result<ureq::http::Response<ureq::Body>, Failure> {
+        let started = Instant::now();
+        let mut current = url.to_string();
+        for _ in 0..=MAX_REDIRECTS {
+            let left = self
+                .deadline
+                .checked_sub(started.elapsed())
+                .ok_or_else(|| self.past_deadline())?;
+            let resp = if head {
+                self.agent
+                    .head(&current)
+                    .config()
+                    .timeout_global(Some(left))
+                    .build()
+                    .call()
+            } else {
+                let mut req = self
+                    .agent
+                    .get(&current)
+                    .config()
+                    .timeout_global(Some(left))
+                    .build();
+                if fresh {
+                    req = req.header("cache-control", "no-cache");
+                }
+                req.call()
+            }
+            .map_err(|e| self.classify(e))?;
+            if !matches!(resp.status().as_u16(), 301 | 302 | 303 | 307 | 308) {
+                return Ok(resp);
+            }
+            let location = resp
+                .headers()
+                .get("location")
+                .and_then(|v| v.to_str().ok())
+                .ok_or_else(|| {
+                    Failure::Fatal(format!("HTTP {} without a Location", resp.status()))
+                })?;
+            current = redirect_target(&current, location).map_err(Failure::Fatal)?;
+        }
+        Err(Failure::Fatal(format!(
+            "more than {MAX_REDIRECTS} redirects (last to {current})"
+        )))
+    }
+
+    fn past_deadline(&self) -> Failure {
+        Failure::Fatal(format!(
+            "did not complete within the {} s deadline for one request (the server is too \
+             slow or trickling bytes; raise the deadline if the link is just slow)",
+            self.deadline.as_secs_f64()
+        ))
+    }
+
     /// One GET.
     pub(crate) fn get_once(&self, url: &str, limit: u64, fresh: bool) -> Result<Got, Failure> {
-        let mut req = self.agent.get(url);
-        if fresh {
-            req = req.header("cache-control", "no-cache");
-        }
-        let mut resp = req.call().map_err(|e| self.classify(e))?;
-        check_redirect(url, resp.get_uri())?;
+        let mut resp = self.call(false, url, fresh)?;
         let status = resp.status().as_u16();
         match status {
             200 => {}
@@ -152,7 +210,7 @@ impl Transport {
             .and_then(|v| v.parse::<u64>().ok());
         if let Some(n) = declared.filter(|&n| n > limit) {
             return Err(Failure::Fatal(format!(
-                "the body is {n} bytes, more than the {limit} allowed"
+                "the body is {n} bytes, more than the {limit} bytes allowed"
             )));
         }
         let body = resp
@@ -181,8 +239,7 @@ impl Transport {
     /// HEAD with retries: whether the object exists.
     pub(crate) fn exists(&self, url: &str) -> Result<bool, Error> {
         self.retrying("checking", url, |_| {
-            let resp = self.agent.head(url).call().map_err(|e| self.classify(e))?;
-            check_redirect(url, resp.get_uri())?;
+            let resp = self.call(true, url, false)?;
             match resp.status().as_u16() {
                 200 => Ok(true),
                 404 | 410 => Ok(false),
@@ -228,28 +285,49 @@ impl Transport {
             | E::RedirectFailed
             | E::Tls(_)
             | E::Rustls(_) => Failure::Fatal(e.to_string()),
-            E::Timeout(ureq::Timeout::Global) => Failure::Fatal(format!(
-                "did not complete within the {} s deadline for one request (the server is \
-                 too slow or trickling bytes; raise the deadline if the link is just slow)",
-                self.deadline.as_secs_f64()
-            )),
+            E::Timeout(ureq::Timeout::Global) => self.past_deadline(),
             E::Timeout(t) => Failure::Retry(format!("timed out ({t})")),
             e => Failure::Retry(e.to_string()),
         }
     }
 }
 
-/// Refuses an answer that came, through redirects, from an https URL to a plain http one
-/// (or anything but http(s), which the client cannot fetch anyway).
-fn check_redirect(asked: &str, answered: &ureq::http::Uri) -> Result<(), Failure> {
-    let scheme = answered.scheme_str().unwrap_or("");
-    let downgrade = asked.starts_with("https://") && scheme != "https";
-    if downgrade || !matches!(scheme, "http" | "https") {
-        return Err(Failure::Fatal(format!(
-            "redirected to {answered}, refused: redirects may not leave https or http(s)"
-        )));
+/// Redirects followed at most, per request.
+const MAX_REDIRECTS: usize = 5;
+
+/// The URL a redirect from `from` to `location` leads to: absolute http(s), or relative
+/// (`//host/path`, `/path`, `path`). Anything else (`file:`, `ftp:`...) is refused, as
+/// is leaving https for plain http.
+fn redirect_target(from: &str, location: &str) -> Result<String, String> {
+    let (scheme, rest) = from
+        .split_once("://")
+        .ok_or_else(|| format!("not a URL: {from}"))?;
+    let authority_end = rest.find('/').map_or(from.len(), |i| scheme.len() + 3 + i);
+    let target = if location.starts_with("http://") || location.starts_with("https://") {
+        location.to_string()
+    } else if let Some(r) = location.strip_prefix("//") {
+        format!("{scheme}://{r}")
+    } else if location.starts_with('/') {
+        format!("{}{location}", &from[..authority_end])
+    } else if location
+        .split(['/', '?', '#'])
+        .next()
+        .is_some_and(|first| first.contains(':'))
+    {
+        return Err(format!(
+            "redirected to {location:?}, refused: only http(s) URLs are followed"
+        ));
+    } else {
+        let path = from[authority_end..].split(['?', '#']).next().unwrap_or("");
+        let dir = path.rfind('/').map_or("/", |i| &path[..=i]);
+        format!("{}{dir}{location}", &from[..authority_end])
+    };
+    if from.starts_with("https://") && !target.starts_with("https://") {
+        return Err(format!(
+            "redirected from https to {target}, refused: plain http may not stand in for https"
+        ));
     }
-    Ok(())
+    Ok(target)
 }
 
 fn status_failure(status: u16, reason: Option<&str>) -> Failure {
@@ -264,4 +342,44 @@ fn status_failure(status: u16, reason: Option<&str>) -> Failure {
 /// An engine error naming the URL; `msg` becomes the source so `{:#}` prints both once.
 pub(crate) fn remote_error(what: &'static str, url: &str, msg: String) -> Error {
     Error::io(what, PathBuf::from(url), io::Error::other(msg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redirect_target;
+
+    #[test]
+    fn redirects_stay_on_http_and_never_leave_https() {
+        let from = "https://cdn.example.com/store/chunks/ab/x.zst?sig=1";
+        let ok = [
+            ("https://other.example.com/y", "https://other.example.com/y"),
+            ("//mirror.example.com/z", "https://mirror.example.com/z"),
+            ("/elsewhere/z", "https://cdn.example.com/elsewhere/z"),
+            ("y.zst", "https://cdn.example.com/store/chunks/ab/y.zst"),
+            (
+                "../cd/y.zst",
+                "https://cdn.example.com/store/chunks/ab/../cd/y.zst",
+            ),
+        ];
+        for (location, want) in ok {
+            assert_eq!(redirect_target(from, location).unwrap(), want, "{location}");
+        }
+        for location in [
+            "http://cdn.example.com/store/x.zst",
+            "file:///etc/passwd",
+            "ftp://example.com/x",
+            "javascript:alert(1)",
+        ] {
+            let e = redirect_target(from, location).unwrap_err();
+            assert!(e.contains("refused"), "{location}: {e}");
+        }
+        // From plain http, https is fine (and http too).
+        let from = "http://127.0.0.1:8080/i.tidx";
+        assert_eq!(redirect_target(from, "https://a/b").unwrap(), "https://a/b");
+        assert_eq!(
+            redirect_target(from, "j.tidx").unwrap(),
+            "http://127.0.0.1:8080/j.tidx"
+        );
+        assert!(redirect_target(from, "file:///etc/passwd").is_err());
+    }
 }
