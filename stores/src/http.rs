@@ -111,36 +111,6 @@ pub(crate) fn fetch_verified(
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::chunk_file_bound;
-
-    /// The bound is zstd's own: every frame zstd makes of incompressible data fits.
-    #[test]
-    fn chunk_file_bound_holds_real_frames() {
-        for len in [1u32, 100, 4096, 65_536, 131_071, 131_072, 1 << 20] {
-            // xorshift64: incompressible, zstd's worst case.
-            let mut x = 0x9e37_79b9_7f4a_7c15u64;
-            let data: Vec<u8> = (0..len)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x as u8
-                })
-                .collect();
-            let z = tessera_engine::chunk::compress(&data);
-            assert!(
-                z.len() as u64 <= chunk_file_bound(len),
-                "len {len}: {}",
-                z.len()
-            );
-        }
-        assert_eq!(chunk_file_bound(16 << 20), (16 << 20) + (16 << 12));
-        assert_eq!(chunk_file_bound(0), 64);
-    }
-}
-
 impl ChunkStore for HttpStore {
     fn location(&self) -> String {
         self.inner.base.clone()
@@ -185,5 +155,35 @@ impl ChunkStore for HttpStore {
 
     fn in_flight(&self) -> usize {
         self.pool.threads()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chunk_file_bound;
+
+    /// The bound is zstd's own: every frame zstd makes of incompressible data fits.
+    #[test]
+    fn chunk_file_bound_holds_real_frames() {
+        for len in [1u32, 100, 4096, 65_536, 131_071, 131_072, 1 << 20] {
+            // xorshift64: incompressible, zstd's worst case.
+            let mut x = 0x9e37_79b9_7f4a_7c15u64;
+            let data: Vec<u8> = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            let z = tessera_engine::chunk::compress(&data);
+            assert!(
+                z.len() as u64 <= chunk_file_bound(len),
+                "len {len}: {}",
+                z.len()
+            );
+        }
+        assert_eq!(chunk_file_bound(16 << 20), (16 << 20) + (16 << 12));
+        assert_eq!(chunk_file_bound(0), 64);
     }
 }
