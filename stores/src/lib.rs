@@ -284,3 +284,30 @@ fn private_temp_dir() -> Result<PathBuf> {
     let (dir, e) = last.expect("the loop ran");
     Err(Error::io("creating a private directory", &dir, e))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    /// `make` into S3 stages the index in a directory of its own that only this user can
+    /// enter, never at a path in the shared $TMPDIR that another user could plant.
+    #[test]
+    fn an_s3_index_is_staged_in_a_private_directory() {
+        let a = IndexDest::new("s3://bucket/prefix/a.tidx").unwrap();
+        let b = IndexDest::new("s3://bucket/prefix/b.tidx").unwrap();
+        let dir = a.path().parent().unwrap().to_path_buf();
+        assert_ne!(dir, std::env::temp_dir(), "staged directly in $TMPDIR");
+        assert_ne!(Some(dir.as_path()), b.path().parent());
+        let meta = std::fs::symlink_metadata(&dir).unwrap();
+        assert!(meta.is_dir());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o700);
+        assert!(!a.path().exists(), "nothing is written before make writes it");
+        drop(a);
+        assert!(!dir.exists(), "the staging directory is removed on drop");
+        // A local destination is used as it is.
+        let local = IndexDest::new("out/x.tidx").unwrap();
+        assert_eq!(local.path(), Path::new("out/x.tidx"));
+    }
+}
