@@ -292,3 +292,40 @@ fn redirects_out_of_http_are_refused() {
     );
     assert!(!target.exists());
 }
+
+/// An index (checksum and all well formed) that lists one chunk id with two lengths is
+/// refused when parsed, naming the id and both records, before anything is written.
+#[test]
+fn an_index_listing_one_id_with_two_lengths_is_refused() {
+    if skip_unless(nginx_available(), "nginx") {
+        return;
+    }
+    let s = setup(2_000_000, 26);
+    let mut bytes = fs::read(&s.index).unwrap();
+    let (id, first_len) = first_chunk(&bytes);
+    let second_len = u32::from_le_bytes(bytes[148..152].try_into().unwrap());
+    assert_ne!(first_len, second_len, "pick a seed whose first chunks differ in length");
+    // Record 1 (at offset 116) now names chunk 0's id, with its own length.
+    let first_id = bytes[80..112].to_vec();
+    bytes[116..148].copy_from_slice(&first_id);
+    let body = bytes.len() - 32;
+    let sum = tessera_engine::ChunkId::of(&bytes[..body]);
+    bytes[body..].copy_from_slice(sum.as_bytes());
+    fs::write(&s.index, &bytes).unwrap();
+    let url = format!("{}/image.tidx", s.nginx.url());
+    let target = s.dir.path().join("out.raw");
+    for index in [url.as_str(), &s.index.display().to_string()] {
+        let err = run_err(&[&"sync", &index, &target, &"--store", &s.nginx.url()]);
+        assert!(err.contains(index) && err.contains(&id), "{err}");
+        assert!(
+            err.contains(&format!(
+                "length {first_len} at position 0 (record at offset 80) and with length \
+                 {second_len} at position 1 (record at offset 116)"
+            )),
+            "{err}"
+        );
+        assert!(!target.exists(), "a refused index created its target");
+    }
+    let err = run_err(&[&"info", &s.index]);
+    assert!(err.contains("one id cannot have two lengths"), "{err}");
+}
