@@ -111,11 +111,21 @@ impl StoreArgs {
     /// The URL cannot be fetched, or its index is larger than --max-index-size.
     pub fn fetch_index(&self, index: &Path) -> anyhow::Result<IndexSource> {
         let spec = index.to_string_lossy();
-        tessera_stores::fetch_index(&spec, &self.options(false)?).with_context(|| {
-            format!(
-                "fetching index {spec} (at most --max-index-size {} bytes)",
-                self.max_index_size
-            )
+        tessera_stores::fetch_index(&spec, &self.options(false)?).map_err(|e| {
+            let too_large = matches!(
+                &e,
+                tessera_engine::Error::Io { source, .. }
+                    if source.kind() == std::io::ErrorKind::FileTooLarge
+            );
+            if too_large {
+                anyhow::Error::new(e).context(format!(
+                    "index {spec} is larger than --max-index-size ({} bytes); raise it if \
+                     the index is genuine",
+                    self.max_index_size
+                ))
+            } else {
+                e.into()
+            }
         })
     }
 

@@ -177,7 +177,8 @@ fn an_index_over_the_size_limit_is_refused_until_the_limit_is_raised() {
     );
     assert!(err.contains(&url), "{err}");
     assert!(
-        err.contains("--max-index-size 1024") && err.contains("1024 bytes allowed"),
+        err.contains("larger than --max-index-size (1024 bytes)")
+            && err.contains("1024 bytes allowed"),
         "{err}"
     );
     assert!(!target.exists());
@@ -304,7 +305,10 @@ fn an_index_listing_one_id_with_two_lengths_is_refused() {
     let mut bytes = fs::read(&s.index).unwrap();
     let (id, first_len) = first_chunk(&bytes);
     let second_len = u32::from_le_bytes(bytes[148..152].try_into().unwrap());
-    assert_ne!(first_len, second_len, "pick a seed whose first chunks differ in length");
+    assert_ne!(
+        first_len, second_len,
+        "pick a seed whose first chunks differ in length"
+    );
     // Record 1 (at offset 116) now names chunk 0's id, with its own length.
     let first_id = bytes[80..112].to_vec();
     bytes[116..148].copy_from_slice(&first_id);

@@ -303,7 +303,10 @@ mod tests {
         let meta = std::fs::symlink_metadata(&dir).unwrap();
         assert!(meta.is_dir());
         assert_eq!(meta.permissions().mode() & 0o777, 0o700);
-        assert!(!a.path().exists(), "nothing is written before make writes it");
+        assert!(
+            !a.path().exists(),
+            "nothing is written before make writes it"
+        );
         drop(a);
         assert!(!dir.exists(), "the staging directory is removed on drop");
         // A local destination is used as it is.

@@ -30,6 +30,9 @@ pub(crate) enum Failure {
     Retry(String),
     /// Will not get better.
     Fatal(String),
+    /// The body is over the caller's limit: fatal, and told apart (as an I/O error of kind
+    /// `FileTooLarge`) so callers can name the limit's setting.
+    TooLarge(String),
 }
 
 /// What a GET found.
@@ -110,6 +113,10 @@ impl Transport {
             match attempt(n) {
                 Ok(v) => return Ok(v),
                 Err(Failure::Fatal(msg)) => return Err(remote_error(what, url, msg)),
+                Err(Failure::TooLarge(msg)) => {
+                    let source = io::Error::new(io::ErrorKind::FileTooLarge, msg);
+                    return Err(Error::io(what, PathBuf::from(url), source));
+                }
                 Err(Failure::Retry(msg)) if n >= self.retries => {
                     let msg = format!("{msg} (gave up after {} attempts)", n + 1);
                     return Err(remote_error(what, url, msg));
@@ -209,7 +216,7 @@ impl Transport {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if let Some(n) = declared.filter(|&n| n > limit) {
-            return Err(Failure::Fatal(format!(
+            return Err(Failure::TooLarge(format!(
                 "the body is {n} bytes, more than the {limit} bytes allowed"
             )));
         }
@@ -220,11 +227,12 @@ impl Transport {
             .read_to_vec()
             .map_err(|e| match e {
                 ureq::Error::BodyExceedsLimit(_) => {
-                    Failure::Fatal(format!("the body is more than the {limit} bytes allowed"))
+                    Failure::TooLarge(format!("the body is more than the {limit} bytes allowed"))
                 }
                 e => match self.classify(e) {
                     Failure::Retry(m) => Failure::Retry(format!("reading the body: {m}")),
                     Failure::Fatal(m) => Failure::Fatal(format!("reading the body: {m}")),
+                    Failure::TooLarge(m) => Failure::TooLarge(m),
                 },
             })?;
         if let Some(n) = declared.filter(|&n| n != body.len() as u64) {
