@@ -332,4 +332,31 @@ fn an_index_listing_one_id_with_two_lengths_is_refused() {
     }
     let err = run_err(&[&"info", &s.index]);
     assert!(err.contains("one id cannot have two lengths"), "{err}");
+    // serve refuses it before listening (it used to panic on the first read).
+    let sock = s.dir.path().join("nbd.sock");
+    let mut child = tessera()
+        .args(["serve", &url, "--store", &s.nginx.url(), "--unix"])
+        .arg(&sock)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Bounded wait for the exit, so a server that wrongly starts fails the test.
+    let give_up = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if std::time::Instant::now() > give_up {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(status.is_some_and(|s| !s.success()), "serve started: {err}");
+    assert!(err.contains(&id) && err.contains("two lengths"), "{err}");
+    assert!(!sock.exists());
 }
