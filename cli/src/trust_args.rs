@@ -115,19 +115,23 @@ impl TrustArgs {
                 path.display().to_string(),
             ))
         } else {
-            let bytes = match &remote.signature {
-                Ok(Some(bytes)) => bytes.clone(),
+            // Fetched only now that keys require it; a bucket that hides missing keys
+            // answers 403 rather than 404, so every failure is reported as such.
+            let bytes = match remote.fetch_signature() {
+                Ok(Some(bytes)) => bytes,
                 Ok(None) => anyhow::bail!(
                     "{}: trusted keys are required but the signature {} is not on the server \
                      (HTTP 404)",
                     refusing(),
                     remote.signature_url
                 ),
-                Err(e) => anyhow::bail!(
-                    "{}: trusted keys are required but the signature {} cannot be fetched: {e:#}",
-                    refusing(),
-                    remote.signature_url
-                ),
+                Err(e) => {
+                    return Err(anyhow::Error::from(e).context(format!(
+                        "{}: trusted keys are required but the signature {} cannot be fetched",
+                        refusing(),
+                        remote.signature_url
+                    )))
+                }
             };
             let text = signature_text(bytes, &remote.signature_url).with_context(refusing)?;
             Some((text, remote.signature_url.clone()))

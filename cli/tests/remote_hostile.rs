@@ -360,3 +360,63 @@ fn an_index_listing_one_id_with_two_lengths_is_refused() {
     assert!(err.contains(&id) && err.contains("two lengths"), "{err}");
     assert!(!sock.exists());
 }
+
+/// The signature is fetched only when trusted keys need it: without keys a sync by URL
+/// never asks for it (a hostile server cannot hold the sync there), with keys it does.
+#[test]
+fn the_signature_is_fetched_only_when_keys_need_it() {
+    if skip_unless(nginx_available(), "nginx") {
+        return;
+    }
+    let s = setup(1_000_000, 27);
+    let (secret, public) = (s.dir.path().join("k.sec"), s.dir.path().join("k.pub"));
+    run_ok(&[
+        &"keygen",
+        &"--secret-key",
+        &secret,
+        &"--public-key",
+        &public,
+    ]);
+    run_ok(&[&"sign", &s.index, &"--secret-key", &secret]);
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let log = seen.clone();
+    let plan: Arc<Plan> = Arc::new(move |_n, _m: &str, p: &str| {
+        log.lock().unwrap().push(p.to_string());
+        if p.ends_with(".minisig") {
+            // Would hold the sync for the whole deadline if it were asked for.
+            Fault::Trickle(Duration::from_secs(1))
+        } else {
+            Fault::Pass
+        }
+    });
+    let proxy = Proxy::start(s.nginx.addr(), plan);
+    let url = format!("{}/image.tidx", proxy.url());
+    let target = s.dir.path().join("out.raw");
+    run_ok(&[&"sync", &url, &target, &"--store", &s.nginx.url()]);
+    assert_eq!(fs::read(&target).unwrap(), s.image);
+    let minisig = |seen: &[String]| seen.iter().filter(|p| p.ends_with(".minisig")).count();
+    assert_eq!(
+        minisig(&seen.lock().unwrap()),
+        0,
+        "{:?}",
+        seen.lock().unwrap()
+    );
+    // With a key, it is fetched (here from a trickling server: refused at the deadline,
+    // naming the signature's URL).
+    let err = run_err(&[
+        &"sync",
+        &url,
+        &s.dir.path().join("out2.raw"),
+        &"--store",
+        &s.nginx.url(),
+        &"--trusted-key",
+        &public,
+        &"--deadline",
+        &"1",
+    ]);
+    assert_eq!(minisig(&seen.lock().unwrap()), 1);
+    assert!(
+        err.contains(&format!("{url}.minisig cannot be fetched")) && err.contains("deadline"),
+        "{err}"
+    );
+}

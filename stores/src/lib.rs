@@ -119,9 +119,10 @@ pub enum IndexSource {
     Remote(RemoteIndex),
 }
 
-/// An index fetched by URL with its signature. Both stay in memory (they are bounded:
-/// [`StoreOptions::max_index_size`] and 64 KiB) and are checked from bytes; nothing is
-/// written to disk, so no file path another user could predict or plant is ever involved.
+/// An index fetched by URL. It stays in memory (it is bounded by
+/// [`StoreOptions::max_index_size`]) and is checked from bytes, as is its signature
+/// ([`RemoteIndex::fetch_signature`], at most 64 KiB): nothing is written to disk, so no
+/// file path another user could predict or plant is ever involved.
 #[derive(Debug)]
 pub struct RemoteIndex {
     /// The index's URL, which every message names.
@@ -130,36 +131,41 @@ pub struct RemoteIndex {
     pub bytes: Vec<u8>,
     /// The URL of its signature: `URL.minisig`.
     pub signature_url: String,
-    /// The signature's bytes; `Ok(None)` when the server has none (a 404), `Err` when it
-    /// could not be fetched. Only the trust checks decide whether that matters.
-    pub signature: Result<Option<Vec<u8>>>,
+    opts: StoreOptions,
+}
+
+impl RemoteIndex {
+    /// Fetches the signature from [`RemoteIndex::signature_url`] into memory, when the
+    /// trust checks need it (and only then: an index used without trusted keys costs no
+    /// request for it). `Ok(None)` when the server has none (a 404).
+    ///
+    /// # Errors
+    /// Transport errors naming the signature's URL, a body over 64 KiB included.
+    pub fn fetch_signature(&self) -> Result<Option<Vec<u8>>> {
+        fetch_file(
+            &self.signature_url,
+            &self.opts,
+            tessera_engine::trust::MAX_SIGNATURE_LEN,
+        )
+    }
 }
 
 /// Names an index by path or URL: a path is left for the caller to read; a URL is
-/// fetched into memory, with its `.minisig` signature when the server has one (see
-/// [`RemoteIndex`]).
+/// fetched into memory (see [`RemoteIndex`]).
 ///
 /// # Errors
 /// [`Error::Io`] naming the URL when the index cannot be fetched (a 404 included) or is
-/// larger than [`StoreOptions::max_index_size`].
+/// larger than [`StoreOptions::max_index_size`] (then of kind `FileTooLarge`).
 pub fn fetch_index(spec: &str, opts: &StoreOptions) -> Result<IndexSource> {
     if spec_kind(spec) == SpecKind::Local {
         return Ok(IndexSource::Local(PathBuf::from(spec)));
     }
     let bytes = fetch_file(spec, opts, opts.max_index_size)?.ok_or_else(|| not_found(spec))?;
-    let signature_url = format!("{spec}.minisig");
-    // Kept as a result: a bucket that hides missing keys answers 403, not 404, and a
-    // signature that is required but absent is reported by the trust check that needs it.
-    let signature = fetch_file(
-        &signature_url,
-        opts,
-        tessera_engine::trust::MAX_SIGNATURE_LEN + 1,
-    );
     Ok(IndexSource::Remote(RemoteIndex {
         url: spec.to_string(),
         bytes,
-        signature_url,
-        signature,
+        signature_url: format!("{spec}.minisig"),
+        opts: opts.clone(),
     }))
 }
 
