@@ -116,7 +116,7 @@ pub enum IndexSource {
     /// A local path, read (with its `.minisig` beside it) by the trust checks.
     Local(PathBuf),
     /// An index fetched by URL, held in memory.
-    Remote(RemoteIndex),
+    Remote(Box<RemoteIndex>),
 }
 
 /// An index fetched by URL. It stays in memory (it is bounded by
@@ -161,12 +161,12 @@ pub fn fetch_index(spec: &str, opts: &StoreOptions) -> Result<IndexSource> {
         return Ok(IndexSource::Local(PathBuf::from(spec)));
     }
     let bytes = fetch_file(spec, opts, opts.max_index_size)?.ok_or_else(|| not_found(spec))?;
-    Ok(IndexSource::Remote(RemoteIndex {
+    Ok(IndexSource::Remote(Box::new(RemoteIndex {
         url: spec.to_string(),
         bytes,
         signature_url: format!("{spec}.minisig"),
         opts: opts.clone(),
-    }))
+    })))
 }
 
 /// GETs a file by `http(s)://` or `s3://` URL (`None` for a 404), with the store
