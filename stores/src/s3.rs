@@ -526,7 +526,8 @@ mod tests {
             2,
             "keys not named <id>.zst under chunks/xx/ are ignored"
         );
-        let cases: [(&str, Box<dyn Fn(usize) -> String + Send>); 3] = [
+        type Page = Box<dyn Fn(usize) -> String + Send>;
+        let cases: [(&str, Page); 3] = [
             (
                 "same token",
                 Box::new(|n| listing(&[key(n as u8)], Some("again"))),
