@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tessera_engine::ChunkStore;
-use tessera_stores::{IndexDest, IndexFile, S3Options, StoreOptions};
+use tessera_stores::{IndexDest, IndexSource, S3Options, StoreOptions};
 
 /// Where chunks live, and how to reach them.
 #[derive(clap::Args, Debug, Clone)]
@@ -32,6 +32,15 @@ pub struct StoreArgs {
     /// Seconds without progress before a request is abandoned and retried.
     #[arg(long, value_name = "SECS", default_value_t = 30.0)]
     pub timeout: f64,
+    /// Longest one request may take, from connecting to the last byte of its answer,
+    /// however steadily bytes arrive: a server trickling bytes is abandoned then (not
+    /// retried). Raise it to fetch very large indexes over a slow link.
+    #[arg(long, value_name = "SECS", default_value_t = 120.0)]
+    pub deadline: f64,
+    /// Largest index accepted by URL (K, M, G, T suffixes: powers of 1024); a fetched
+    /// index and its signature are held in memory, never written to disk.
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_size)]
+    pub max_index_size: u64,
     /// Further attempts after a failed request or a chunk that fails verification.
     #[arg(long, value_name = "N", default_value_t = 5)]
     pub retries: u32,
@@ -54,10 +63,16 @@ impl StoreArgs {
             self.timeout.is_finite() && self.timeout > 0.0,
             "--timeout must be a positive number of seconds"
         );
+        anyhow::ensure!(
+            self.deadline.is_finite() && self.deadline > 0.0,
+            "--deadline must be a positive number of seconds"
+        );
         Ok(StoreOptions {
             create,
             jobs: self.jobs,
             timeout: Duration::from_secs_f64(self.timeout),
+            deadline: Duration::from_secs_f64(self.deadline),
+            max_index_size: self.max_index_size,
             retries: self.retries,
             cache: self.cache.clone(),
             cache_size: parse_size(&self.cache_limit).context("--cache-limit")?,
@@ -88,18 +103,30 @@ impl StoreArgs {
             .with_context(|| format!("opening store {}", self.store))
     }
 
-    /// A local copy of an index given as a path or URL (a URL is downloaded with its
-    /// `.minisig`, if any, into a temporary directory removed when the value is dropped),
-    /// for `TrustArgs::load_index`.
+    /// An index given as a path or URL, for `TrustArgs::load`: a path is left to be read
+    /// there; a URL is fetched into memory (at most --max-index-size), with its `.minisig`
+    /// if the server has one. Nothing is written to disk.
     ///
     /// # Errors
-    /// The URL cannot be fetched.
-    pub fn fetch_index(&self, index: &Path) -> anyhow::Result<IndexFile> {
+    /// The URL cannot be fetched, or its index is larger than --max-index-size.
+    pub fn fetch_index(&self, index: &Path) -> anyhow::Result<IndexSource> {
         let spec = index.to_string_lossy();
-        Ok(tessera_stores::fetch_index_file(
-            &spec,
-            &self.options(false)?,
-        )?)
+        tessera_stores::fetch_index(&spec, &self.options(false)?).map_err(|e| {
+            let too_large = matches!(
+                &e,
+                tessera_engine::Error::Io { source, .. }
+                    if source.kind() == std::io::ErrorKind::FileTooLarge
+            );
+            if too_large {
+                anyhow::Error::new(e).context(format!(
+                    "index {spec} is larger than --max-index-size ({} bytes); raise it if \
+                     the index is genuine",
+                    self.max_index_size
+                ))
+            } else {
+                e.into()
+            }
+        })
     }
 
     /// Where `make` writes an index given as a path or s3:// URL: write to
@@ -121,35 +148,7 @@ impl StoreArgs {
     }
 }
 
-/// Parses `10G`, `512M`, `1048576`.
+/// Parses `10G`, `512M`, `1048576`: [`tessera_engine::parse_size`], for clap.
 pub(crate) fn parse_size(s: &str) -> anyhow::Result<u64> {
-    let s = s.trim();
-    let (num, mult) = match s.chars().last().map(|c| c.to_ascii_uppercase()) {
-        Some('K') => (&s[..s.len() - 1], 1u64 << 10),
-        Some('M') => (&s[..s.len() - 1], 1 << 20),
-        Some('G') => (&s[..s.len() - 1], 1 << 30),
-        Some('T') => (&s[..s.len() - 1], 1 << 40),
-        _ => (s, 1),
-    };
-    let n: u64 = num
-        .trim()
-        .parse()
-        .with_context(|| format!("not a size: {s:?}"))?;
-    n.checked_mul(mult)
-        .with_context(|| format!("size too large: {s:?}"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_size;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("10G").unwrap(), 10 << 30);
-        assert_eq!(parse_size("512m").unwrap(), 512 << 20);
-        assert_eq!(parse_size("123").unwrap(), 123);
-        assert!(parse_size("x").is_err());
-        assert!(parse_size("1X").is_err());
-        assert!(parse_size("99999999999T").is_err());
-    }
+    Ok(tessera_engine::parse_size(s)?)
 }

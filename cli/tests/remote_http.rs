@@ -338,6 +338,13 @@ fn index_url_errors_name_the_url() {
         err.contains("invalid index") || err.contains("not a tessera index"),
         "{err}"
     );
+    // The index is checked from memory: the error names its URL, never a local copy.
+    assert!(err.contains(&bogus), "{err}");
+    let tmp = std::env::temp_dir().display().to_string();
+    assert!(
+        !err.contains("tessera-index") && !err.contains(&tmp),
+        "{err}"
+    );
 }
 
 #[test]

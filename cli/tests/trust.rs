@@ -131,14 +131,79 @@ fn correct_root_hash_and_signature_are_accepted() {
         &"3",
     ]);
     assert_eq!(fs::read(&target).unwrap(), fs::read(&s.image).unwrap());
-    // The base64 key itself works as well as its file.
-    let b64 = fs::read_to_string(&s.public)
+    // The base64 key itself works as well as its file, with its own flag.
+    let b64 = base64_key(&s.public);
+    run_ok(&[&"verify", &s.index, &target, &"--trusted-key-base64", &b64]);
+}
+
+/// The base64 key of a public key file (its second line).
+fn base64_key(public: &Path) -> String {
+    fs::read_to_string(public)
         .unwrap()
         .lines()
         .nth(1)
         .unwrap()
-        .to_string();
-    run_ok(&[&"verify", &s.index, &target, &"--trusted-key", &b64]);
+        .to_string()
+}
+
+/// Runs `tessera ARGS` in `cwd`, returning (success, stderr).
+fn run_in(cwd: &Path, args: &[&dyn AsRef<std::ffi::OsStr>]) -> (bool, String) {
+    let out = tessera()
+        .current_dir(cwd)
+        .args(args.iter().map(|a| a.as_ref()))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!err.contains("panicked"), "{err}");
+    (out.status.success(), err)
+}
+
+/// The old `--trusted-key` read a file named like the key when one existed: whoever could
+/// plant such a file in the working directory chose the trusted key. A key given as text
+/// is never read from a file, and a key file argument that is also a key is refused.
+#[test]
+fn a_file_named_like_the_trusted_key_is_never_used() {
+    let s = signed();
+    let b64 = base64_key(&s.public);
+    // The attacker signs the index with their own key...
+    let (evil_secret, evil_public) = keygen(s.dir.path(), "evil");
+    run_ok(&[&"sign", &s.index, &"--secret-key", &evil_secret]);
+    // ...and plants their public key in the victim's working directory under the name
+    // of the trusted key (a base64 key may hold '/': then in subdirectories).
+    let cwd = s.path("cwd");
+    let planted = cwd.join(&b64);
+    fs::create_dir_all(planted.parent().unwrap()).unwrap();
+    fs::copy(&evil_public, &planted).unwrap();
+    let (target, before) = existing_target(&s);
+    for flag in ["--trusted-key-base64", "--trusted-key"] {
+        let (ok, err) = run_in(
+            &cwd,
+            &[
+                &"sync", &s.index, &target, &"--store", &s.store, &flag, &b64,
+            ],
+        );
+        assert!(!ok, "{flag} {b64}: the planted key was trusted");
+        assert_eq!(
+            fs::read(&target).unwrap(),
+            before,
+            "{flag}: target modified"
+        );
+        if flag == "--trusted-key" {
+            assert!(
+                err.contains("is a base64 public key") && err.contains("--trusted-key-base64"),
+                "{err}"
+            );
+        } else {
+            assert!(err.contains("which is not a trusted key"), "{err}");
+        }
+    }
+    // Signed by the real key again, the literal key is accepted with the file still there.
+    run_ok(&[&"sign", &s.index, &"--secret-key", &s.secret]);
+    let (ok, err) = run_in(
+        &cwd,
+        &[&"verify", &s.index, &s.image, &"--trusted-key-base64", &b64],
+    );
+    assert!(ok, "{err}");
 }
 
 #[test]
@@ -220,11 +285,28 @@ fn missing_or_garbage_signatures_and_keys_are_refused() {
     fs::write(&garbage, vec![0xff; 100_000]).unwrap();
     let err = sync_refused(&s, &[&"--trusted-key", &s.public, &"--signature", &garbage]);
     assert!(err.contains("larger than"), "{err}");
-    let err = sync_refused(&s, &[&"--trusted-key", &"RWQnotakey"]);
+    let err = sync_refused(&s, &[&"--trusted-key-base64", &"RWQnotakey"]);
     assert!(err.contains("not a minisign public key"), "{err}");
+    // A key file that does not exist is that, never a key.
+    let err = sync_refused(&s, &[&"--trusted-key", &"RWQnotakey"]);
+    assert!(
+        err.contains("reading --trusted-key RWQnotakey") && err.contains("No such file"),
+        "{err}"
+    );
+    // A key file's text is not a base64 key.
+    let text = fs::read_to_string(&s.public).unwrap();
+    let err = sync_refused(&s, &[&"--trusted-key-base64", &text]);
+    assert!(err.contains("expected the base64 key alone"), "{err}");
     // Flags that need a key say so.
-    let err = run_err(&[&"verify", &s.index, &s.image, &"--min-version", &"1"]);
-    assert!(err.contains("--trusted-key"), "{err}");
+    for flag in ["--min-version", "--signature"] {
+        let err = run_err(&[&"verify", &s.index, &s.image, &flag, &"1"]);
+        assert!(
+            err.contains(&format!(
+                "{flag} needs --trusted-key FILE or --trusted-key-base64"
+            )),
+            "{err}"
+        );
+    }
 }
 
 fn have(tool: &str) -> bool {

@@ -68,7 +68,7 @@ impl ChunkerParams {
         Ok(ChunkerParams { min, avg, max })
     }
 
-    /// Parses `MIN:AVG:MAX` with optional `K`/`M` suffixes (powers of 1024), e.g. `16K:64K:256K`.
+    /// Parses `MIN:AVG:MAX`, each as [`parse_size`] reads it, e.g. `16K:64K:256K`.
     ///
     /// # Errors
     /// [`Error::InvalidInput`] for a malformed string or unsupported sizes.
@@ -81,9 +81,14 @@ impl ChunkerParams {
         }
         let mut v = [0u32; 3];
         for (slot, part) in v.iter_mut().zip(&parts) {
-            *slot = parse_size(part).ok_or_else(|| {
-                Error::InvalidInput(format!("chunk sizes {s:?}: {part:?} is not a size"))
-            })?;
+            *slot = parse_size(part)
+                .ok()
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(|| {
+                    Error::InvalidInput(format!(
+                        "chunk sizes {s:?}: {part:?} is not a size below 4 GiB"
+                    ))
+                })?;
         }
         Self::new(v[0], v[1], v[2])
     }
@@ -115,15 +120,37 @@ impl ChunkerParams {
     }
 }
 
-fn parse_size(s: &str) -> Option<u32> {
-    let s = s.trim();
-    let (num, mul) = match s.as_bytes().last()? {
-        b'k' | b'K' => (&s[..s.len() - 1], 1024u64),
-        b'm' | b'M' => (&s[..s.len() - 1], 1024 * 1024),
-        _ => (s, 1),
+/// Parses a size in bytes: a whole number with an optional `K`, `M`, `G` or `T` suffix
+/// (either case; powers of 1024), e.g. `123`, `64K`, `10G`. The one size parser of every
+/// command-line option and of [`ChunkerParams::parse`].
+///
+/// # Errors
+/// [`Error::InvalidInput`] naming the text: not a number, an unknown suffix, or a size
+/// that does not fit in 64 bits.
+pub fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let (num, shift) = match t.as_bytes().last() {
+        Some(b'k' | b'K') => (&t[..t.len() - 1], 10),
+        Some(b'm' | b'M') => (&t[..t.len() - 1], 20),
+        Some(b'g' | b'G') => (&t[..t.len() - 1], 30),
+        Some(b't' | b'T') => (&t[..t.len() - 1], 40),
+        _ => (t, 0),
     };
-    let n: u64 = num.parse().ok()?;
-    u32::try_from(n.checked_mul(mul)?).ok()
+    // `u64::from_str` also takes a leading `+`: sizes are plain digits.
+    if num.is_empty() || !num.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(Error::InvalidInput(format!(
+            "{s:?} is not a size: expected a whole number of bytes with an optional K, M, G \
+             or T suffix (powers of 1024), e.g. 64K or 10G"
+        )));
+    }
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1u64 << shift))
+        .ok_or_else(|| {
+            Error::InvalidInput(format!(
+                "size {s:?} is too large (more than 2^64 - 1 bytes)"
+            ))
+        })
 }
 
 /// One chunk cut from a stream.
@@ -209,6 +236,38 @@ impl<R: Read> Chunker<R> {
 mod tests {
     use super::*;
     use rand::{RngCore, SeedableRng};
+
+    #[test]
+    fn sizes_parse_with_binary_suffixes() {
+        assert_eq!(parse_size("123").unwrap(), 123);
+        assert_eq!(parse_size("64K").unwrap(), 64 << 10);
+        assert_eq!(parse_size("512m").unwrap(), 512 << 20);
+        assert_eq!(parse_size(" 10G ").unwrap(), 10 << 30);
+        assert_eq!(parse_size("2t").unwrap(), 2 << 40);
+        assert_eq!(parse_size("0").unwrap(), 0);
+        for bad in ["", "K", "x", "1X", "1.5G", "-1", "+1", "1 K", "0x10"] {
+            let e = parse_size(bad).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("{bad:?} is not a size")),
+                "{bad:?}: {e}"
+            );
+        }
+        // 2^64 - 1 fits; one more, or a suffix that overflows, does not.
+        assert_eq!(parse_size("18446744073709551615").unwrap(), u64::MAX);
+        for big in ["18446744073709551616", "16777216T", "99999999999T"] {
+            let e = parse_size(big).unwrap_err().to_string();
+            assert!(e.contains("too large"), "{big}: {e}");
+        }
+        assert_eq!(parse_size("16777215T").unwrap(), 16_777_215u64 << 40);
+    }
+
+    #[test]
+    fn chunk_sizes_use_the_shared_parser_and_fit_u32() {
+        let p = ChunkerParams::parse("16K:64k:256K").unwrap();
+        assert_eq!((p.min, p.avg, p.max), (16 << 10, 64 << 10, 256 << 10));
+        let e = ChunkerParams::parse("16K:64K:4G").unwrap_err().to_string();
+        assert!(e.contains("\"4G\" is not a size below 4 GiB"), "{e}");
+    }
 
     fn random(len: usize, seed: u64) -> Vec<u8> {
         let mut v = vec![0u8; len];

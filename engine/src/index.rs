@@ -7,6 +7,11 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use blake3::hazmat::{
+    left_subtree_len, merge_subtrees_non_root, merge_subtrees_root, ChainingValue, HasherExt, Mode,
+};
+use blake3::CHUNK_LEN;
+
 use crate::chunker::{ChunkerParams, ALGORITHM_FASTCDC2020_NC1};
 use crate::error::{Error, Result};
 use crate::ChunkId;
@@ -53,16 +58,91 @@ pub struct Index {
 }
 
 /// Computes chunk ids of all-zero chunks, caching one per length.
+///
+/// The work is bounded whatever the lengths asked for: BLAKE3 hashes 1 KiB chunks into a
+/// binary tree, and zeros of any length share the complete subtrees along their left edge
+/// (a subtree's hash depends on its contents and its position, not on what follows it).
+/// Those subtrees are computed once each and cached, so a length costs a few dozen
+/// compressions (the tree's height and its last partial chunk), and all lengths up to
+/// `max` together cost at most one pass over `max` zero bytes more: linear in the number
+/// of lengths, not in their sum. An index of many distinct 16 MiB lengths parses fast.
 #[derive(Default, Debug)]
-pub struct ZeroIds(HashMap<u32, ChunkId>);
+pub struct ZeroIds {
+    ids: HashMap<u32, ChunkId>,
+    /// Chaining values of complete, aligned subtrees of zeros, by (offset, length).
+    subtrees: HashMap<(u64, u64), ChainingValue>,
+    /// Bytes fed to BLAKE3 chunk compressions so far (parent merges not counted).
+    hashed: u64,
+}
+
+/// A BLAKE3 chunk of zeros.
+static ZERO_CHUNK: [u8; CHUNK_LEN] = [0; CHUNK_LEN];
 
 impl ZeroIds {
     /// The id of `len` zero bytes.
     pub fn get(&mut self, len: u32) -> ChunkId {
-        *self
-            .0
-            .entry(len)
-            .or_insert_with(|| ChunkId::of(&vec![0u8; len as usize]))
+        if let Some(id) = self.ids.get(&len) {
+            return *id;
+        }
+        let n = u64::from(len);
+        let id = if n <= CHUNK_LEN as u64 {
+            self.hashed += n;
+            ChunkId::of(&ZERO_CHUNK[..len as usize])
+        } else {
+            let left = left_subtree_len(n);
+            let l = self.complete(0, left);
+            let r = self.subtree(left, n - left);
+            ChunkId(*merge_subtrees_root(&l, &r, Mode::Hash).as_bytes())
+        };
+        self.ids.insert(len, id);
+        id
+    }
+
+    /// Bytes of zeros hashed so far by chunk compressions: the measure of the work done.
+    pub fn bytes_hashed(&self) -> u64 {
+        self.hashed
+    }
+
+    /// Chaining value of the (non-root) subtree of `len` zeros starting at `offset`, on
+    /// the tree's right edge (`offset` is aligned to the largest power of two >= `len`).
+    fn subtree(&mut self, offset: u64, len: u64) -> ChainingValue {
+        if len <= CHUNK_LEN as u64 {
+            return self.chunk(offset, len);
+        }
+        if len.is_power_of_two() {
+            return self.complete(offset, len);
+        }
+        let left = left_subtree_len(len);
+        let l = self.complete(offset, left);
+        let r = self.subtree(offset + left, len - left);
+        merge_subtrees_non_root(&l, &r, Mode::Hash)
+    }
+
+    /// Chaining value of the complete subtree of `len` zeros (a power of two of at least
+    /// one chunk) at `offset` (a multiple of `len`), cached.
+    fn complete(&mut self, offset: u64, len: u64) -> ChainingValue {
+        if let Some(cv) = self.subtrees.get(&(offset, len)) {
+            return *cv;
+        }
+        let cv = if len <= CHUNK_LEN as u64 {
+            self.chunk(offset, len)
+        } else {
+            let half = len / 2;
+            let l = self.complete(offset, half);
+            let r = self.complete(offset + half, half);
+            merge_subtrees_non_root(&l, &r, Mode::Hash)
+        };
+        self.subtrees.insert((offset, len), cv);
+        cv
+    }
+
+    /// Chaining value of one (possibly partial) chunk of zeros at `offset`.
+    fn chunk(&mut self, offset: u64, len: u64) -> ChainingValue {
+        self.hashed += len;
+        blake3::Hasher::new()
+            .set_input_offset(offset)
+            .update(&ZERO_CHUNK[..len as usize])
+            .finalize_non_root()
     }
 }
 
@@ -70,17 +150,25 @@ impl Index {
     /// Builds an index from chunk `(id, len)` pairs in image order.
     ///
     /// # Errors
-    /// [`Error::InvalidInput`] if a length is zero or exceeds `params.max`.
+    /// [`Error::InvalidInput`] if a length is zero or exceeds `params.max`, or if one id
+    /// is listed with two different lengths.
     pub fn new(
         params: ChunkerParams,
         image_hash: [u8; 32],
         records: impl IntoIterator<Item = (ChunkId, u32)>,
     ) -> Result<Index> {
-        let (chunks, image_size) = entries(params, records, |(_, id), offset, len| {
-            Error::InvalidInput(format!(
+        let (chunks, image_size) = entries(params, records).map_err(|e| match e {
+            Invalid::Length {
+                id, offset, len, ..
+            } => Error::InvalidInput(format!(
                 "chunk {id} at offset {offset} has length {len}, outside 1..={}",
                 params.max
-            ))
+            )),
+            Invalid::Conflict { id, first, second } => Error::InvalidInput(format!(
+                "chunk {id} has length {} at position {} and length {} at position {}: \
+                 one id cannot have two lengths",
+                first.1, first.0, second.1, second.0
+            )),
         })?;
         let mut index = Index {
             params,
@@ -151,6 +239,10 @@ impl Index {
 
     /// Parses an index; `origin` names where the bytes came from, for error messages.
     ///
+    /// Every invariant the rest of the engine relies on holds for an index this returns:
+    /// lengths within `1..=params.max`, offsets contiguous from 0 to the image size, one
+    /// length per id, zero flags exact. Parsing is linear in the size of `bytes`.
+    ///
     /// # Errors
     /// [`Error::InvalidIndex`] saying what is wrong and at which byte offset.
     pub fn from_bytes(bytes: &[u8], origin: &str) -> Result<Index> {
@@ -217,12 +309,25 @@ impl Index {
                     u32::from_le_bytes(rec[32..36].try_into().expect("4 bytes")),
                 )
             });
-        let (chunks, offset) = entries(params, records, |(i, _), _, len| {
-            bad(format!(
-                "chunk {i} (record at offset {}) has length {len}, outside 1..={}",
-                HEADER_LEN + i * RECORD_LEN,
+        let record_at = |i: usize| HEADER_LEN + i * RECORD_LEN;
+        let (chunks, offset) = entries(params, records).map_err(|e| match e {
+            Invalid::Length { position, len, .. } => bad(format!(
+                "chunk {position} (record at offset {}) has length {len}, outside 1..={} \
+                 (the index's maximum chunk size)",
+                record_at(position),
                 params.max
-            ))
+            )),
+            Invalid::Conflict { id, first, second } => bad(format!(
+                "chunk {id} is listed with length {} at position {} (record at offset {}) and \
+                 with length {} at position {} (record at offset {}): one id cannot have two \
+                 lengths",
+                first.1,
+                first.0,
+                record_at(first.0),
+                second.1,
+                second.0,
+                record_at(second.0)
+            )),
         })?;
         if offset != image_size {
             return Err(bad(format!(
@@ -256,21 +361,52 @@ impl Index {
     }
 }
 
+/// Why a list of records cannot be an index.
+enum Invalid {
+    /// A length outside `1..=max`.
+    Length {
+        position: usize,
+        id: ChunkId,
+        offset: u64,
+        len: u32,
+    },
+    /// One id listed with two different lengths: no image can hold both, and writing one
+    /// chunk's bytes where the other's length is expected runs past the image's end.
+    Conflict {
+        id: ChunkId,
+        first: (usize, u32),
+        second: (usize, u32),
+    },
+}
+
 /// Turns `(id, len)` records into entries with offsets and zero flags, returning them and
-/// the image size. A length outside `1..=params.max` is an error made by `bad` from
-/// `((position, id), offset, len)`.
+/// the image size. Linear in the number of records (see [`ZeroIds`]).
 fn entries(
     params: ChunkerParams,
     records: impl IntoIterator<Item = (ChunkId, u32)>,
-    bad: impl Fn((usize, ChunkId), u64, u32) -> Error,
-) -> Result<(Vec<ChunkEntry>, u64)> {
+) -> std::result::Result<(Vec<ChunkEntry>, u64), Invalid> {
     let records = records.into_iter();
     let mut zeros = ZeroIds::default();
-    let mut chunks = Vec::with_capacity(records.size_hint().0);
+    let mut chunks: Vec<ChunkEntry> = Vec::with_capacity(records.size_hint().0);
+    // First position of each id, to refuse an id listed with two lengths.
+    let mut first: HashMap<ChunkId, usize> = HashMap::with_capacity(records.size_hint().0);
     let mut offset = 0u64;
     for (i, (id, len)) in records.enumerate() {
         if len == 0 || len > params.max {
-            return Err(bad((i, id), offset, len));
+            return Err(Invalid::Length {
+                position: i,
+                id,
+                offset,
+                len,
+            });
+        }
+        let seen = *first.entry(id).or_insert(i);
+        if chunks.get(seen).is_some_and(|c| c.len != len) {
+            return Err(Invalid::Conflict {
+                id,
+                first: (seen, chunks[seen].len),
+                second: (i, len),
+            });
         }
         let zero = zeros.get(len) == id;
         chunks.push(ChunkEntry {
@@ -339,6 +475,103 @@ mod tests {
             b[i] ^= 0x10;
             assert!(Index::from_bytes(&b, "t").is_err(), "flip at {i}");
         }
+    }
+
+    /// Encodes records as an index without checking them (what a hostile writer can do).
+    fn raw_index(params: ChunkerParams, records: &[(ChunkId, u32)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&MAGIC);
+        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&ALGORITHM_FASTCDC2020_NC1.to_le_bytes());
+        out.extend_from_slice(&params.min.to_le_bytes());
+        out.extend_from_slice(&params.avg.to_le_bytes());
+        out.extend_from_slice(&params.max.to_le_bytes());
+        let size: u64 = records.iter().map(|r| u64::from(r.1)).sum();
+        out.extend_from_slice(&size.to_le_bytes());
+        out.extend_from_slice(&[0; 32]);
+        out.extend_from_slice(&(records.len() as u64).to_le_bytes());
+        for (id, len) in records {
+            out.extend_from_slice(id.as_bytes());
+            out.extend_from_slice(&len.to_le_bytes());
+        }
+        let sum = blake3::hash(&out);
+        out.extend_from_slice(sum.as_bytes());
+        out
+    }
+
+    #[test]
+    fn one_id_with_two_lengths_is_refused() {
+        let p = ChunkerParams::default();
+        let a = ChunkId::of(b"abc");
+        let records = [(a, 3), (ChunkId::of(b"x"), 1), (a, 3), (a, 4000)];
+        let e = Index::from_bytes(&raw_index(p, &records), "t.tidx")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("t.tidx"), "{e}");
+        assert!(e.contains(&a.to_string()), "{e}");
+        assert!(
+            e.contains("length 3 at position 0 (record at offset 80)")
+                && e.contains("length 4000 at position 3 (record at offset 188)"),
+            "{e}"
+        );
+        let e = Index::new(p, [0; 32], records).unwrap_err().to_string();
+        assert!(e.contains("position 0") && e.contains("position 3"), "{e}");
+        // The same id with the same length, as often as it likes, is fine.
+        let ok = Index::from_bytes(&raw_index(p, &records[..3]), "t").unwrap();
+        assert_eq!(ok.chunks().len(), 3);
+    }
+
+    #[test]
+    fn zero_ids_match_hashing_zeros() {
+        let mut z = ZeroIds::default();
+        let mut lens: Vec<u32> = vec![1, 2, 63, 64, 65, 1023, 1024, 1025, 2047, 2048, 2049];
+        lens.extend([
+            3072, 3073, 4095, 4096, 4097, 5000, 65535, 65536, 65537, 100_000,
+        ]);
+        lens.extend([(1 << 20) + 12_345, (16 << 20) - 1, 16 << 20]);
+        for len in lens {
+            let want = ChunkId::of(&vec![0u8; len as usize]);
+            assert_eq!(z.get(len), want, "len {len}");
+            // Cached lengths and shared subtrees give the same answer the second time.
+            assert_eq!(z.get(len), want, "len {len} again");
+        }
+    }
+
+    #[test]
+    fn many_distinct_huge_lengths_cost_linear_work() {
+        // The attack: every record a distinct length near the 16 MiB maximum. Hashing each
+        // length's zeros would feed BLAKE3 ~ 20000 * 16 MiB; the shared subtrees cost one
+        // pass over 16 MiB plus a partial chunk per length.
+        let p = ChunkerParams::new(64 << 10, 256 << 10, 16 << 20).unwrap();
+        let n = 20_000u32;
+        let records: Vec<(ChunkId, u32)> = (0..n)
+            .map(|i| (ChunkId::of(&i.to_le_bytes()), (16 << 20) - 3 * i))
+            .collect();
+        let mut z = ZeroIds::default();
+        for (_, len) in &records {
+            z.get(*len);
+        }
+        let bound = (16u64 << 20) + u64::from(n) * CHUNK_LEN as u64;
+        assert!(z.bytes_hashed() <= bound, "{} > {bound}", z.bytes_hashed());
+        // And the parser, which uses the same cache, flags a real zero chunk among them.
+        let mut records = records;
+        records[7].0 = ZeroIds::default().get(records[7].1);
+        let index = Index::from_bytes(&raw_index(p, &records), "t").unwrap();
+        assert!(index.chunks()[7].zero);
+        assert_eq!(index.chunks().iter().filter(|c| c.zero).count(), 1);
+    }
+
+    #[test]
+    fn lengths_beyond_the_index_maximum_are_refused() {
+        let p = ChunkerParams::default();
+        let e = Index::from_bytes(&raw_index(p, &[(ChunkId::of(b"a"), p.max + 1)]), "t")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("record at offset 80") && e.contains("maximum chunk size"),
+            "{e}"
+        );
     }
 
     #[test]

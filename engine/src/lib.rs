@@ -46,7 +46,7 @@ pub mod trust;
 pub mod verify;
 
 pub use chunk::VerifiedChunk;
-pub use chunker::{Chunker, ChunkerParams};
+pub use chunker::{parse_size, Chunker, ChunkerParams};
 pub use device::{Device, DeviceKind};
 pub use error::{Error, ErrorKind, Result};
 pub use fsutil::write_atomic;

@@ -2,7 +2,9 @@
 //! line, headers, length, body), the HTTP store must return an error or a verified chunk,
 //! never panic or hang. The input is the raw response, served by a local TCP server to
 //! `HttpStore`'s real client; the chunk requested is 64 bytes of `x`, so a well-formed
-//! 200 answer with its zstd frame is the success path.
+//! 200 answer with its zstd frame is the success path. Answers that redirect (to any
+//! scheme) or claim bodies past zstd's bound for 64 bytes must fail, not be followed
+//! out of http or read past the bound.
 #![no_main]
 
 use std::io::{Read, Write};
@@ -51,6 +53,7 @@ fuzz_target!(|data: &[u8]| {
         retries: 0,
         jobs: 1,
         timeout: Duration::from_secs(2),
+        deadline: Duration::from_secs(4),
         connect_timeout: Duration::from_secs(2),
         ..StoreOptions::default()
     };

@@ -29,4 +29,9 @@ fuzz_target!(|data: &[u8]| {
     }
     let _ = parse_trusted_comment(&text);
     let _ = TrustedKey::parse(&text, "fuzz");
+    // A key given as text is one base64 key or an error, never anything read elsewhere.
+    if let Ok(key) = TrustedKey::from_base64(&text) {
+        assert!(!text.trim().contains(char::is_whitespace));
+        let _ = key.id();
+    }
 });

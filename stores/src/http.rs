@@ -11,9 +11,18 @@ use crate::pipeline::{ordered, Pool};
 use crate::transport::{Got, Transport};
 use crate::StoreOptions;
 
-/// Chunk files are refused past this size: no valid chunk compresses to more than its
-/// 16 MiB maximum plus zstd's small overhead.
+/// Chunk files fetched without a known length are refused past this size: no valid chunk
+/// compresses to more than its 16 MiB maximum plus zstd's small overhead.
 pub(crate) const MAX_CHUNK_FILE: u64 = 17 * 1024 * 1024;
+
+/// The largest zstd frame a chunk of `len` bytes can compress to (`ZSTD_COMPRESSBOUND`):
+/// a chunk file longer than this cannot be that chunk, so its body is cut off there
+/// rather than read to the end.
+pub(crate) fn chunk_file_bound(len: u32) -> u64 {
+    let len = u64::from(len);
+    let small = 128 << 10;
+    len + (len >> 8) + if len < small { (small - len) >> 11 } else { 0 }
+}
 
 /// A store served over HTTP(S) as static files. Read-only: publish with `make` into a
 /// local directory or an S3 bucket, then serve that.
@@ -66,7 +75,9 @@ impl Inner {
     }
 }
 
-/// GETs a chunk file and verifies it, fetching again (asking caches on the way to
+/// GETs a chunk file (at most [`chunk_file_bound`] of the entry's length: the body is
+/// cut off there, and decompression never yields more than the entry's length) and
+/// verifies it, fetching again (asking caches on the way to
 /// revalidate) when the bytes are bad; `url` may differ per attempt (signed URLs), and
 /// `display_url` is what errors name.
 pub(crate) fn fetch_verified(
@@ -78,7 +89,7 @@ pub(crate) fn fetch_verified(
     let mut attempt = 0;
     loop {
         let got = transport.retrying("fetching", display_url, |_| {
-            transport.get_once(&url(attempt), MAX_CHUNK_FILE, attempt > 0)
+            transport.get_once(&url(attempt), chunk_file_bound(entry.len), attempt > 0)
         })?;
         let compressed = match got {
             Got::Body(b) => b,
@@ -144,5 +155,35 @@ impl ChunkStore for HttpStore {
 
     fn in_flight(&self) -> usize {
         self.pool.threads()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chunk_file_bound;
+
+    /// The bound is zstd's own: every frame zstd makes of incompressible data fits.
+    #[test]
+    fn chunk_file_bound_holds_real_frames() {
+        for len in [1u32, 100, 4096, 65_536, 131_071, 131_072, 1 << 20] {
+            // xorshift64: incompressible, zstd's worst case.
+            let mut x = 0x9e37_79b9_7f4a_7c15u64;
+            let data: Vec<u8> = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            let z = tessera_engine::chunk::compress(&data);
+            assert!(
+                z.len() as u64 <= chunk_file_bound(len),
+                "len {len}: {}",
+                z.len()
+            );
+        }
+        assert_eq!(chunk_file_bound(16 << 20), (16 << 20) + (16 << 12));
+        assert_eq!(chunk_file_bound(0), 64);
     }
 }

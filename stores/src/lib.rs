@@ -41,10 +41,6 @@ pub use options::{S3Options, StoreOptions};
 pub use s3::S3Store;
 use tessera_engine::{CacheOptions, CacheStore, ChunkStore, Error, Index, LocalStore, Result};
 
-/// Indexes are refused past this size (a 16 TiB image of 64 KiB chunks needs ~9.4 GiB,
-/// so this allows ~1.7 TiB at that average; raise it when a user needs more).
-const MAX_INDEX: u64 = 1 << 30;
-
 /// What kind of place a spec names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SpecKind {
@@ -99,82 +95,78 @@ pub fn open_store(spec: &str, opts: &StoreOptions) -> Result<Arc<dyn ChunkStore>
     }
 }
 
-/// Loads an index from a path, an `http(s)://` URL or `s3://bucket/key`.
-/// [`Index::load`] keeps working for paths; this adds URLs.
+/// Loads an index from a path, an `http(s)://` URL or `s3://bucket/key`, without trust
+/// checks (see [`fetch_index`] for those). [`Index::load`] keeps working for paths; this
+/// adds URLs, fetched into memory.
 ///
 /// # Errors
-/// [`Error::Io`] naming the path or URL when it cannot be read (a 404 included),
-/// [`Error::InvalidIndex`] when its bytes are not a valid index.
+/// [`Error::Io`] naming the path or URL when it cannot be read (a 404 included) or is
+/// larger than [`StoreOptions::max_index_size`], [`Error::InvalidIndex`] when its bytes
+/// are not a valid index.
 pub fn load_index(spec: &str, opts: &StoreOptions) -> Result<Index> {
-    if spec_kind(spec) == SpecKind::Local {
-        return Index::load(Path::new(spec));
+    match fetch_index(spec, opts)? {
+        IndexSource::Local(path) => Index::load(&path),
+        IndexSource::Remote(r) => Index::from_bytes(&r.bytes, &r.url),
     }
-    let bytes = fetch_file(spec, opts, MAX_INDEX)?.ok_or_else(|| not_found(spec))?;
-    Index::from_bytes(&bytes, spec)
 }
 
-/// A local copy of an index given as a path or URL, for code that reads files (the trust
-/// checks read `INDEX` and `INDEX.minisig`): a local path is used as it is; a URL is
-/// downloaded, with its `.minisig` signature when the server has one, into a temporary
-/// directory removed on drop.
+/// An index named on a command line: a local file, or one fetched by URL.
 #[derive(Debug)]
-pub struct IndexFile {
-    path: PathBuf,
-    temp_dir: Option<PathBuf>,
+pub enum IndexSource {
+    /// A local path, read (with its `.minisig` beside it) by the trust checks.
+    Local(PathBuf),
+    /// An index fetched by URL, held in memory.
+    Remote(Box<RemoteIndex>),
 }
 
-impl IndexFile {
-    /// The index's local path.
-    pub fn path(&self) -> &Path {
-        &self.path
+/// An index fetched by URL. It stays in memory (it is bounded by
+/// [`StoreOptions::max_index_size`]) and is checked from bytes, as is its signature
+/// ([`RemoteIndex::fetch_signature`], at most 64 KiB): nothing is written to disk, so no
+/// file path another user could predict or plant is ever involved.
+#[derive(Debug)]
+pub struct RemoteIndex {
+    /// The index's URL, which every message names.
+    pub url: String,
+    /// The index file's bytes, not checked yet.
+    pub bytes: Vec<u8>,
+    /// The URL of its signature: `URL.minisig`.
+    pub signature_url: String,
+    opts: StoreOptions,
+}
+
+impl RemoteIndex {
+    /// Fetches the signature from [`RemoteIndex::signature_url`] into memory, when the
+    /// trust checks need it (and only then: an index used without trusted keys costs no
+    /// request for it). `Ok(None)` when the server has none (a 404).
+    ///
+    /// # Errors
+    /// Transport errors naming the signature's URL, a body over 64 KiB included.
+    pub fn fetch_signature(&self) -> Result<Option<Vec<u8>>> {
+        fetch_file(
+            &self.signature_url,
+            &self.opts,
+            tessera_engine::trust::MAX_SIGNATURE_LEN,
+        )
     }
 }
 
-impl Drop for IndexFile {
-    fn drop(&mut self) {
-        if let Some(dir) = &self.temp_dir {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-    }
-}
-
-/// Fetches an index (and its signature, if any) named by a path or URL; see [`IndexFile`].
+/// Names an index by path or URL: a path is left for the caller to read; a URL is
+/// fetched into memory (see [`RemoteIndex`]).
 ///
 /// # Errors
-/// [`Error::Io`] naming the URL when the index cannot be fetched (a 404 included) or the
-/// temporary copy cannot be written.
-pub fn fetch_index_file(spec: &str, opts: &StoreOptions) -> Result<IndexFile> {
+/// [`Error::Io`] naming the URL when the index cannot be fetched (a 404 included) or is
+/// larger than [`StoreOptions::max_index_size`] (then of kind `FileTooLarge`).
+pub fn fetch_index(spec: &str, opts: &StoreOptions) -> Result<IndexSource> {
     if spec_kind(spec) == SpecKind::Local {
-        return Ok(IndexFile {
-            path: PathBuf::from(spec),
-            temp_dir: None,
-        });
+        return Ok(IndexSource::Local(PathBuf::from(spec)));
     }
-    let bytes = fetch_file(spec, opts, MAX_INDEX)?.ok_or_else(|| not_found(spec))?;
-    // Optional: a bucket that hides missing keys answers 403, not 404, and a signature
-    // that is required but absent is reported by the trust check that needs it.
-    let signature = fetch_file(&format!("{spec}.minisig"), opts, 64 * 1024).unwrap_or(None);
-    static N: AtomicU64 = AtomicU64::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "tessera-index-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    let name = spec
-        .rsplit('/')
-        .next()
-        .filter(|n| !n.is_empty())
-        .unwrap_or("index.tidx");
-    let file = IndexFile {
-        path: dir.join(name),
-        temp_dir: Some(dir.clone()),
-    };
-    std::fs::create_dir_all(&dir).map_err(|e| Error::io("creating", &dir, e))?;
-    tessera_engine::write_atomic(&file.path, &bytes)?;
-    if let Some(sig) = signature {
-        tessera_engine::write_atomic(&dir.join(format!("{name}.minisig")), &sig)?;
-    }
-    Ok(file)
+    let bytes = fetch_file(spec, opts, opts.max_index_size)?.ok_or_else(|| not_found(spec))?;
+    Ok(IndexSource::Remote(Box::new(RemoteIndex {
+        url: spec.to_string(),
+        bytes,
+        signature_url: format!("{spec}.minisig"),
+        opts: opts.clone(),
+    })))
 }
 
 /// GETs a file by `http(s)://` or `s3://` URL (`None` for a 404), with the store
@@ -205,7 +197,7 @@ fn not_found(spec: &str) -> Error {
 }
 
 /// Where `make` writes an index: a local path is written in place; an `s3://` key is
-/// written to a local staging file first and uploaded by [`IndexDest::publish`], after the
+/// written to a local staging file first (in a new directory only this user can enter) and uploaded by [`IndexDest::publish`], after the
 /// store was flushed, so no reader sees an index whose chunks are not all there.
 #[derive(Debug)]
 pub struct IndexDest {
@@ -233,15 +225,10 @@ impl IndexDest {
             ))),
             SpecKind::S3 => {
                 s3::S3Path::parse(spec)?;
-                static N: AtomicU64 = AtomicU64::new(0);
-                let local = std::env::temp_dir().join(format!(
-                    "tessera-index-{}-{}.tidx",
-                    std::process::id(),
-                    N.fetch_add(1, Ordering::Relaxed)
-                ));
+                let dir = private_temp_dir()?;
                 Ok(IndexDest {
                     spec: spec.to_string(),
-                    local,
+                    local: dir.join("index.tidx"),
                     staged: true,
                 })
             }
@@ -270,7 +257,66 @@ impl IndexDest {
 impl Drop for IndexDest {
     fn drop(&mut self) {
         if self.staged {
-            let _ = std::fs::remove_file(&self.local);
+            if let Some(dir) = self.local.parent() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
         }
+    }
+}
+
+/// Creates a new directory under `$TMPDIR` that only this user can enter. `mkdir` fails
+/// on any existing name, a symlink included, so nothing planted there is followed, and
+/// files inside cannot be planted by others.
+fn private_temp_dir() -> Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    static N: AtomicU64 = AtomicU64::new(0);
+    let base = std::env::temp_dir();
+    let mut last = None;
+    for _ in 0..16 {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let dir = base.join(format!(
+            "tessera-{}-{}-{nanos:08x}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some((dir, e)),
+            Err(e) => return Err(Error::io("creating a private directory", &dir, e)),
+        }
+    }
+    let (dir, e) = last.expect("the loop ran");
+    Err(Error::io("creating a private directory", &dir, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    /// `make` into S3 stages the index in a directory of its own that only this user can
+    /// enter, never at a path in the shared $TMPDIR that another user could plant.
+    #[test]
+    fn an_s3_index_is_staged_in_a_private_directory() {
+        let a = IndexDest::new("s3://bucket/prefix/a.tidx").unwrap();
+        let b = IndexDest::new("s3://bucket/prefix/b.tidx").unwrap();
+        let dir = a.path().parent().unwrap().to_path_buf();
+        assert_ne!(dir, std::env::temp_dir(), "staged directly in $TMPDIR");
+        assert_ne!(Some(dir.as_path()), b.path().parent());
+        let meta = std::fs::symlink_metadata(&dir).unwrap();
+        assert!(meta.is_dir());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o700);
+        assert!(
+            !a.path().exists(),
+            "nothing is written before make writes it"
+        );
+        drop(a);
+        assert!(!dir.exists(), "the staging directory is removed on drop");
+        // A local destination is used as it is.
+        let local = IndexDest::new("out/x.tidx").unwrap();
+        assert_eq!(local.path(), Path::new("out/x.tidx"));
     }
 }

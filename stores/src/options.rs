@@ -14,9 +14,18 @@ pub struct StoreOptions {
     /// Requests in flight at once per store: the size of the fetch pool and of the
     /// parallel upload queue. Default 32.
     pub jobs: usize,
-    /// A request gives up when no byte arrives for this long (stalled connection) or when
-    /// the whole exchange takes longer than ten times this. Default 30 s.
+    /// A request gives up (and is retried) when no byte arrives for this long: a stalled
+    /// connection. Default 30 s.
     pub timeout: Duration,
+    /// The longest one request may take, from connecting to the last byte of the body,
+    /// however steadily bytes arrive: a server trickling a byte at a time cannot hold a
+    /// request past it. Not retried (a retry would trickle the same way). Default 120 s.
+    pub deadline: Duration,
+    /// Largest index accepted by URL, in bytes; a larger one (by its Content-Length or by
+    /// what arrives) is refused before it is all read. Indexes and their signatures are
+    /// kept in memory, never written to disk. Default 256 MiB (about 7.4 million chunks:
+    /// a 460 GiB image at the default 64 KiB average).
+    pub max_index_size: u64,
     /// Time allowed to connect (TCP and TLS). Default 10 s.
     pub connect_timeout: Duration,
     /// Further attempts after a connection error, a timeout, a 5xx/408/429 answer, a
@@ -40,6 +49,8 @@ impl Default for StoreOptions {
             create: false,
             jobs: 32,
             timeout: Duration::from_secs(30),
+            deadline: Duration::from_secs(120),
+            max_index_size: 256 << 20,
             connect_timeout: Duration::from_secs(10),
             retries: 5,
             backoff: Duration::from_millis(100),

@@ -147,6 +147,9 @@ pub(crate) fn put_object(path: &S3Path, opts: &StoreOptions, body: &[u8]) -> Res
     )
 }
 
+/// Largest answer to one listing request.
+const MAX_LIST_PAGE: u64 = 8 << 20;
+
 impl S3Store {
     /// The store at `s3://BUCKET/PREFIX`. With `opts.create`, the store is prepared for
     /// `make`: the chunks it holds are listed once, on the first check.
@@ -222,10 +225,14 @@ impl Inner {
         })
     }
 
-    /// Lists every chunk under the prefix (1,000 keys per request).
+    /// Lists every chunk under the prefix (1,000 keys per request). S3 lists keys in
+    /// ascending order, so a page that does not start past the previous page's last key,
+    /// or a repeated continuation token, is refused: a broken or hostile service cannot
+    /// keep the listing going round in circles.
     fn list_chunks(&self) -> Result<HashSet<ChunkId>> {
         let mut ids = HashSet::new();
         let mut token: Option<String> = None;
+        let mut last_key: Option<String> = None;
         let shown = format!("s3://{}/{}chunks/", self.bucket.name(), self.prefix);
         loop {
             let mut action = ListObjectsV2::new(&self.bucket, self.credentials.as_ref());
@@ -234,8 +241,9 @@ impl Inner {
                 action.with_continuation_token(t.clone());
             }
             let url = action.sign(SIGNED_FOR);
+            // A page of 1,000 keys is a few hundred KiB of XML.
             let body = match self.transport.retrying("listing", &shown, |_| {
-                self.transport.get_once(url.as_str(), 64 << 20, false)
+                self.transport.get_once(url.as_str(), MAX_LIST_PAGE, false)
             })? {
                 Got::Body(b) => b,
                 Got::NotFound => {
@@ -250,13 +258,38 @@ impl Inner {
             let page = ListObjectsV2::parse_response(&text)
                 .map_err(|e| remote_error("listing", &shown, format!("unreadable answer: {e}")))?;
             for obj in &page.contents {
+                if last_key.as_ref().is_some_and(|last| obj.key <= *last) {
+                    return Err(remote_error(
+                        "listing",
+                        &shown,
+                        format!(
+                            "key {:?} comes after {:?}: the listing does not advance",
+                            obj.key,
+                            last_key.unwrap_or_default()
+                        ),
+                    ));
+                }
+                last_key = Some(obj.key.clone());
                 let name = obj.key.rsplit('/').next().unwrap_or("");
                 if let Some(id) = name.strip_suffix(".zst").and_then(|h| h.parse().ok()) {
                     ids.insert(id);
                 }
             }
             match page.next_continuation_token {
-                Some(t) if !t.is_empty() => token = Some(t),
+                Some(t) if !t.is_empty() => {
+                    if page.contents.is_empty() || token.as_ref() == Some(&t) {
+                        return Err(remote_error(
+                            "listing",
+                            &shown,
+                            format!(
+                                "continuation token {t:?} after a page of {} keys: the \
+                                 listing does not advance",
+                                page.contents.len()
+                            ),
+                        ));
+                    }
+                    token = Some(t);
+                }
                 _ => return Ok(ids),
             }
         }
@@ -406,5 +439,120 @@ mod tests {
         assert_eq!((p.bucket.as_str(), p.key.as_str()), ("b", ""));
         assert!(S3Path::parse("s3:///x").is_err());
         assert!(S3Path::parse("http://x").is_err());
+    }
+
+    /// A fake S3 service that answers every listing with the page `page(n)`.
+    fn fake_s3(page: impl Fn(usize) -> String + Send + 'static) -> String {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for (n, conn) in listener.incoming().enumerate() {
+                let Ok(mut conn) = conn else { continue };
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => head.extend_from_slice(&buf[..k]),
+                    }
+                }
+                let body = page(n);
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        format!("http://127.0.0.1:{port}")
+    }
+
+    fn listing(keys: &[String], token: Option<&str>) -> String {
+        let contents: String = keys
+            .iter()
+            .map(|k| format!("<Contents><Key>{k}</Key><Size>1</Size></Contents>"))
+            .collect();
+        let (truncated, next) = match token {
+            Some(t) => (
+                "true",
+                format!("<NextContinuationToken>{t}</NextContinuationToken>"),
+            ),
+            None => ("false", String::new()),
+        };
+        format!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<ListBucketResult \
+             xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\"><Name>b</Name>\
+             <Prefix>chunks/</Prefix><MaxKeys>1000</MaxKeys><IsTruncated>{truncated}</IsTruncated>\
+             {contents}{next}</ListBucketResult>"
+        )
+    }
+
+    fn key(i: u8) -> String {
+        let id = ChunkId::of(&[i]);
+        format!("chunks/{}/{id}.zst", &id.to_string()[..2])
+    }
+
+    fn listed(endpoint: String) -> Result<HashSet<ChunkId>> {
+        let opts = StoreOptions {
+            create: true,
+            retries: 0,
+            s3: crate::S3Options {
+                endpoint: Some(endpoint),
+                region: Some("us-east-1".into()),
+                path_style: Some(true),
+            },
+            ..StoreOptions::default()
+        };
+        S3Store::new("s3://b", &opts).unwrap().inner.list_chunks()
+    }
+
+    /// A service that keeps answering "there is more" without advancing (the same token,
+    /// the same keys, or empty pages) is refused instead of being listed forever.
+    #[test]
+    fn a_listing_that_does_not_advance_is_refused() {
+        // An honest two-page listing.
+        let ok = listed(fake_s3(|n| {
+            let mut keys = vec![key(1), key(2)];
+            keys.sort();
+            match n {
+                0 => listing(&keys, Some("t1")),
+                _ => listing(&["chunks/zz/readme.txt".to_string()], None),
+            }
+        }))
+        .unwrap();
+        assert_eq!(
+            ok.len(),
+            2,
+            "keys not named <id>.zst under chunks/xx/ are ignored"
+        );
+        type Page = Box<dyn Fn(usize) -> String + Send>;
+        let cases: [(&str, Page); 3] = [
+            (
+                "same token",
+                Box::new(|n| listing(&[key(n as u8)], Some("again"))),
+            ),
+            (
+                "same keys",
+                Box::new(|n| listing(&[key(1)], Some(&format!("t{n}")))),
+            ),
+            (
+                "empty pages",
+                Box::new(|n| listing(&[], Some(&format!("t{n}")))),
+            ),
+        ];
+        for (what, page) in cases {
+            let e = listed(fake_s3(page)).unwrap_err();
+            let mut msg = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                msg = format!("{msg}: {s}");
+                source = s.source();
+            }
+            assert!(
+                msg.contains("s3://b/chunks/") && msg.contains("does not advance"),
+                "{what}: {msg}"
+            );
+        }
     }
 }

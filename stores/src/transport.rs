@@ -7,10 +7,16 @@
 //! bucket or credentials will not heal), malformed URLs and TLS certificate failures.
 //! Pauses double from [`StoreOptions::backoff`] up to 5 s, with jitter so that many
 //! workers do not hammer a recovering server in step.
+//!
+//! Every request has two clocks: [`StoreOptions::timeout`] without a byte (retried) and
+//! [`StoreOptions::deadline`] for the whole exchange, redirects and body included (not
+//! retried: a server trickling bytes would trickle again). Bodies are bounded by the
+//! caller's limit, by Content-Length before reading and by what arrives while reading.
+//! Redirects are followed to http(s) URLs only, and never from https to plain http.
 
 use std::io;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tessera_engine::Error;
 use ureq::Agent;
@@ -24,6 +30,9 @@ pub(crate) enum Failure {
     Retry(String),
     /// Will not get better.
     Fatal(String),
+    /// The body is over the caller's limit: fatal, and told apart (as an I/O error of kind
+    /// `FileTooLarge`) so callers can name the limit's setting.
+    TooLarge(String),
 }
 
 /// What a GET found.
@@ -40,6 +49,7 @@ pub(crate) struct Transport {
     agent: Agent,
     retries: u32,
     backoff: Duration,
+    deadline: Duration,
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -51,7 +61,12 @@ impl Transport {
             .timeout_connect(Some(opts.connect_timeout))
             .timeout_per_read(Some(opts.timeout))
             .timeout_per_write(Some(opts.timeout))
-            .timeout_per_call(Some(opts.timeout.saturating_mul(10)))
+            // The whole exchange, across redirects and including the body: no-progress
+            // timeouts alone let a server trickling a byte at a time hold a request.
+            .timeout_global(Some(opts.deadline))
+            // Redirects are followed by `Transport::call`, which checks where they lead.
+            .max_redirects(0)
+            .max_redirects_will_error(false)
             // Keep a connection per worker (and some) open to each host.
             .max_idle_connections(opts.jobs.max(1) * 2 + 8)
             .max_idle_connections_per_host(opts.jobs.max(1) * 2 + 8)
@@ -63,6 +78,7 @@ impl Transport {
             agent: Agent::new_with_config(config),
             retries: opts.retries,
             backoff: opts.backoff,
+            deadline: opts.deadline,
         }
     }
 
@@ -97,6 +113,10 @@ impl Transport {
             match attempt(n) {
                 Ok(v) => return Ok(v),
                 Err(Failure::Fatal(msg)) => return Err(remote_error(what, url, msg)),
+                Err(Failure::TooLarge(msg)) => {
+                    let source = io::Error::new(io::ErrorKind::FileTooLarge, msg);
+                    return Err(Error::io(what, PathBuf::from(url), source));
+                }
                 Err(Failure::Retry(msg)) if n >= self.retries => {
                     let msg = format!("{msg} (gave up after {} attempts)", n + 1);
                     return Err(remote_error(what, url, msg));
@@ -121,13 +141,69 @@ impl Transport {
         self.retrying(what, url, |_| self.get_once(url, limit, fresh))
     }
 
+    /// Sends a GET (or a HEAD) to `url`, following up to [`MAX_REDIRECTS`] redirects
+    /// to http(s) URLs only, never from https to http, all within one deadline.
+    fn call(
+        &self,
+        head: bool,
+        url: &str,
+        fresh: bool,
+    ) -> Result<ureq::http::Response<ureq::Body>, Failure> {
+        let started = Instant::now();
+        let mut current = url.to_string();
+        for _ in 0..=MAX_REDIRECTS {
+            let left = self
+                .deadline
+                .checked_sub(started.elapsed())
+                .ok_or_else(|| self.past_deadline())?;
+            let resp = if head {
+                self.agent
+                    .head(&current)
+                    .config()
+                    .timeout_global(Some(left))
+                    .build()
+                    .call()
+            } else {
+                let mut req = self
+                    .agent
+                    .get(&current)
+                    .config()
+                    .timeout_global(Some(left))
+                    .build();
+                if fresh {
+                    req = req.header("cache-control", "no-cache");
+                }
+                req.call()
+            }
+            .map_err(|e| self.classify(e))?;
+            if !matches!(resp.status().as_u16(), 301 | 302 | 303 | 307 | 308) {
+                return Ok(resp);
+            }
+            let location = resp
+                .headers()
+                .get("location")
+                .and_then(|v| v.to_str().ok())
+                .ok_or_else(|| {
+                    Failure::Fatal(format!("HTTP {} without a Location", resp.status()))
+                })?;
+            current = redirect_target(&current, location).map_err(Failure::Fatal)?;
+        }
+        Err(Failure::Fatal(format!(
+            "more than {MAX_REDIRECTS} redirects (last to {current})"
+        )))
+    }
+
+    fn past_deadline(&self) -> Failure {
+        Failure::Fatal(format!(
+            "did not complete within the {} s deadline for one request (the server is too \
+             slow or trickling bytes; raise the deadline if the link is just slow)",
+            self.deadline.as_secs_f64()
+        ))
+    }
+
     /// One GET.
     pub(crate) fn get_once(&self, url: &str, limit: u64, fresh: bool) -> Result<Got, Failure> {
-        let mut req = self.agent.get(url);
-        if fresh {
-            req = req.header("cache-control", "no-cache");
-        }
-        let mut resp = req.call().map_err(classify)?;
+        let mut resp = self.call(false, url, fresh)?;
         let status = resp.status().as_u16();
         match status {
             200 => {}
@@ -140,8 +216,8 @@ impl Transport {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if let Some(n) = declared.filter(|&n| n > limit) {
-            return Err(Failure::Fatal(format!(
-                "the body is {n} bytes, more than the {limit} allowed"
+            return Err(Failure::TooLarge(format!(
+                "the body is {n} bytes, more than the {limit} bytes allowed"
             )));
         }
         let body = resp
@@ -151,9 +227,13 @@ impl Transport {
             .read_to_vec()
             .map_err(|e| match e {
                 ureq::Error::BodyExceedsLimit(_) => {
-                    Failure::Fatal(format!("the body is more than the {limit} bytes allowed"))
+                    Failure::TooLarge(format!("the body is more than the {limit} bytes allowed"))
                 }
-                e => Failure::Retry(format!("reading the body: {e}")),
+                e => match self.classify(e) {
+                    Failure::Retry(m) => Failure::Retry(format!("reading the body: {m}")),
+                    Failure::Fatal(m) => Failure::Fatal(format!("reading the body: {m}")),
+                    Failure::TooLarge(m) => Failure::TooLarge(m),
+                },
             })?;
         if let Some(n) = declared.filter(|&n| n != body.len() as u64) {
             return Err(Failure::Retry(format!(
@@ -167,7 +247,7 @@ impl Transport {
     /// HEAD with retries: whether the object exists.
     pub(crate) fn exists(&self, url: &str) -> Result<bool, Error> {
         self.retrying("checking", url, |_| {
-            let resp = self.agent.head(url).call().map_err(classify)?;
+            let resp = self.call(true, url, false)?;
             match resp.status().as_u16() {
                 200 => Ok(true),
                 404 | 410 => Ok(false),
@@ -184,7 +264,11 @@ impl Transport {
         body: &[u8],
     ) -> Result<(), Error> {
         self.retrying("uploading", url_for_errors, |_| {
-            let mut resp = self.agent.put(url()).send(body).map_err(classify)?;
+            let mut resp = self
+                .agent
+                .put(url())
+                .send(body)
+                .map_err(|e| self.classify(e))?;
             let status = resp.status().as_u16();
             // Drain the (small) answer so the connection can be reused.
             let _ = resp.body_mut().with_config().limit(1 << 20).read_to_vec();
@@ -196,21 +280,62 @@ impl Transport {
     }
 }
 
-/// Whether a transport error is worth another attempt.
-fn classify(e: ureq::Error) -> Failure {
-    use ureq::Error as E;
-    match e {
-        E::BadUri(_)
-        | E::Http(_)
-        | E::RequireHttpsOnly(_)
-        | E::InvalidProxyUrl
-        | E::TooManyRedirects
-        | E::RedirectFailed
-        | E::Tls(_)
-        | E::Rustls(_) => Failure::Fatal(e.to_string()),
-        E::Timeout(t) => Failure::Retry(format!("timed out ({t})")),
-        e => Failure::Retry(e.to_string()),
+impl Transport {
+    /// Whether a transport error is worth another attempt.
+    fn classify(&self, e: ureq::Error) -> Failure {
+        use ureq::Error as E;
+        match e {
+            E::BadUri(_)
+            | E::Http(_)
+            | E::RequireHttpsOnly(_)
+            | E::InvalidProxyUrl
+            | E::TooManyRedirects
+            | E::RedirectFailed
+            | E::Tls(_)
+            | E::Rustls(_) => Failure::Fatal(e.to_string()),
+            E::Timeout(ureq::Timeout::Global) => self.past_deadline(),
+            E::Timeout(t) => Failure::Retry(format!("timed out ({t})")),
+            e => Failure::Retry(e.to_string()),
+        }
     }
+}
+
+/// Redirects followed at most, per request.
+const MAX_REDIRECTS: usize = 5;
+
+/// The URL a redirect from `from` to `location` leads to: absolute http(s), or relative
+/// (`//host/path`, `/path`, `path`). Anything else (`file:`, `ftp:`...) is refused, as
+/// is leaving https for plain http.
+fn redirect_target(from: &str, location: &str) -> Result<String, String> {
+    let (scheme, rest) = from
+        .split_once("://")
+        .ok_or_else(|| format!("not a URL: {from}"))?;
+    let authority_end = rest.find('/').map_or(from.len(), |i| scheme.len() + 3 + i);
+    let target = if location.starts_with("http://") || location.starts_with("https://") {
+        location.to_string()
+    } else if let Some(r) = location.strip_prefix("//") {
+        format!("{scheme}://{r}")
+    } else if location.starts_with('/') {
+        format!("{}{location}", &from[..authority_end])
+    } else if location
+        .split(['/', '?', '#'])
+        .next()
+        .is_some_and(|first| first.contains(':'))
+    {
+        return Err(format!(
+            "redirected to {location:?}, refused: only http(s) URLs are followed"
+        ));
+    } else {
+        let path = from[authority_end..].split(['?', '#']).next().unwrap_or("");
+        let dir = path.rfind('/').map_or("/", |i| &path[..=i]);
+        format!("{}{dir}{location}", &from[..authority_end])
+    };
+    if from.starts_with("https://") && !target.starts_with("https://") {
+        return Err(format!(
+            "redirected from https to {target}, refused: plain http may not stand in for https"
+        ));
+    }
+    Ok(target)
 }
 
 fn status_failure(status: u16, reason: Option<&str>) -> Failure {
@@ -225,4 +350,44 @@ fn status_failure(status: u16, reason: Option<&str>) -> Failure {
 /// An engine error naming the URL; `msg` becomes the source so `{:#}` prints both once.
 pub(crate) fn remote_error(what: &'static str, url: &str, msg: String) -> Error {
     Error::io(what, PathBuf::from(url), io::Error::other(msg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redirect_target;
+
+    #[test]
+    fn redirects_stay_on_http_and_never_leave_https() {
+        let from = "https://cdn.example.com/store/chunks/ab/x.zst?sig=1";
+        let ok = [
+            ("https://other.example.com/y", "https://other.example.com/y"),
+            ("//mirror.example.com/z", "https://mirror.example.com/z"),
+            ("/elsewhere/z", "https://cdn.example.com/elsewhere/z"),
+            ("y.zst", "https://cdn.example.com/store/chunks/ab/y.zst"),
+            (
+                "../cd/y.zst",
+                "https://cdn.example.com/store/chunks/ab/../cd/y.zst",
+            ),
+        ];
+        for (location, want) in ok {
+            assert_eq!(redirect_target(from, location).unwrap(), want, "{location}");
+        }
+        for location in [
+            "http://cdn.example.com/store/x.zst",
+            "file:///etc/passwd",
+            "ftp://example.com/x",
+            "javascript:alert(1)",
+        ] {
+            let e = redirect_target(from, location).unwrap_err();
+            assert!(e.contains("refused"), "{location}: {e}");
+        }
+        // From plain http, https is fine (and http too).
+        let from = "http://127.0.0.1:8080/i.tidx";
+        assert_eq!(redirect_target(from, "https://a/b").unwrap(), "https://a/b");
+        assert_eq!(
+            redirect_target(from, "j.tidx").unwrap(),
+            "http://127.0.0.1:8080/j.tidx"
+        );
+        assert!(redirect_target(from, "file:///etc/passwd").is_err());
+    }
 }

@@ -193,9 +193,7 @@ pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
     let mut names = HashSet::new();
     let mut backends = Vec::new();
     for path in &args.indexes {
-        let index = args
-            .trust
-            .load_index(args.store.fetch_index(path)?.path())?;
+        let index = args.trust.load(&args.store.fetch_index(path)?)?;
         let name = args.name.clone().unwrap_or_else(|| export_name(path));
         if !names.insert(name.clone()) {
             bail!("two indexes would both be exported as {name:?}; rename one");

@@ -124,9 +124,7 @@ struct Json<'a> {
 }
 
 pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
-    let index = args
-        .trust
-        .load_index(args.store.fetch_index(&args.index)?.path())?;
+    let index = args.trust.load(&args.store.fetch_index(&args.index)?)?;
     let store = args.store.open()?;
     let opts = args.in_place.options()?;
     let started = Instant::now();

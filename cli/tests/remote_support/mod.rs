@@ -209,6 +209,13 @@ pub enum Fault {
     Corrupt,
     /// Forward the answer after this long.
     Delay(Duration),
+    /// Forward the headers, then the body one byte per this long.
+    Trickle(Duration),
+    /// Forward the answer with this many extra bytes after the body, with a Content-Length
+    /// that counts them when `declared`, else with none (the body ends at the close).
+    Pad { extra: usize, declared: bool },
+    /// Answer `302 Found` with this Location.
+    Redirect(&'static str),
 }
 
 /// Decides the fault of request number `n` (from 0) for `method` and `path`.
@@ -334,6 +341,13 @@ fn serve_client(client: TcpStream, st: &ProxyState) -> std::io::Result<()> {
                 )?;
                 continue;
             }
+            Fault::Redirect(location) => {
+                write!(
+                    client,
+                    "HTTP/1.1 302 Found\r\nLocation: {location}\r\nContent-Length: 0\r\n\r\n"
+                )?;
+                continue;
+            }
             _ => {}
         }
         // Forward with one request per upstream connection.
@@ -369,6 +383,42 @@ fn serve_client(client: TcpStream, st: &ProxyState) -> std::io::Result<()> {
                 resp_body[mid] ^= 0x5a;
             }
             Fault::Delay(d) => std::thread::sleep(d),
+            Fault::Trickle(d) => {
+                client.write_all(resp_head.as_bytes())?;
+                for b in &resp_body {
+                    client.write_all(std::slice::from_ref(b))?;
+                    std::thread::sleep(d);
+                }
+                continue;
+            }
+            Fault::Pad { extra, declared } => {
+                let head: String = resp_head
+                    .split("\r\n")
+                    .filter(|l| !l.to_ascii_lowercase().starts_with("content-length:"))
+                    .filter(|l| !l.is_empty())
+                    .map(|l| format!("{l}\r\n"))
+                    .collect();
+                client.write_all(head.as_bytes())?;
+                if declared {
+                    write!(client, "Content-Length: {}\r\n", resp_body.len() + extra)?;
+                } else {
+                    client.write_all(b"Connection: close\r\n")?;
+                }
+                client.write_all(b"\r\n")?;
+                client.write_all(&resp_body)?;
+                let pad = vec![0x5a; 64 << 10];
+                let mut left = extra;
+                while left > 0 {
+                    let n = left.min(pad.len());
+                    client.write_all(&pad[..n])?;
+                    left -= n;
+                }
+                if !declared {
+                    let _ = client.shutdown(Shutdown::Both);
+                    return Ok(());
+                }
+                continue;
+            }
             _ => {}
         }
         client.write_all(resp_head.as_bytes())?;

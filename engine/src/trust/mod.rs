@@ -181,11 +181,11 @@ pub fn load_index(
     check_index_bytes(&bytes, &origin, Some((&text, &sig_origin)), policy)
 }
 
-/// Longest signature file read: minisign signatures are a few hundred bytes, the trusted
-/// comment being the only free-form part.
-const MAX_SIGNATURE_LEN: u64 = 64 * 1024;
-
-fn read_signature(path: &Path) -> Result<String> {
+/// Reads a signature file (at most 64 KiB of text) for [`check_index_bytes`].
+///
+/// # Errors
+/// [`Error::Untrusted`] naming the path if it cannot be read, is too large or is not text.
+pub fn read_signature(path: &Path) -> Result<String> {
     use std::io::Read;
     let file = std::fs::File::open(path).map_err(|e| {
         Error::Untrusted(format!(
@@ -197,19 +197,31 @@ fn read_signature(path: &Path) -> Result<String> {
     file.take(MAX_SIGNATURE_LEN + 1)
         .read_to_end(&mut bytes)
         .map_err(|e| Error::io("reading signature", path, e))?;
+    signature_text(bytes, &path.display().to_string())
+}
+
+/// Turns signature bytes from `origin` (a file or a URL) into text for
+/// [`check_index_bytes`]: what [`read_signature`] does for a file, for bytes fetched into
+/// memory.
+///
+/// # Errors
+/// [`Error::Untrusted`] naming `origin` if the bytes are over 64 KiB or not UTF-8.
+pub fn signature_text(bytes: Vec<u8>, origin: &str) -> Result<String> {
     if bytes.len() as u64 > MAX_SIGNATURE_LEN {
         return Err(Error::Untrusted(format!(
-            "signature {} is larger than {MAX_SIGNATURE_LEN} bytes: not a minisign signature",
-            path.display()
+            "signature {origin} is larger than {MAX_SIGNATURE_LEN} bytes: not a minisign signature"
         )));
     }
     String::from_utf8(bytes).map_err(|_| {
         Error::Untrusted(format!(
-            "signature {} is not text: not a minisign signature",
-            path.display()
+            "signature {origin} is not text: not a minisign signature"
         ))
     })
 }
+
+/// Longest signature accepted, in bytes: minisign signatures are a few hundred bytes, the
+/// trusted comment being the only free-form part.
+pub const MAX_SIGNATURE_LEN: u64 = 64 * 1024;
 
 /// Decodes hex digits (either case) into bytes.
 ///

@@ -103,18 +103,23 @@ impl TrustedKey {
         TrustedKey::parse(&text, &path.display().to_string())
     }
 
-    /// A key given on a command line: the path of a public key file if such a file
-    /// exists, otherwise the base64 key itself (as `minisign -P` takes it).
+    /// A public key given as its base64 text alone (the second line of a minisign public
+    /// key file, as `minisign -P` takes it). Never read from a file: a key and a path are
+    /// different arguments ([`TrustedKey::load`] reads files), so a file that happens to
+    /// be named like a key cannot stand in for it.
     ///
     /// # Errors
-    /// As [`TrustedKey::load`] and [`TrustedKey::parse`].
-    pub fn from_arg(arg: &str) -> Result<TrustedKey> {
-        let path = Path::new(arg);
-        if path.exists() {
-            TrustedKey::load(path)
-        } else {
-            TrustedKey::parse(arg, &format!("public key {arg:?} (no such file either)"))
+    /// [`Error::InvalidInput`] if `b64` is not one minisign Ed25519 public key.
+    pub fn from_base64(b64: &str) -> Result<TrustedKey> {
+        let b64 = b64.trim();
+        let origin = format!("public key {b64:?}");
+        if b64.is_empty() || b64.contains(char::is_whitespace) || b64.contains(':') {
+            return Err(Error::InvalidInput(format!(
+                "{origin} is not a minisign public key: expected the base64 key alone \
+                 (for a key file, give its path as a file)"
+            )));
         }
+        TrustedKey::parse(b64, &origin)
     }
 
     /// The key's id.
@@ -153,9 +158,11 @@ pub fn parse_trusted_comment(comment: &str) -> Result<CommentFields> {
     let mut fields = CommentFields::default();
     for token in comment.split_whitespace() {
         if let Some(v) = token.strip_prefix("version:") {
-            let n = v
-                .parse::<u64>()
-                .map_err(|_| bad(format!("version {v:?} is not a whole number")))?;
+            // Digits only: `u64::from_str` would also take `+5`.
+            let n = Some(v)
+                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|v| v.parse::<u64>().ok())
+                .ok_or_else(|| bad(format!("version {v:?} is not a whole number")))?;
             if fields.version.replace(n).is_some() {
                 return Err(bad("more than one version field".into()));
             }
@@ -526,6 +533,8 @@ mod tests {
         assert_eq!(c.root, None);
         assert!(parse_trusted_comment("version:1 version:2").is_err());
         assert!(parse_trusted_comment("version:-1").is_err());
+        assert!(parse_trusted_comment("version:+5").is_err());
+        assert!(parse_trusted_comment("version:").is_err());
         assert!(parse_trusted_comment("root:abc").is_err());
         assert_eq!(
             parse_trusted_comment("no fields").unwrap(),
@@ -541,8 +550,10 @@ mod tests {
         assert!(e.to_string().contains("already exists"), "{e}");
         let text = std::fs::read_to_string(dir.join("k.pub")).unwrap();
         let b64 = text.lines().nth(1).unwrap();
-        assert_eq!(TrustedKey::from_arg(b64).unwrap().id(), f.key.id());
-        assert!(TrustedKey::from_arg("not-a-key").is_err());
+        assert_eq!(TrustedKey::from_base64(b64).unwrap().id(), f.key.id());
+        assert!(TrustedKey::from_base64("not-a-key").is_err());
+        // The file's text is not a base64 key, even though it holds one.
+        assert!(TrustedKey::from_base64(&text).is_err());
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(dir.join("k.sec"))
             .unwrap()
