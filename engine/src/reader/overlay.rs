@@ -135,9 +135,7 @@ impl WriteAt for OverlayFile {
         Ok(())
     }
     fn flush(&self) -> Result<()> {
-        self.file
-            .sync_data()
-            .map_err(self.err("syncing overlay"))
+        self.file.sync_data().map_err(self.err("syncing overlay"))
     }
 }
 

@@ -181,7 +181,11 @@ impl CountingStore {
             if now >= deadline {
                 break;
             }
-            fetched = self.changed.wait_timeout(fetched, deadline - now).unwrap().0;
+            fetched = self
+                .changed
+                .wait_timeout(fetched, deadline - now)
+                .unwrap()
+                .0;
         }
         fetched.clone()
     }
@@ -332,7 +336,6 @@ fn overlay_refuses_another_index_and_garbage() {
     assert!(err.contains("bad magic"), "{err}");
     assert!(Overlay::open(Path::new("/nonexistent/dir/ovl"), &f.index).is_err());
 }
-
 
 /// How a [`Medium`] decides what survives a power cut.
 #[derive(Clone, Copy)]
