@@ -68,6 +68,11 @@ pub struct Overlay {
     writing: Mutex<()>,
     /// Serialises flushes, so an older bitmap snapshot never overwrites a newer one.
     flushing: Mutex<()>,
+    /// Why a data barrier failed, if one did. The data it should have made durable may
+    /// be lost (a failed `fdatasync` can drop dirty pages), so no bit may be written for
+    /// it: from then on writes and flushes fail until the overlay is reopened, which
+    /// brings back the state of the last good flush.
+    failed: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for Overlay {
@@ -137,6 +142,17 @@ impl WriteAt for OverlayFile {
     fn flush(&self) -> Result<()> {
         self.file.sync_data().map_err(self.err("syncing overlay"))
     }
+}
+
+/// `e` and its sources, joined with ": ".
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        out = format!("{out}: {s}");
+        next = s.source();
+    }
+    out
 }
 
 /// Where the bitmap and the data of an overlay for an image of `image_size` bytes go:
@@ -370,7 +386,21 @@ impl Overlay {
             dirty: Mutex::new(None),
             writing: Mutex::new(()),
             flushing: Mutex::new(()),
+            failed: Mutex::new(None),
         })
+    }
+
+    /// Fails once a data barrier has failed (see `failed`).
+    fn usable(&self) -> Result<()> {
+        match &*lock(&self.failed) {
+            None => Ok(()),
+            Some(why) => Err(Error::io(
+                "an earlier flush failed (writes since the last good flush may be lost; \
+                 reopen the overlay), so nothing more is written to overlay",
+                self.dev.name(),
+                io::Error::other(why.clone()),
+            )),
+        }
     }
 
     fn check(&self, offset: u64, len: u64) -> Result<()> {
@@ -446,14 +476,16 @@ impl Overlay {
     /// Writes `data` at `offset` into the overlay; durable before returning if `fua`.
     ///
     /// # Errors
-    /// [`Error::InvalidInput`] outside the image, [`Error::Io`], or errors reading the
-    /// image for the rest of a partly written block.
+    /// [`Error::InvalidInput`] outside the image, [`Error::Io`] (also once a flush's data
+    /// barrier failed), or errors reading the image for the rest of a partly written
+    /// block.
     pub fn write_at(&self, image: &ImageReader, offset: u64, data: &[u8], fua: bool) -> Result<()> {
         self.check(offset, data.len() as u64)?;
         if data.is_empty() {
             return Ok(());
         }
-        let _w = lock(&self.writing);
+        self.usable()?;
+        let w = lock(&self.writing);
         let end = offset + data.len() as u64;
         let (first, last) = (offset / BLOCK, (end - 1) / BLOCK);
         let start = first * BLOCK;
@@ -473,6 +505,7 @@ impl Overlay {
         // The data is stored before the bits naming it are set (see the type's docs).
         self.dev.write_all_at(&buf, self.data_offset + start)?;
         self.mark(first, last);
+        drop(w);
         if fua {
             self.flush()?;
         }
@@ -485,6 +518,7 @@ impl Overlay {
     /// As [`Overlay::write_at`].
     pub fn zero(&self, image: &ImageReader, offset: u64, len: u64, fua: bool) -> Result<()> {
         self.check(offset, len)?;
+        self.usable()?;
         let end = offset + len;
         let inner_start = offset.div_ceil(BLOCK) * BLOCK;
         let inner_end = if end == self.image_size {
@@ -520,9 +554,12 @@ impl Overlay {
     /// changed bitmap words, then the data, then those words (see the type's docs).
     ///
     /// # Errors
-    /// Errors of the device; the changed words are then written by the next flush.
+    /// Errors of the device. After a failed bitmap write the next flush writes it again;
+    /// after a failed data barrier every later write and flush fails (reopen the
+    /// overlay to go on from the last good flush).
     pub fn flush(&self) -> Result<()> {
         let _one_at_a_time = lock(&self.flushing);
+        self.usable()?;
         // The snapshot comes first: every bit in it names data whose store returned, so
         // the data flush below makes all of it durable. Writes landing after it are left
         // to the next flush.
@@ -545,7 +582,10 @@ impl Overlay {
 
     /// Flushes the data, then writes and flushes the bitmap words of `snapshot`.
     fn write_bitmap(&self, snapshot: Option<&(usize, usize, Vec<u8>)>) -> Result<()> {
-        self.dev.flush()?;
+        if let Err(e) = self.dev.flush() {
+            *lock(&self.failed) = Some(chain(&e));
+            return Err(e);
+        }
         let Some((lo, _, bytes)) = snapshot else {
             return Ok(());
         };

@@ -363,6 +363,9 @@ struct MediumState {
     cut_at_op: Option<u64>,
     /// The flush call (counted from 1) that finds the power gone.
     cut_at_flush: Option<u64>,
+    /// The flush call (counted from 1) that fails and loses the writes it should have
+    /// made durable (as a failed `fdatasync` may), while reads still see them.
+    fail_flush: Option<u64>,
     mode: CutMode,
     rng: ChaCha8Rng,
     /// What survived the cut, once it happened.
@@ -393,6 +396,7 @@ impl Medium {
                 flushes: 0,
                 cut_at_op: None,
                 cut_at_flush: None,
+                fail_flush: None,
                 mode: CutMode::Random,
                 rng: ChaCha8Rng::seed_from_u64(seed),
                 survivor: None,
@@ -522,6 +526,14 @@ impl WriteAt for Medium {
             if st.cut_at_flush == Some(st.flushes) {
                 st.cut();
                 return Err(self.dead());
+            }
+            if st.fail_flush == Some(st.flushes) {
+                st.pending.clear();
+                return Err(Error::io(
+                    "syncing",
+                    "(in-memory medium)",
+                    std::io::Error::other("write-back failed"),
+                ));
             }
             for (offset, data) in std::mem::take(&mut st.pending) {
                 let at = offset as usize;
@@ -694,6 +706,47 @@ fn overlay_flushes_run_one_at_a_time() {
     assert!(buf.iter().all(|&b| b == 5), "first flushed write lost");
     o.read_at(&r, 8192, &mut buf).unwrap();
     assert!(buf.iter().all(|&b| b == 6), "second flushed write lost");
+}
+
+#[test]
+fn overlay_takes_nothing_more_after_a_failed_data_barrier() {
+    // The data barrier fails and the medium drops the write it should have saved. A
+    // later flush must not write the bit for it (that block would read as zeros), so
+    // the overlay refuses writes and flushes until it is reopened.
+    let f = fixture();
+    let r = reader(&f, ReaderOptions::default());
+    let (medium, o) = overlay_on_medium(&f, 3);
+    o.write_at(&r, 0, &[5; 4096], true).unwrap();
+    o.write_at(&r, 40_960, &[6; 4096], false).unwrap();
+    {
+        let mut st = medium.state();
+        st.fail_flush = Some(st.flushes + 1);
+    }
+    let err = o.flush().unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Io);
+    let err = o.flush().unwrap_err();
+    let (msg, cause) = (err.to_string(), std::error::Error::source(&err).unwrap());
+    assert!(
+        msg.contains("an earlier flush failed") && msg.contains("(in-memory medium)"),
+        "{msg}"
+    );
+    assert!(cause.to_string().contains("write-back failed"), "{cause}");
+    assert!(o.write_at(&r, 81_920, &[7; 10], false).is_err());
+    assert!(o.zero(&r, 81_920, 8192, false).is_err());
+    // Not a power cut: what is durable now is what the medium holds.
+    let o = reopen(&f, medium.state().durable.clone());
+    let mut buf = vec![0u8; 4096];
+    o.read_at(&r, 0, &mut buf).unwrap();
+    assert!(
+        buf.iter().all(|&b| b == 5),
+        "write made durable by FUA lost"
+    );
+    o.read_at(&r, 40_960, &mut buf).unwrap();
+    assert!(
+        buf[..] == f.data[40_960..40_960 + 4096],
+        "lost write's block reads {:?}",
+        &buf[..8]
+    );
 }
 
 /// One overlay operation of the interleaving test, with the sequence numbers at which
