@@ -68,10 +68,10 @@ pub struct Overlay {
     writing: Mutex<()>,
     /// Serialises flushes, so an older bitmap snapshot never overwrites a newer one.
     flushing: Mutex<()>,
-    /// Why a data barrier failed, if one did. The data it should have made durable may
-    /// be lost (a failed `fdatasync` can drop dirty pages), so no bit may be written for
-    /// it: from then on writes and flushes fail until the overlay is reopened, which
-    /// brings back the state of the last good flush.
+    /// Why a barrier ([`WriteAt::flush`]) failed, if one did. A failed `fdatasync` may
+    /// drop any dirty pages, of this flush's data or of writes that ran during it, so
+    /// no bit may be written for them: from then on writes and flushes fail until the
+    /// overlay is reopened, which brings back the state of the last good flush.
     failed: Mutex<Option<String>>,
 }
 
@@ -390,7 +390,7 @@ impl Overlay {
         })
     }
 
-    /// Fails once a data barrier has failed (see `failed`).
+    /// Fails once a barrier has failed (see `failed`).
     fn usable(&self) -> Result<()> {
         match &*lock(&self.failed) {
             None => Ok(()),
@@ -476,7 +476,7 @@ impl Overlay {
     /// Writes `data` at `offset` into the overlay; durable before returning if `fua`.
     ///
     /// # Errors
-    /// [`Error::InvalidInput`] outside the image, [`Error::Io`] (also once a flush's data
+    /// [`Error::InvalidInput`] outside the image, [`Error::Io`] (also once a flush's
     /// barrier failed), or errors reading the image for the rest of a partly written
     /// block.
     pub fn write_at(&self, image: &ImageReader, offset: u64, data: &[u8], fua: bool) -> Result<()> {
@@ -555,8 +555,8 @@ impl Overlay {
     ///
     /// # Errors
     /// Errors of the device. After a failed bitmap write the next flush writes it again;
-    /// after a failed data barrier every later write and flush fails (reopen the
-    /// overlay to go on from the last good flush).
+    /// after a failed barrier every later write and flush fails (reopen the overlay to
+    /// go on from the last good flush).
     pub fn flush(&self) -> Result<()> {
         let _one_at_a_time = lock(&self.flushing);
         self.usable()?;
@@ -582,10 +582,7 @@ impl Overlay {
 
     /// Flushes the data, then writes and flushes the bitmap words of `snapshot`.
     fn write_bitmap(&self, snapshot: Option<&(usize, usize, Vec<u8>)>) -> Result<()> {
-        if let Err(e) = self.dev.flush() {
-            *lock(&self.failed) = Some(chain(&e));
-            return Err(e);
-        }
+        self.barrier()?;
         let Some((lo, _, bytes)) = snapshot else {
             return Ok(());
         };
@@ -594,7 +591,15 @@ impl Overlay {
         let start = *lo as u64 * 8;
         let n = (bitmap_len - start).min(bytes.len() as u64) as usize;
         self.dev.write_all_at(&bytes[..n], HEADER_LEN + start)?;
-        self.dev.flush()
+        self.barrier()
+    }
+
+    /// [`WriteAt::flush`] of the device; a failure makes the overlay unusable (see
+    /// `failed`).
+    fn barrier(&self) -> Result<()> {
+        self.dev
+            .flush()
+            .inspect_err(|e| *lock(&self.failed) = Some(chain(e)))
     }
 
     /// Marks words `[lo, hi]` changed again after a failed flush.

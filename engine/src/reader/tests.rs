@@ -749,6 +749,42 @@ fn overlay_takes_nothing_more_after_a_failed_data_barrier() {
     );
 }
 
+#[test]
+fn overlay_takes_nothing_more_after_a_failed_bitmap_barrier() {
+    // A write lands during a flush (after its data barrier); the flush's bitmap barrier
+    // then fails, dropping the bitmap words and that write's data. A later flush must
+    // not write the write's bit (its block would read as zeros).
+    let f = fixture();
+    let r = Arc::new(reader(&f, ReaderOptions::default()));
+    let (medium, o) = overlay_on_medium(&f, 4);
+    let o = Arc::new(o);
+    o.write_at(&r, 0, &[5; 4096], false).unwrap();
+    {
+        let mut st = medium.state();
+        let done = st.flushes;
+        st.fail_flush = Some(done + 2);
+        let (o2, r2) = (o.clone(), r.clone());
+        let hook: Hook = Box::new(move || {
+            std::thread::spawn(move || o2.write_at(&r2, 40_960, &[6; 4096], false))
+                .join()
+                .unwrap()
+                .unwrap();
+        });
+        st.after_flush = Some((done + 1, hook));
+    }
+    assert!(o.flush().is_err());
+    let err = o.flush().unwrap_err().to_string();
+    assert!(err.contains("an earlier flush failed"), "{err}");
+    let o = reopen(&f, medium.state().durable.clone());
+    let mut buf = vec![0u8; 4096];
+    o.read_at(&r, 40_960, &mut buf).unwrap();
+    assert!(
+        buf[..] == f.data[40_960..40_960 + 4096],
+        "dropped write's block reads {:?}",
+        &buf[..8]
+    );
+}
+
 /// One overlay operation of the interleaving test, with the sequence numbers at which
 /// it started and returned successfully.
 #[derive(Clone, Copy, Debug)]
