@@ -235,13 +235,13 @@ impl Overlay {
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW)
             .open(&tmp)
-            .map_err(|e| Error::io("creating overlay", &tmp, e))?;
+            .map_err(|e| Error::io("creating a temporary file beside overlay", path, e))?;
         let built = (|| {
             // Exactly 0600 whatever the umask.
             file.set_permissions(std::fs::Permissions::from_mode(0o600))
-                .map_err(|e| Error::io("setting permissions of overlay", &tmp, e))?;
+                .map_err(|e| Error::io("setting permissions of new overlay", path, e))?;
             file.set_len(len)
-                .map_err(|e| Error::io("sizing overlay", &tmp, e))?;
+                .map_err(|e| Error::io("sizing new overlay", path, e))?;
             let dev = OverlayFile {
                 file,
                 path: path.to_path_buf(),
