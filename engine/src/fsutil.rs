@@ -57,7 +57,6 @@ fn temp_name(name: &OsStr) -> OsString {
 /// A fresh, unpredictable temporary path beside `path` (`.NAME.tmp.<16 random hex>`).
 /// Prefer [`create_temp_beside`], which also creates the file safely; a caller of this
 /// one must create the file with `O_CREAT | O_EXCL` (`create_new`) itself.
-#[allow(dead_code)] // For path-based callers (sync's target files, overlays).
 pub(crate) fn temp_path_for(path: &Path) -> PathBuf {
     let name = path.file_name().unwrap_or(OsStr::new("tessera"));
     path.with_file_name(temp_name(name))
