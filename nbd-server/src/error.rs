@@ -119,11 +119,7 @@ pub fn excerpt(s: &str) -> String {
     if s.len() <= MAX {
         format!("{s:?}")
     } else {
-        format!(
-            "{:?}... ({} bytes)",
-            crate::wire::truncate(s, MAX),
-            s.len()
-        )
+        format!("{:?}... ({} bytes)", crate::wire::truncate(s, MAX), s.len())
     }
 }
 

@@ -101,8 +101,8 @@ where
             let msg = format!("more than {MAX_OPTIONS} options in one negotiation");
             wire::encode_option_reply(&mut out, header.option, rep::ERR_POLICY, msg.as_bytes());
             // The client may not be reading: the close must not wait for it.
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), send(stream, &out))
-                .await;
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_secs(1), send(stream, &out)).await;
             return Err(Error::Protocol(msg));
         }
         if header.option == opt::EXPORT_NAME && header.len as usize > wire::MAX_STRING {

@@ -258,7 +258,11 @@ impl Registry {
     pub(crate) fn admit(self: &Arc<Self>, peer: &str, caps: Caps) -> Result<Registration, String> {
         let mut conns = self.lock();
         let live = |e: &&Entry| !e.stats.is_killed();
-        let from_peer = conns.values().filter(live).filter(|e| e.peer == peer).count();
+        let from_peer = conns
+            .values()
+            .filter(live)
+            .filter(|e| e.peer == peer)
+            .count();
         if from_peer >= caps.per_peer {
             let why = format!(
                 "evicted for a new connection from the same peer ({} connections per peer)",

@@ -314,7 +314,11 @@ async fn read_payload<R: AsyncRead + Unpin>(
     stats: &ConnStats,
 ) -> Result<Vec<u8>> {
     let mut payload = vec![0u8; if keep { len as usize } else { 0 }];
-    let mut scratch = if keep { Vec::new() } else { vec![0u8; 64 * 1024] };
+    let mut scratch = if keep {
+        Vec::new()
+    } else {
+        vec![0u8; 64 * 1024]
+    };
     let mut left = len as usize;
     stats.payload_progress();
     while left > 0 {

@@ -18,9 +18,8 @@ use std::path::{Path, PathBuf};
 /// or replaced), when another server answers on it, or when binding fails; each error
 /// names the path.
 pub fn bind_unix(path: &Path, mode: u32) -> Result<(tokio::net::UnixListener, u64)> {
-    let named = |e: Error, what: &str| {
-        Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
-    };
+    let named =
+        |e: Error, what: &str| Error::new(e.kind(), format!("{what} {}: {e}", path.display()));
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => {
             if std::os::unix::net::UnixStream::connect(path).is_ok() {

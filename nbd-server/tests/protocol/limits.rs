@@ -1,0 +1,168 @@
+//! Misbehaving clients against a TCP server: none of them may keep a well-behaved client
+//! from connecting and reading. Each attack keeps running while the good client reads,
+//! and the good client must be done long before anything the attackers hold would time
+//! out on its own (reply timeout 60 s, handshake timeout set to 60 s): it is served
+//! because of the limits, not because the attackers went away.
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tessera_nbd::{Backend, Export, Exports, MemoryBackend};
+
+use crate::util::{have, pattern, run_within, serve_with, RawClient};
+
+/// Far below the attackers' own timeouts (60 s), far above a loaded machine's noise.
+const GOOD_CLIENT_LIMIT: Duration = Duration::from_secs(20);
+
+/// "mem": 1 MiB pattern; "big": 32 MiB of zeros, for maximum-size reads.
+fn exports() -> Exports {
+    let mut e = Exports::new();
+    e.add(Export::new(
+        "mem",
+        Arc::new(MemoryBackend::new(pattern(1 << 20), false)) as Arc<dyn Backend>,
+    ));
+    e.add(Export::new(
+        "big",
+        Arc::new(MemoryBackend::new(vec![0; 32 << 20], false)) as Arc<dyn Backend>,
+    ));
+    e
+}
+
+/// The well-behaved client: connects, negotiates, reads 4 KiB and checks it. Returns how
+/// long that took.
+fn good_client(addr: std::net::SocketAddr) -> Duration {
+    let start = Instant::now();
+    let mut c = RawClient::go(addr, "mem", GOOD_CLIENT_LIMIT)
+        .unwrap_or_else(|e| panic!("the good client could not negotiate: {e}"));
+    let data = c
+        .read(8192, 4096)
+        .unwrap_or_else(|e| panic!("the good client could not read: {e}"));
+    assert!(data == pattern(12288)[8192..]);
+    let took = start.elapsed();
+    eprintln!("good client served in {took:?}");
+    took
+}
+
+#[test]
+fn silent_clients_after_the_handshake_do_not_lock_out_a_new_client() {
+    let srv = serve_with(exports(), |b| {
+        b.max_connections(64)
+            .handshake_timeout(Duration::from_secs(60))
+    });
+    // 64 clients finish the handshake and go silent, filling the server.
+    let silent: Vec<RawClient> = (0..64)
+        .map(|_| RawClient::go(srv.addr, "mem", GOOD_CLIENT_LIMIT).unwrap())
+        .collect();
+    assert!(good_client(srv.addr) < GOOD_CLIENT_LIMIT);
+    let log = srv.wait_for_log("evicted");
+    assert!(log.contains("evicted for a new connection"), "{log}");
+    // Only one attacker made room: the other 63 are still connected and served.
+    let mut alive = 0;
+    for mut c in silent {
+        if c.read(0, 512).is_ok() {
+            alive += 1;
+        }
+    }
+    assert_eq!(alive, 63, "{log}");
+}
+
+#[test]
+fn a_thousand_idle_sockets_do_not_lock_out_a_new_client() {
+    let srv = serve_with(exports(), |b| b.handshake_timeout(Duration::from_secs(60)));
+    let idle: Vec<std::net::TcpStream> = (0..1000)
+        .map(|_| std::net::TcpStream::connect(srv.addr).unwrap())
+        .collect();
+    assert!(good_client(srv.addr) < GOOD_CLIENT_LIMIT);
+    // With a real client too.
+    if have("nbdinfo") {
+        run_within(
+            Command::new("nbdinfo").arg(srv.uri("mem")),
+            GOOD_CLIENT_LIMIT,
+        );
+    }
+    drop(idle);
+}
+
+#[test]
+fn a_client_that_never_reads_its_replies_does_not_starve_others() {
+    let srv = serve_with(exports(), |b| b.handshake_timeout(Duration::from_secs(60)));
+    // 16 reads of 32 MiB (the whole default budget of 512 MiB), replies never read.
+    let mut hog = RawClient::go(srv.addr, "big", GOOD_CLIENT_LIMIT).unwrap();
+    for i in 0..16 {
+        hog.send_read(i, 0, 32 << 20).unwrap();
+    }
+    // The first reply has started: the hog holds its buffers.
+    let mut head = [0u8; 16];
+    std::io::Read::read_exact(&mut hog.s, &mut head).unwrap();
+    assert!(good_client(srv.addr) < GOOD_CLIENT_LIMIT);
+    if have("nbdcopy") {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("copy");
+        run_within(
+            Command::new("nbdcopy").arg(srv.uri("mem")).arg(&out),
+            GOOD_CLIENT_LIMIT,
+        );
+        assert!(std::fs::read(&out).unwrap() == pattern(1 << 20));
+    }
+    // The hog was not dropped to make this work: it still gets its data when it reads.
+    let mut rest = vec![0u8; 1 << 20];
+    std::io::Read::read_exact(&mut hog.s, &mut rest).unwrap();
+}
+
+#[test]
+fn many_connections_of_one_peer_holding_replies_do_not_starve_another_peer() {
+    let srv = serve_with(exports(), |b| b.handshake_timeout(Duration::from_secs(60)));
+    let addr = srv.addr;
+    // 63 connections from 127.0.0.2, each sending 16 reads of 32 MiB and reading nothing.
+    let hogs: Vec<RawClient> = std::thread::scope(|s| {
+        let threads: Vec<_> = (0..63)
+            .map(|_| {
+                s.spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .unwrap();
+                    let sock = rt.block_on(async {
+                        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+                        sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+                        sock.connect(addr).await.unwrap().into_std().unwrap()
+                    });
+                    sock.set_nonblocking(false).unwrap();
+                    let mut c = RawClient::go_on(sock, "big", GOOD_CLIENT_LIMIT).unwrap();
+                    for i in 0..16 {
+                        c.send_read(i, 0, 32 << 20).unwrap();
+                    }
+                    c
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    // A client of another peer (127.0.0.1) still finds memory.
+    assert!(good_client(addr) < GOOD_CLIENT_LIMIT);
+    drop(hogs);
+}
+
+#[test]
+fn a_failed_reply_says_why_in_the_log() {
+    let srv = serve_with(exports(), |b| b);
+    let mut c = RawClient::go(srv.addr, "big", GOOD_CLIENT_LIMIT).unwrap();
+    let local = c.s.local_addr().unwrap().to_string();
+    c.send_read(1, 0, 32 << 20).unwrap();
+    let mut head = [0u8; 16];
+    std::io::Read::read_exact(&mut c.s, &mut head).unwrap();
+    // Closing with unread data resets the connection under the server's writer.
+    drop(c);
+    let log = srv.wait_for_log("sending a reply");
+    let line = log
+        .lines()
+        .find(|l| l.starts_with(&local))
+        .unwrap_or_else(|| panic!("no line for {local}: {log}"))
+        .to_lowercase();
+    assert!(line.contains("sending a reply"), "{line}");
+    assert!(
+        line.contains("reset") || line.contains("broken pipe"),
+        "the line says why: {line}"
+    );
+}
