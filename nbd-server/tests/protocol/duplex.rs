@@ -653,6 +653,44 @@ async fn an_idle_timeout_closes_a_silent_connection_but_not_a_busy_one() {
         .unwrap()
         .unwrap_err();
     assert!(matches!(e, tessera_nbd::Error::Idle(_)), "{e}");
+    // A request that takes longer than the idle timeout keeps its connection.
+    let mut e = Exports::new();
+    e.add(Export::new("slow", Arc::new(Slow) as Arc<dyn Backend>));
+    let server = Server::builder(e)
+        .idle_timeout(Some(std::time::Duration::from_millis(300)))
+        .build();
+    let mut c = attach(&server, 1 << 20);
+    c.go("slow", false).await;
+    c.request(cmd::READ, 0, 1, 0, 4096).await;
+    assert_eq!(c.simple().await, (0, 1));
+    let mut b = vec![0u8; 4096];
+    c.s.read_exact(&mut b).await.unwrap();
+    c.request(cmd::FLUSH, 0, 2, 0, 0).await;
+    assert_eq!(
+        c.simple().await,
+        (0, 2),
+        "still connected after a long request"
+    );
+}
+
+/// A backend whose reads take 1 s.
+struct Slow;
+
+impl Backend for Slow {
+    fn size(&self) -> u64 {
+        1 << 20
+    }
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            writable: false,
+            multi_conn: true,
+        }
+    }
+    fn read(&self, _offset: u64, buf: &mut [u8]) -> BackendResult<Vec<Extent>> {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        buf.fill(0);
+        Ok(Vec::new())
+    }
 }
 
 #[tokio::test]

@@ -166,3 +166,48 @@ fn a_failed_reply_says_why_in_the_log() {
         "the line says why: {line}"
     );
 }
+
+#[test]
+fn a_full_server_evicts_the_longest_idle_connection_or_refuses_when_all_are_busy() {
+    let srv = serve_with(exports(), |b| {
+        b.max_connections(2)
+            .handshake_timeout(Duration::from_secs(60))
+    });
+    // Two idle clients fill the server: a third takes the place of the older one.
+    let mut older = RawClient::go(srv.addr, "mem", GOOD_CLIENT_LIMIT).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let mut newer = RawClient::go(srv.addr, "mem", GOOD_CLIENT_LIMIT).unwrap();
+    newer.read(0, 512).unwrap();
+    good_client(srv.addr);
+    let log = srv.wait_for_log("evicted");
+    assert!(log.contains("(2 connections at most); idle for"), "{log}");
+    assert!(
+        older.read(0, 512).is_err(),
+        "the longest-idle client was closed"
+    );
+    newer.read(0, 512).unwrap();
+    drop(older);
+    // Two clients with requests in flight (replies they do not read): nobody to evict.
+    drop(newer);
+    let mut busy: Vec<RawClient> = Vec::new();
+    let deadline = Instant::now() + GOOD_CLIENT_LIMIT;
+    while busy.len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the closed clients' slots never freed"
+        );
+        // Slots free up as the closed clients' connections end.
+        if let Ok(mut c) = RawClient::go(srv.addr, "big", Duration::from_secs(2)) {
+            c.send_read(1, 0, 32 << 20).unwrap();
+            let mut head = [0u8; 16];
+            std::io::Read::read_exact(&mut c.s, &mut head).unwrap();
+            busy.push(c);
+        }
+    }
+    assert!(
+        RawClient::go(srv.addr, "mem", GOOD_CLIENT_LIMIT).is_err(),
+        "a client is refused when every connection is busy"
+    );
+    let log = srv.wait_for_log("refused");
+    assert!(log.contains("connections are all busy (limit 2)"), "{log}");
+}
