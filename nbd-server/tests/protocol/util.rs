@@ -123,7 +123,10 @@ pub fn two_exports() -> (Exports, Arc<MemoryBackend>) {
 
 /// True when `tool` runs; otherwise prints why the test skips (or panics under CI=true).
 pub fn have(tool: &str) -> bool {
+    // python3-libnbd (for nbdsh) is installed for the system interpreter.
+    let path = format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default());
     let ok = Command::new(tool)
+        .env("PATH", path)
         .arg("--version")
         .output()
         .map(|o| o.status.success())
@@ -156,6 +159,7 @@ pub fn run(cmd: &mut Command) -> String {
 pub fn run_within(cmd: &mut Command, limit: std::time::Duration) -> std::time::Duration {
     let start = std::time::Instant::now();
     let mut child = cmd
+        .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
     loop {
