@@ -75,3 +75,63 @@ async fn a_stale_socket_is_replaced_but_a_live_one_is_not() {
     let (_listener, _) = bind_unix(&path, 0o600).unwrap();
     assert_eq!(mode(&path), 0o600);
 }
+
+#[tokio::test]
+async fn on_a_unix_socket_a_peer_is_a_user() {
+    use std::sync::{Arc, Mutex};
+    use tokio::io::AsyncReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nbd.sock");
+    let (listener, _) = bind_unix(&path, 0o600).unwrap();
+    let log = Arc::new(Mutex::new(Vec::<String>::new()));
+    let sink = log.clone();
+    let server = tessera_nbd::Server::builder(crate::util::two_exports().0)
+        .max_connections_per_peer(1)
+        .log(Arc::new(move |l: &str| {
+            sink.lock().unwrap().push(l.to_string())
+        }))
+        .build();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(async move {
+        server
+            .serve_unix(listener, async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    // Two clients of the same user: the second takes the first one's place.
+    let mut first = tokio::net::UnixStream::connect(&path).await.unwrap();
+    let mut greeting = [0u8; 18];
+    first.read_exact(&mut greeting).await.unwrap();
+    let mut second = tokio::net::UnixStream::connect(&path).await.unwrap();
+    second.read_exact(&mut greeting).await.unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        first.read_to_end(&mut rest),
+    )
+    .await
+    .expect("the first client is closed");
+    assert_eq!(closed.unwrap(), 0);
+    let uid = std::fs::metadata(dir.path()).map(|m| {
+        use std::os::unix::fs::MetadataExt;
+        m.uid()
+    });
+    // The line is written once the connection's task has ended, just after the close.
+    let mut line = String::new();
+    for _ in 0..1000 {
+        line = log.lock().unwrap().join("\n");
+        if line.contains("evicted") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        line.contains("evicted for a new connection from the same peer"),
+        "{line}"
+    );
+    assert!(line.contains(&format!("uid {}", uid.unwrap())), "{line}");
+    drop(second);
+    let _ = stop.send(());
+    served.await.unwrap().unwrap();
+}
