@@ -899,3 +899,20 @@ async fn too_many_options_end_the_negotiation() {
     assert!(rest.is_empty());
     assert!(c.server.await.unwrap().is_err());
 }
+
+#[tokio::test]
+async fn a_client_that_does_not_finish_the_handshake_is_dropped() {
+    let server = Server::builder(two_exports().0)
+        .handshake_timeout(std::time::Duration::from_millis(300))
+        .build();
+    let mut c = attach(&server, 1 << 20);
+    c.greet(wire::CLIENT_FIXED_NEWSTYLE).await;
+    // Half an option header, then nothing.
+    c.s.write_all(&wire::IHAVEOPT.to_be_bytes()).await.unwrap();
+    let e = tokio::time::timeout(std::time::Duration::from_secs(20), c.server)
+        .await
+        .expect("the server gives up on the client")
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(e, tessera_nbd::Error::Timeout(_)), "{e}");
+}
