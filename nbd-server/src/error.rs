@@ -1,8 +1,10 @@
 //! The crate's error type, and the one place where failures become NBD error codes.
 //!
 //! Policy: [`Error`] is what ends a connection (I/O failure, a client breaking the
-//! protocol) and names what was being done; a failed request never ends a connection,
-//! it becomes an error reply through [`errno`]. `Display` does not repeat the source.
+//! protocol, a limit: timeouts, eviction, reclaimed buffer memory) and names what was
+//! being done; a failed request never ends a connection, it becomes an error reply
+//! through [`errno`]. `Display` does not repeat the source; log lines use [`chain`] so
+//! they say why a socket failed (broken pipe, reset).
 
 use std::io;
 

@@ -2,8 +2,9 @@
 //!
 //! Every option is answered (unknown ones with `NBD_REP_ERR_UNSUP`, malformed ones with
 //! `NBD_REP_ERR_INVALID`); the connection is only dropped when the stream itself is
-//! broken (bad magic, unknown client flags, EOF) or on an unknown `NBD_OPT_EXPORT_NAME`,
-//! which has no way to report an error.
+//! broken (bad magic, unknown client flags, EOF), on an unknown or over-long
+//! `NBD_OPT_EXPORT_NAME`, which has no way to report an error, and after
+//! [`MAX_OPTIONS`] options.
 
 use std::sync::Arc;
 

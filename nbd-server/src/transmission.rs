@@ -4,8 +4,11 @@
 //! tokio's blocking pool, at most `max_in_flight` at a time per connection, and hands its
 //! encoded reply to one writer task, so replies go out as they complete, in any order.
 //! A failed request gets an error reply and the connection carries on; only a broken
-//! stream (bad magic, EOF, socket error) ends it. `NBD_CMD_DISC` and server shutdown stop
-//! reading but let in-flight requests finish and reply first.
+//! stream (bad magic, EOF, socket error) ends it, or a limit: no progress writing
+//! replies or reading a write payload for the reply timeout, or the idle timeout.
+//! `NBD_CMD_DISC` and server shutdown stop reading but let in-flight requests finish
+//! and reply first. READ and WRITE buffers come from the connection's, its peer's and
+//! the server's budget, in that order (see [`acquire`]).
 
 use std::ops::Range;
 use std::sync::Arc;
