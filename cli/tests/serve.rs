@@ -299,7 +299,7 @@ def fails(what, want, f):
         raise AssertionError(what + " succeeded")
     assert h.pread(512, 0) == expected[:512], what
 fails("read past end", errno.EINVAL, lambda: h.pread(1024, size - 512))
-fails("oversized read", errno.EOVERFLOW, lambda: h.pread(48 << 20, 0))
+fails("oversized read", errno.EINVAL, lambda: h.pread(48 << 20, 0))
 fails("write to read-only", errno.EPERM, lambda: h.pwrite(b"x" * 512, 0))
 fails("trim of read-only", errno.EPERM, lambda: h.trim(512, 0))
 fails("unknown flag", errno.EINVAL, lambda: h.pread(512, 0, nbd.CMD_FLAG_REQ_ONE))
@@ -748,4 +748,101 @@ else:
         std::fs::read(&img).unwrap() == data,
         "the image file changed"
     );
+}
+
+#[test]
+fn unix_socket_mode_is_set_and_planted_files_are_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let idx = make(dir.path(), "disk", &image_bytes());
+    let store = dir.path().join("store");
+    // A planted symlink is neither followed nor replaced.
+    let target = dir.path().join("target");
+    std::fs::write(&target, b"keep").unwrap();
+    let link = dir.path().join("link.sock");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let err = util::run_err(&[&"serve", &"--unix", &link, &idx, &"--store", &store]);
+    assert!(
+        err.contains("symlink") && err.contains("link.sock"),
+        "{err}"
+    );
+    assert!(std::fs::symlink_metadata(&link).unwrap().is_symlink());
+    assert_eq!(std::fs::read(&target).unwrap(), b"keep");
+    let err = util::run_err(&[&"serve", &"--unix", &target, &idx, &"--store", &store]);
+    assert!(err.contains("not a socket"), "{err}");
+    let err = util::run_err(&[&"serve", &"--unix-mode", &"999", &idx, &"--store", &store]);
+    assert!(err.contains("octal"), "{err}");
+    // The socket gets --unix-mode.
+    let sock = dir.path().join("nbd.sock");
+    let mut child = tessera()
+        .args(["serve", "--unix-mode", "660", "--unix"])
+        .arg(&sock)
+        .arg(&idx)
+        .arg("--store")
+        .arg(&store)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.contains("nbd+unix:///disk?socket="), "{line}");
+    let mode = std::fs::symlink_metadata(&sock)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o660);
+    signal(&child, "INT");
+    assert!(wait_for(&mut child, Duration::from_secs(15)).success());
+    assert!(!sock.exists(), "socket removed on shutdown");
+}
+
+#[test]
+fn connection_limit_flags_take_effect() {
+    use std::io::Read;
+    if !have("nbdinfo") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let idx = make(dir.path(), "disk", &image_bytes());
+    let store = dir.path().join("store");
+    let err = util::run_err(&[
+        &"serve",
+        &idx,
+        &"--store",
+        &store,
+        &"--handshake-timeout",
+        &"0",
+    ]);
+    assert!(err.contains("more than 0 seconds"), "{err}");
+    let served = Served::start(
+        dir.path(),
+        &[
+            &idx,
+            &"--store",
+            &store,
+            &"--max-connections-per-peer",
+            &"1",
+            &"--handshake-timeout",
+            &"60",
+        ],
+    );
+    // A silent client holds this address's only slot; a new client evicts it.
+    let mut silent = std::net::TcpStream::connect(&served.addr).unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut greeting = [0u8; 18];
+    silent.read_exact(&mut greeting).unwrap();
+    sh(Command::new("nbdinfo").arg(served.uri("disk")));
+    let mut rest = Vec::new();
+    let n = silent.read_to_end(&mut rest).unwrap_or(0);
+    assert_eq!(n, 0, "the evicted client is closed without data");
+    let log = served.log();
+    assert!(
+        log.contains("evicted for a new connection from the same peer"),
+        "{log}"
+    );
+    served.stop();
 }

@@ -1,8 +1,10 @@
 //! The crate's error type, and the one place where failures become NBD error codes.
 //!
 //! Policy: [`Error`] is what ends a connection (I/O failure, a client breaking the
-//! protocol) and names what was being done; a failed request never ends a connection,
-//! it becomes an error reply through [`errno`]. `Display` does not repeat the source.
+//! protocol, a limit: timeouts, eviction, reclaimed buffer memory) and names what was
+//! being done; a failed request never ends a connection, it becomes an error reply
+//! through [`errno`]. `Display` does not repeat the source; log lines use [`chain`] so
+//! they say why a socket failed (broken pipe, reset).
 
 use std::io;
 
@@ -43,8 +45,11 @@ pub enum ErrorKind {
     Io,
     /// The client broke the protocol (bad magic, unknown flags, truncated message).
     Protocol,
-    /// The client took too long to negotiate, or to read its replies.
+    /// The client took too long to negotiate, or to read its replies, or stayed idle.
     Timeout,
+    /// The server dropped the connection to keep serving others: evicted to make room
+    /// for a new client, or its unread replies held buffer memory others waited for.
+    Limit,
 }
 
 /// Why a connection or listener stopped.
@@ -66,9 +71,15 @@ pub enum Error {
     /// The handshake did not finish in time.
     #[error("handshake not finished within {0} seconds")]
     Timeout(u64),
-    /// The client took no reply bytes for this long.
-    #[error("client read no reply for {0:?}")]
+    /// The client took no reply bytes (or sent no payload bytes) for this long.
+    #[error("client made no progress reading replies or sending a payload for {0:?}")]
     Stalled(std::time::Duration),
+    /// The client sent nothing and had nothing in flight for this long.
+    #[error("idle for {0:?} after the handshake")]
+    Idle(std::time::Duration),
+    /// The server dropped the connection for the reason given, to serve other clients.
+    #[error("dropped: {0}")]
+    Dropped(String),
 }
 
 impl Error {
@@ -77,12 +88,40 @@ impl Error {
         match self {
             Error::Io { .. } => ErrorKind::Io,
             Error::Protocol(_) => ErrorKind::Protocol,
-            Error::Timeout(_) | Error::Stalled(_) => ErrorKind::Timeout,
+            Error::Timeout(_) | Error::Stalled(_) | Error::Idle(_) => ErrorKind::Timeout,
+            Error::Dropped(_) => ErrorKind::Limit,
         }
     }
 
     pub(crate) fn io(what: &'static str) -> impl FnOnce(io::Error) -> Error {
         move |source| Error::Io { what, source }
+    }
+}
+
+/// `e` and its sources, `: `-separated, for log lines (`Display` of this crate's errors
+/// leaves the source out, so a log would not say "broken pipe" or "reset" otherwise).
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+/// A client-supplied string for a log line or message: quoted, and cut to 64 bytes
+/// (with its full length) so that a client cannot make the server echo 4 KiB names.
+pub fn excerpt(s: &str) -> String {
+    const MAX: usize = 64;
+    if s.len() <= MAX {
+        format!("{s:?}")
+    } else {
+        format!("{:?}... ({} bytes)", crate::wire::truncate(s, MAX), s.len())
     }
 }
 

@@ -2,14 +2,15 @@
 //!
 //! Every option is answered (unknown ones with `NBD_REP_ERR_UNSUP`, malformed ones with
 //! `NBD_REP_ERR_INVALID`); the connection is only dropped when the stream itself is
-//! broken (bad magic, unknown client flags, EOF) or on an unknown `NBD_OPT_EXPORT_NAME`,
-//! which has no way to report an error.
+//! broken (bad magic, unknown client flags, EOF), on an unknown or over-long
+//! `NBD_OPT_EXPORT_NAME`, which has no way to report an error, and after
+//! [`MAX_OPTIONS`] options.
 
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::error::{Error, Result};
+use crate::error::{excerpt, Error, Result};
 use crate::export::{Export, Exports, Limits};
 use crate::wire::{self, info, opt, rep, Decoded, Invalid, Reader};
 
@@ -17,8 +18,13 @@ use crate::wire::{self, info, opt, rep, Decoded, Invalid, Reader};
 pub const BASE_ALLOCATION: &str = "base:allocation";
 /// The id given to `base:allocation` by `NBD_OPT_SET_META_CONTEXT`.
 pub const BASE_ALLOCATION_ID: u32 = 1;
-/// Option data beyond this size is skipped and answered with `NBD_REP_ERR_TOO_BIG`.
+/// Option data beyond this size is skipped and answered with `NBD_REP_ERR_TOO_BIG`
+/// (except for `NBD_OPT_EXPORT_NAME`, which has no reply: the connection is closed).
 const MAX_OPTION_DATA: u32 = 64 * 1024;
+/// Options one client may send before the server gives up on it (`NBD_REP_ERR_POLICY`,
+/// then close): real clients send a handful; the spec lets a server end a negotiation
+/// it considers a denial of service.
+pub const MAX_OPTIONS: usize = 128;
 
 /// The outcome of a successful negotiation.
 #[derive(Debug, Clone)]
@@ -73,6 +79,7 @@ where
     }
     let no_zeroes = client_flags & wire::CLIENT_NO_ZEROES != 0;
     let mut session = Session::default();
+    let mut count = 0usize;
     loop {
         let mut header = [0u8; wire::OPTION_HEADER_LEN];
         match stream.read_exact(&mut header).await {
@@ -90,6 +97,23 @@ where
             Err(Invalid(msg)) => return Err(Error::Protocol(msg)),
         };
         let mut out = Vec::new();
+        count += 1;
+        if count > MAX_OPTIONS {
+            let msg = format!("more than {MAX_OPTIONS} options in one negotiation");
+            wire::encode_option_reply(&mut out, header.option, rep::ERR_POLICY, msg.as_bytes());
+            // The client may not be reading: the close must not wait for it.
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_secs(1), send(stream, &out)).await;
+            return Err(Error::Protocol(msg));
+        }
+        if header.option == opt::EXPORT_NAME && header.len as usize > wire::MAX_STRING {
+            // No reply exists for this option, so the only answer is to hang up.
+            return Err(Error::Protocol(format!(
+                "NBD_OPT_EXPORT_NAME with a name of {} bytes (at most {})",
+                header.len,
+                wire::MAX_STRING
+            )));
+        }
         if header.len > MAX_OPTION_DATA {
             skip(stream, u64::from(header.len)).await?;
             let msg = format!(
@@ -127,7 +151,8 @@ where
             Step::ExportName(name) => {
                 let Some(export) = exports.find(&name).cloned() else {
                     return Err(Error::Protocol(format!(
-                        "NBD_OPT_EXPORT_NAME for unknown export {name:?}"
+                        "NBD_OPT_EXPORT_NAME for unknown export {}",
+                        excerpt(&name)
                     )));
                 };
                 out.extend_from_slice(&export.backend().size().to_be_bytes());
@@ -246,7 +271,11 @@ fn handle_option(
             }
             Ok((name, requests)) => match exports.find(&name) {
                 None => {
-                    error(out, rep::ERR_UNKNOWN, &format!("no export named {name:?}"));
+                    error(
+                        out,
+                        rep::ERR_UNKNOWN,
+                        &format!("no export named {}", excerpt(&name)),
+                    );
                     Step::Continue
                 }
                 Some(export) => {
@@ -269,7 +298,11 @@ fn handle_option(
             match parse_meta(data) {
                 Err(Invalid(msg)) => error(out, rep::ERR_INVALID, &msg),
                 Ok((name, queries)) => match exports.find(&name) {
-                    None => error(out, rep::ERR_UNKNOWN, &format!("no export named {name:?}")),
+                    None => error(
+                        out,
+                        rep::ERR_UNKNOWN,
+                        &format!("no export named {}", excerpt(&name)),
+                    ),
                     Some(export) => {
                         let selected = if set {
                             queries.iter().any(|q| q == BASE_ALLOCATION)

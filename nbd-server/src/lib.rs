@@ -5,7 +5,9 @@
 //! - handshake: fixed newstyle negotiation (GO, INFO, EXPORT_NAME, LIST, ABORT,
 //!   STRUCTURED_REPLY, LIST/SET_META_CONTEXT with `base:allocation`);
 //! - transmission: pipelined requests, replies out of order from one writer task;
-//! - [`Server`]: accept loop with a connection cap and graceful shutdown.
+//! - [`Server`]: accept loop with connection limits (global, per peer, eviction of idle
+//!   connections), timeouts, a fair share of the buffer budget, graceful shutdown;
+//! - [`bind_unix`]: a Unix socket with a defined mode that never replaces a planted file.
 //!
 //! Everything is generic over `AsyncRead + AsyncWrite`, so a connection can be served
 //! over `tokio::io::duplex` as well as TCP or Unix sockets. The crate knows nothing of
@@ -31,8 +33,10 @@ mod backend;
 pub mod error;
 mod export;
 mod handshake;
+mod registry;
 mod server;
 mod transmission;
+mod unix;
 pub mod wire;
 
 pub use backend::{
@@ -42,3 +46,4 @@ pub use backend::{
 pub use error::{Error, Result};
 pub use export::{Export, Exports, Limits};
 pub use server::{LogFn, Server, ServerBuilder};
+pub use unix::{bind_unix, remove_unix_socket};

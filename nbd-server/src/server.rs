@@ -1,4 +1,5 @@
-//! The accept loop: connection cap, handshake timeout, graceful shutdown.
+//! The accept loop: connection limits (global and per peer, with eviction of idle
+//! connections), handshake timeout, graceful shutdown.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -9,9 +10,10 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::error::{Error, Result};
+use crate::error::{chain, Error, Result};
 use crate::export::{Exports, Limits};
 use crate::handshake::negotiate;
+use crate::registry::{Caps, Registration, Registry};
 use crate::transmission::{transmit, Settings, BUDGET_UNIT};
 
 /// Where the server reports what it cannot tell a client directly: failed requests
@@ -24,11 +26,16 @@ pub struct ServerBuilder {
     exports: Exports,
     limits: Limits,
     max_connections: usize,
+    max_connections_per_peer: usize,
     max_in_flight: usize,
     handshake_timeout: Duration,
+    idle_timeout: Option<Duration>,
     shutdown_grace: Duration,
     reply_timeout: Duration,
     buffer_budget: u64,
+    connection_budget: Option<u64>,
+    peer_budget: Option<u64>,
+    budget_wait: Duration,
     log: LogFn,
 }
 
@@ -39,9 +46,21 @@ impl ServerBuilder {
         self
     }
 
-    /// Connections served at once; more wait in the listen backlog. Default 64.
+    /// Connections served at once. A client arriving when the server is full takes the
+    /// place of the connection idle the longest (still negotiating, or in transmission
+    /// with no request in flight), which is closed; if every connection is busy, the
+    /// new client is refused (closed at once). Default 256.
     pub fn max_connections(mut self, n: usize) -> Self {
         self.max_connections = n.max(1);
+        self
+    }
+
+    /// Connections served at once for one peer: an IP address, or on a Unix socket a
+    /// user id (all clients of a socket with mode 0600 are one peer). Beyond it, a new
+    /// connection of that peer evicts the peer's longest-idle connection, or is refused
+    /// if all of them are busy. Default 64.
+    pub fn max_connections_per_peer(mut self, n: usize) -> Self {
+        self.max_connections_per_peer = n.max(1);
         self
     }
 
@@ -51,9 +70,18 @@ impl ServerBuilder {
         self
     }
 
-    /// Time a client gets to finish option negotiation. Default 30 s.
+    /// Time a client gets to finish option negotiation. Default 10 s.
     pub fn handshake_timeout(mut self, t: Duration) -> Self {
         self.handshake_timeout = t;
+        self
+    }
+
+    /// Closes a connection in transmission that sent nothing and had no request in
+    /// flight for this long. Default: never (kernel `nbd-client` and qemu keep idle
+    /// connections for as long as a device is attached; idle connections are evicted
+    /// anyway when the server or their peer is full).
+    pub fn idle_timeout(mut self, t: Option<Duration>) -> Self {
+        self.idle_timeout = t;
         self
     }
 
@@ -64,8 +92,9 @@ impl ServerBuilder {
         self
     }
 
-    /// How long a client may take no reply bytes before it is dropped (its unsent
-    /// replies hold buffer budget). Default 60 s.
+    /// How long a client may take no reply bytes while replies wait (or send no bytes
+    /// of a write payload it announced) before it is dropped. Progress of any size
+    /// restarts the clock. Default 60 s.
     pub fn reply_timeout(mut self, t: Duration) -> Self {
         self.reply_timeout = t;
         self
@@ -78,6 +107,32 @@ impl ServerBuilder {
         self
     }
 
+    /// The most of the buffer budget one connection may hold; its further requests
+    /// wait for its own replies to be read. Clamped between one maximum payload and the
+    /// whole budget. Default: a quarter of the budget (128 MiB).
+    pub fn connection_budget(mut self, bytes: u64) -> Self {
+        self.connection_budget = Some(bytes);
+        self
+    }
+
+    /// The most of the buffer budget the connections of one peer (see
+    /// [`ServerBuilder::max_connections_per_peer`]) may hold together, so that one peer
+    /// cannot take all of it from the others. Clamped between the connection budget and
+    /// the whole budget. Default: half the budget (256 MiB).
+    pub fn peer_budget(mut self, bytes: u64) -> Self {
+        self.peer_budget = Some(bytes);
+        self
+    }
+
+    /// Bounded wait for buffer memory: a request that waited this long makes the server
+    /// drop the connection holding the most memory among those that made no progress
+    /// (reading replies, sending a payload) for at least as long, and again after each
+    /// further such wait. Default 1 s.
+    pub fn budget_wait(mut self, t: Duration) -> Self {
+        self.budget_wait = t;
+        self
+    }
+
     /// Where log lines go. Default: standard error, prefixed with `nbd: `.
     pub fn log(mut self, log: LogFn) -> Self {
         self.log = log;
@@ -86,13 +141,21 @@ impl ServerBuilder {
 
     /// The server.
     pub fn build(self) -> Server {
-        let bytes = self.buffer_budget.max(u64::from(self.limits.max_payload));
-        let units = bytes.div_ceil(u64::from(BUDGET_UNIT));
-        let units = usize::try_from(units)
-            .unwrap_or(usize::MAX)
-            .min(Semaphore::MAX_PERMITS);
+        let to_units = |bytes: u64| {
+            usize::try_from(bytes.div_ceil(u64::from(BUDGET_UNIT)))
+                .unwrap_or(usize::MAX)
+                .min(Semaphore::MAX_PERMITS)
+        };
+        let max_payload = u64::from(self.limits.max_payload);
+        let units = to_units(self.buffer_budget.max(max_payload));
+        let per_conn = self.connection_budget.unwrap_or(self.buffer_budget / 4);
+        let connection_units = to_units(per_conn.max(max_payload)).min(units);
+        let per_peer = self.peer_budget.unwrap_or(self.buffer_budget / 2);
+        let peer_units = to_units(per_peer).clamp(connection_units, units);
         Server {
             buffers: Arc::new(Semaphore::new(units)),
+            connection_units,
+            registry: Registry::new(peer_units),
             inner: Arc::new(self),
         }
     }
@@ -103,6 +166,9 @@ impl ServerBuilder {
 pub struct Server {
     inner: Arc<ServerBuilder>,
     buffers: Arc<Semaphore>,
+    /// Budget units one connection may hold.
+    connection_units: usize,
+    registry: Arc<Registry>,
 }
 
 impl std::fmt::Debug for Server {
@@ -120,18 +186,25 @@ impl Server {
         ServerBuilder {
             exports,
             limits: Limits::default(),
-            max_connections: 64,
+            max_connections: 256,
+            max_connections_per_peer: 64,
             max_in_flight: 16,
-            handshake_timeout: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: None,
             shutdown_grace: Duration::from_secs(10),
             reply_timeout: Duration::from_secs(60),
             buffer_budget: 512 << 20,
+            connection_budget: None,
+            peer_budget: None,
+            budget_wait: Duration::from_secs(1),
             log: Arc::new(|line| eprintln!("nbd: {line}")),
         }
     }
 
     /// Serves one client on `stream` (a socket, or `tokio::io::duplex` in tests) until it
-    /// disconnects.
+    /// disconnects. The connection shares the buffer budget (as a peer of its own) and
+    /// can be dropped to reclaim memory, but the connection limits do not apply to it
+    /// (they are those of the listeners, [`Server::serve_tcp`] and [`Server::serve_unix`]).
     ///
     /// # Errors
     /// Why the connection ended, unless the client left cleanly (`NBD_OPT_ABORT`,
@@ -141,30 +214,52 @@ impl Server {
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let (_keep, rx) = watch::channel(false);
-        self.connection(stream, rx).await
+        let reg = self.registry.register();
+        self.connection(stream, rx, reg).await
     }
 
-    async fn connection<S>(&self, mut stream: S, shutdown: watch::Receiver<bool>) -> Result<()>
+    async fn connection<S>(
+        &self,
+        mut stream: S,
+        shutdown: watch::Receiver<bool>,
+        reg: Registration,
+    ) -> Result<()>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let cfg = &self.inner;
-        let secs = cfg.handshake_timeout.as_secs();
-        let neg = tokio::time::timeout(
-            cfg.handshake_timeout,
-            negotiate(&mut stream, &cfg.exports, &cfg.limits),
-        )
-        .await
-        .map_err(|_| Error::Timeout(secs))??;
-        let Some(neg) = neg else { return Ok(()) };
-        let settings = Settings {
-            limits: cfg.limits,
-            max_in_flight: cfg.max_in_flight,
-            log: cfg.log.clone(),
-            buffers: self.buffers.clone(),
-            reply_timeout: cfg.reply_timeout,
+        let stats = reg.stats.clone();
+        let work = async {
+            let secs = cfg.handshake_timeout.as_secs();
+            let neg = tokio::time::timeout(
+                cfg.handshake_timeout,
+                negotiate(&mut stream, &cfg.exports, &cfg.limits),
+            )
+            .await
+            .map_err(|_| Error::Timeout(secs))??;
+            let Some(neg) = neg else { return Ok(()) };
+            stats.enter_transmission();
+            let settings = Settings {
+                limits: cfg.limits,
+                max_in_flight: cfg.max_in_flight,
+                log: cfg.log.clone(),
+                buffers: self.buffers.clone(),
+                own_buffers: Arc::new(Semaphore::new(self.connection_units)),
+                peer_buffers: reg.peer_buffers.clone(),
+                reply_timeout: cfg.reply_timeout,
+                idle_timeout: cfg.idle_timeout,
+                budget_wait: cfg.budget_wait,
+                registry: self.registry.clone(),
+                id: reg.id,
+                stats: stats.clone(),
+            };
+            transmit(stream, neg, settings, shutdown).await
         };
-        transmit(stream, neg, settings, shutdown).await
+        // Dropping `work` closes the socket and stops this connection's writer.
+        tokio::select! {
+            r = work => r,
+            why = reg.stats.killed() => Err(Error::Dropped(why)),
+        }
     }
 
     /// Accepts TCP clients until `shutdown` completes, then lets connections finish
@@ -182,7 +277,7 @@ impl Server {
                 let (s, peer) = listener.accept().await?;
                 // Small replies must not wait for Nagle.
                 s.set_nodelay(true)?;
-                Ok((s, peer.to_string()))
+                Ok((s, peer.to_string(), peer.ip().to_string()))
             },
             shutdown,
         )
@@ -201,7 +296,16 @@ impl Server {
         self.accept_loop(
             || async {
                 let (s, _) = listener.accept().await?;
-                Ok((s, "unix socket client".to_string()))
+                // One peer per user: with mode 0600 every client is the same user.
+                let key = match s.peer_cred() {
+                    Ok(c) => format!("uid {}", c.uid()),
+                    Err(_) => "unix socket".to_string(),
+                };
+                let name = match s.peer_cred().ok().and_then(|c| c.pid()) {
+                    Some(pid) => format!("unix socket client pid {pid} ({key})"),
+                    None => format!("unix socket client ({key})"),
+                };
+                Ok((s, name, key))
             },
             shutdown,
         )
@@ -215,25 +319,27 @@ impl Server {
     ) -> std::io::Result<()>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-        F: Future<Output = std::io::Result<(S, String)>>,
+        F: Future<Output = std::io::Result<(S, String, String)>>,
         A: FnMut() -> F,
     {
-        let cap = Arc::new(Semaphore::new(self.inner.max_connections));
+        let caps = Caps {
+            max: self.inner.max_connections,
+            per_peer: self.inner.max_connections_per_peer,
+        };
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
         let mut shutdown = std::pin::pin!(shutdown);
+        let mut refusals = Refusals::default();
         loop {
-            let permit = tokio::select! {
-                p = cap.clone().acquire_owned() => p.expect("the semaphore is never closed"),
-                _ = &mut shutdown => break,
-            };
             // Reap finished connections so the set does not grow without bound.
             while tasks.try_join_next().is_some() {}
+            // Accepting never waits for a free slot: a full server makes room by
+            // evicting idle connections, so idle clients cannot lock others out.
             let accepted = tokio::select! {
                 a = accept() => a,
                 _ = &mut shutdown => break,
             };
-            let (stream, peer) = match accepted {
+            let (stream, peer, key) = match accepted {
                 Ok(x) => x,
                 Err(e) if is_transient(&e) => {
                     (self.inner.log)(&format!("accept failed: {e}"));
@@ -242,13 +348,20 @@ impl Server {
                 }
                 Err(e) => return Err(e),
             };
+            let reg = match self.registry.admit(&key, caps) {
+                Ok(reg) => reg,
+                Err(why) => {
+                    refusals.note(&self.inner.log, &peer, &why);
+                    drop(stream);
+                    continue;
+                }
+            };
             let server = self.clone();
             let stop = stop_rx.clone();
             tasks.spawn(async move {
-                if let Err(e) = server.connection(stream, stop).await {
-                    (server.inner.log)(&format!("{peer}: {e}"));
+                if let Err(e) = server.connection(stream, stop, reg).await {
+                    (server.inner.log)(&format!("{peer}: {}", chain(&e)));
                 }
-                drop(permit);
             });
         }
         let _ = stop_tx.send(true);
@@ -265,6 +378,33 @@ impl Server {
             tasks.shutdown().await;
         }
         Ok(())
+    }
+}
+
+/// Logs refused clients, at most one line a second (a flood of connections must not
+/// become a flood of log lines).
+#[derive(Default)]
+struct Refusals {
+    last: Option<std::time::Instant>,
+    suppressed: u64,
+}
+
+impl Refusals {
+    fn note(&mut self, log: &LogFn, peer: &str, why: &str) {
+        let now = std::time::Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
+        {
+            self.suppressed += 1;
+            return;
+        }
+        let more = match std::mem::take(&mut self.suppressed) {
+            0 => String::new(),
+            n => format!(" ({n} more refused in the last second)"),
+        };
+        log(&format!("{peer}: refused: {why}{more}"));
+        self.last = Some(now);
     }
 }
 

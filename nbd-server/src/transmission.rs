@@ -4,8 +4,11 @@
 //! tokio's blocking pool, at most `max_in_flight` at a time per connection, and hands its
 //! encoded reply to one writer task, so replies go out as they complete, in any order.
 //! A failed request gets an error reply and the connection carries on; only a broken
-//! stream (bad magic, EOF, socket error) ends it. `NBD_CMD_DISC` and server shutdown stop
-//! reading but let in-flight requests finish and reply first.
+//! stream (bad magic, EOF, socket error) ends it, or a limit: no progress writing
+//! replies or reading a write payload for the reply timeout, or the idle timeout.
+//! `NBD_CMD_DISC` and server shutdown stop reading but let in-flight requests finish
+//! and reply first. READ and WRITE buffers come from the connection's, its peer's and
+//! the server's budget, in that order (see [`acquire`]).
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -18,6 +21,7 @@ use crate::backend::{Backend, BackendError, BlockState, Extent};
 use crate::error::{code, errno, Error, Result};
 use crate::export::Limits;
 use crate::handshake::{Negotiated, BASE_ALLOCATION_ID};
+use crate::registry::{Busy, ConnStats, Registry};
 use crate::server::LogFn;
 use crate::wire::{self, cmd, cmd_flag, reply, state, Decoded, Request};
 
@@ -29,14 +33,33 @@ const MAX_DESCRIPTORS: usize = 1024;
 struct Outgoing {
     pieces: Vec<Piece>,
     data: Vec<u8>,
-    /// Share of the server's buffer budget, returned once the reply is written.
-    budget: Option<OwnedSemaphorePermit>,
+    /// Share of the buffer budget, returned once the reply is written.
+    budget: Option<Budget>,
+    /// Counts the request as in flight until the reply is written.
+    busy: Option<Busy>,
 }
 
 #[derive(Debug)]
 enum Piece {
     Bytes(Vec<u8>),
     Data(Range<usize>),
+}
+
+/// Buffer budget held by one request: from the connection's own share and from the
+/// server-wide budget.
+#[derive(Debug)]
+struct Budget {
+    _own: OwnedSemaphorePermit,
+    _peer: OwnedSemaphorePermit,
+    _global: OwnedSemaphorePermit,
+    units: u64,
+    stats: Arc<ConnStats>,
+}
+
+impl Drop for Budget {
+    fn drop(&mut self) {
+        self.stats.sub_held(self.units);
+    }
 }
 
 /// Per-connection settings.
@@ -47,12 +70,34 @@ pub(crate) struct Settings {
     pub log: LogFn,
     /// Server-wide budget of payload buffer memory, in [`BUDGET_UNIT`]s.
     pub buffers: Arc<Semaphore>,
-    /// How long a client may leave replies unread.
+    /// This connection's share of it: the most it may hold at once.
+    pub own_buffers: Arc<Semaphore>,
+    /// Its peer's share, shared with the peer's other connections.
+    pub peer_buffers: Arc<Semaphore>,
+    /// How long a client may leave replies unread (or a payload unsent) with no progress.
     pub reply_timeout: Duration,
+    /// Closes the connection after this long without requests, if set.
+    pub idle_timeout: Option<Duration>,
+    /// After waiting this long for budget, reclaim it from a stalled connection.
+    pub budget_wait: Duration,
+    pub registry: Arc<Registry>,
+    /// This connection's id in the registry.
+    pub id: u64,
+    pub stats: Arc<ConnStats>,
 }
 
 /// Bytes per permit of the buffer budget.
 pub(crate) const BUDGET_UNIT: u32 = 64 * 1024;
+
+/// Aborts a task when dropped: the connection's writer must not outlive it (it would
+/// keep writing to a client that was dropped, holding its replies' memory).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 /// Serves requests until the client disconnects, breaks the protocol, or `shutdown`
 /// turns true.
@@ -67,7 +112,13 @@ where
 {
     let (mut rd, wr) = tokio::io::split(stream);
     let (tx, rx) = mpsc::channel::<Outgoing>(settings.max_in_flight.max(1) * 2);
-    let writer = tokio::spawn(write_replies(wr, rx, settings.reply_timeout));
+    let stats = settings.stats.clone();
+    let mut writer = AbortOnDrop(tokio::spawn(write_replies(
+        wr,
+        rx,
+        settings.reply_timeout,
+        stats.clone(),
+    )));
     let slots = Arc::new(Semaphore::new(settings.max_in_flight.max(1)));
     let ctx = Arc::new(Context {
         backend: neg.export.backend().clone(),
@@ -87,16 +138,14 @@ where
         };
         let mut header = [0u8; wire::REQUEST_LEN];
         let read = tokio::select! {
-            r = rd.read_exact(&mut header) => r,
+            r = read_header(&mut rd, &mut header, settings.idle_timeout, &stats) => r,
             _ = shutdown.wait_for(|s| *s) => break,
             _ = tx.closed() => break,
         };
         match read {
-            Ok(_) => {}
-            // Many clients (nbdfuse, qemu on exit) just close between requests.
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Ok(()) => {}
             Err(e) => {
-                ended = Err(Error::io("reading a request")(e));
+                ended = e;
                 break;
             }
         }
@@ -114,15 +163,16 @@ where
         if req.kind == cmd::DISC {
             break;
         }
-        // READ and WRITE buffers come out of the server-wide budget, so that many
-        // clients sending large requests cannot exhaust memory; they wait instead.
+        let busy = Busy::new(&stats);
+        // READ and WRITE buffers come out of the connection's share of the server-wide
+        // budget, so that neither many clients nor one greedy client can exhaust memory
+        // or lock the others out; they wait instead, and a wait for the server-wide
+        // budget is bounded by dropping a stalled holder.
         let mut budget = None;
         if matches!(req.kind, cmd::READ | cmd::WRITE) && req.len <= ctx.limits.max_payload {
             let units = req.len.div_ceil(BUDGET_UNIT).max(1);
             budget = tokio::select! {
-                p = settings.buffers.clone().acquire_many_owned(units) => {
-                    Some(p.expect("the semaphore is never closed"))
-                }
+                b = acquire(&settings, units) => Some(b),
                 _ = shutdown.wait_for(|s| *s) => break,
                 _ = tx.closed() => break,
             };
@@ -130,23 +180,13 @@ where
         // A write's payload is always consumed, even when the write is refused.
         let mut payload = Vec::new();
         if req.kind == cmd::WRITE {
-            let len = u64::from(req.len);
-            let res = if req.len <= ctx.limits.max_payload {
-                payload = vec![0u8; req.len as usize];
-                rd.read_exact(&mut payload).await.map(|_| len)
-            } else {
-                tokio::io::copy(&mut (&mut rd).take(len), &mut tokio::io::sink()).await
-            };
+            let keep = req.len <= ctx.limits.max_payload;
+            let res = read_payload(&mut rd, req.len, keep, settings.reply_timeout, &stats).await;
+            stats.payload_done();
             match res {
-                Ok(n) if n == len => {}
-                Ok(_) => {
-                    ended = Err(Error::Protocol(
-                        "client closed inside a write payload".into(),
-                    ));
-                    break;
-                }
+                Ok(p) => payload = p,
                 Err(e) => {
-                    ended = Err(Error::io("reading a write payload")(e));
+                    ended = Err(e);
                     break;
                 }
             }
@@ -167,6 +207,7 @@ where
                 }
             };
             out.budget = budget;
+            out.busy = Some(busy);
             // The writer is gone only when the client is; nothing left to tell it.
             let _ = tx.send(out).await;
             drop(permit);
@@ -174,14 +215,165 @@ where
     }
     drop(tx);
     // The writer ends once every in-flight request has replied.
-    match writer.await {
+    match (&mut writer.0).await {
         Ok(Ok(())) => ended,
         Ok(Err(e)) => Err(e),
         Err(e) => Err(Error::Protocol(format!("reply writer failed: {e}"))),
     }
 }
 
-/// Runs one write of a reply, failing if the client takes nothing for `stall`.
+/// Reads a request header; with an idle timeout, gives up once the connection has had
+/// nothing in flight and received nothing for that long. `Err(Ok(()))` is a clean end
+/// (EOF between requests).
+async fn read_header<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    header: &mut [u8; wire::REQUEST_LEN],
+    idle: Option<Duration>,
+    stats: &ConnStats,
+) -> Result<(), Result<()>> {
+    let read = rd.read_exact(header);
+    let mut read = std::pin::pin!(read);
+    let res = match idle {
+        None => read.await,
+        Some(idle) => loop {
+            let left = idle.saturating_sub(stats.idle_for());
+            tokio::select! {
+                r = &mut read => break r,
+                _ = tokio::time::sleep(if left.is_zero() { idle / 4 } else { left }
+                    .max(Duration::from_millis(10))) => {
+                    if stats.is_quiet() && stats.idle_for() >= idle {
+                        return Err(Err(Error::Idle(idle)));
+                    }
+                }
+            }
+        },
+    };
+    match res {
+        Ok(_) => {
+            stats.touch();
+            Ok(())
+        }
+        // Many clients (nbdfuse, qemu on exit) just close between requests.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(Ok(())),
+        Err(e) => Err(Err(Error::io("reading a request")(e))),
+    }
+}
+
+/// Takes `units` of budget: first from the connection's own share (waiting only for its
+/// own replies to be read), then from its peer's share and from the server's; each
+/// `budget_wait` spent waiting for one of the latter drops the connection (of the same
+/// peer, or any) that holds the most while stalled for as long.
+async fn acquire(settings: &Settings, units: u32) -> Budget {
+    let own = settings
+        .own_buffers
+        .clone()
+        .acquire_many_owned(units)
+        .await
+        .expect("the semaphore is never closed");
+    let peer = reclaiming(settings, true, &settings.peer_buffers, units).await;
+    let global = reclaiming(settings, false, &settings.buffers, units).await;
+    settings.stats.add_held(u64::from(units));
+    Budget {
+        _own: own,
+        _peer: peer,
+        _global: global,
+        units: u64::from(units),
+        stats: settings.stats.clone(),
+    }
+}
+
+/// Waits for `units` of `sem`, reclaiming from a stalled connection after each
+/// `budget_wait` (keeping its place in the semaphore's queue meanwhile).
+async fn reclaiming(
+    settings: &Settings,
+    same_peer: bool,
+    sem: &Arc<Semaphore>,
+    units: u32,
+) -> OwnedSemaphorePermit {
+    let permit = sem.clone().acquire_many_owned(units);
+    let mut permit = std::pin::pin!(permit);
+    let wait = settings.budget_wait.max(Duration::from_millis(10));
+    loop {
+        tokio::select! {
+            p = &mut permit => return p.expect("the semaphore is never closed"),
+            _ = tokio::time::sleep(wait) => {
+                let unit = u64::from(BUDGET_UNIT);
+                let registry = &settings.registry;
+                if let Some(done) = registry.reclaim(settings.id, same_peer, wait, unit) {
+                    (settings.log)(&format!("reclaiming buffer memory: dropping {done}"));
+                }
+            }
+        }
+    }
+}
+
+/// Reads a write payload of `len` bytes (kept if `keep`, else discarded), failing if the
+/// client sends nothing for `stall`.
+async fn read_payload<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    len: u32,
+    keep: bool,
+    stall: Duration,
+    stats: &ConnStats,
+) -> Result<Vec<u8>> {
+    let mut payload = vec![0u8; if keep { len as usize } else { 0 }];
+    let mut scratch = if keep {
+        Vec::new()
+    } else {
+        vec![0u8; 64 * 1024]
+    };
+    let mut left = len as usize;
+    stats.payload_progress();
+    while left > 0 {
+        let buf = if keep {
+            let at = len as usize - left;
+            &mut payload[at..]
+        } else {
+            let n = left.min(scratch.len());
+            &mut scratch[..n]
+        };
+        let n = match tokio::time::timeout(stall, rd.read(buf)).await {
+            Err(_) => return Err(Error::Stalled(stall)),
+            Ok(Err(e)) => return Err(Error::io("reading a write payload")(e)),
+            Ok(Ok(0)) => {
+                return Err(Error::Protocol(
+                    "client closed inside a write payload".into(),
+                ))
+            }
+            Ok(Ok(n)) => n,
+        };
+        left -= n;
+        stats.payload_progress();
+    }
+    Ok(payload)
+}
+
+/// Writes all of `bytes`, failing if the client takes no bytes for `stall`.
+async fn write_progress<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    mut bytes: &[u8],
+    stall: Duration,
+    stats: &ConnStats,
+) -> Result<()> {
+    while !bytes.is_empty() {
+        match tokio::time::timeout(stall, wr.write(bytes)).await {
+            Err(_) => return Err(Error::Stalled(stall)),
+            Ok(Err(e)) => return Err(Error::io("sending a reply")(e)),
+            Ok(Ok(0)) => {
+                return Err(Error::io("sending a reply")(std::io::Error::from(
+                    std::io::ErrorKind::WriteZero,
+                )))
+            }
+            Ok(Ok(n)) => {
+                bytes = &bytes[n..];
+                stats.writer_progress();
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs a flush or shutdown, failing if it takes longer than `stall`.
 async fn timed<F: std::future::Future<Output = std::io::Result<()>>>(
     stall: Duration,
     what: &'static str,
@@ -193,16 +385,18 @@ async fn timed<F: std::future::Future<Output = std::io::Result<()>>>(
     }
 }
 
-/// Writes replies as they come; a client that reads nothing for `stall` is dropped, as
-/// its unsent replies hold buffer budget that other clients need.
+/// Writes replies as they come; a client that takes no reply bytes for `stall` is
+/// dropped, as its unsent replies hold buffer budget that other clients need.
 async fn write_replies<W: AsyncWrite>(
     wr: W,
     mut rx: mpsc::Receiver<Outgoing>,
     stall: Duration,
+    stats: Arc<ConnStats>,
 ) -> Result<()> {
-    let wr = BufWriter::with_capacity(256 * 1024, wr);
+    let wr = BufWriter::with_capacity(64 * 1024, wr);
     let mut wr = std::pin::pin!(wr);
     while let Some(first) = rx.recv().await {
+        stats.writer_progress();
         let mut next = Some(first);
         while let Some(out) = next {
             for piece in &out.pieces {
@@ -210,11 +404,12 @@ async fn write_replies<W: AsyncWrite>(
                     Piece::Bytes(b) => &b[..],
                     Piece::Data(r) => &out.data[r.clone()],
                 };
-                timed(stall, "sending a reply", wr.write_all(bytes)).await?;
+                write_progress(&mut wr, bytes, stall, &stats).await?;
             }
             next = rx.try_recv().ok();
         }
         timed(stall, "sending a reply", wr.flush()).await?;
+        stats.writer_done();
     }
     timed(stall, "closing the connection", wr.shutdown()).await
 }
@@ -283,8 +478,10 @@ impl Context {
             return Err((code::EINVAL, format!("{name} of length 0")));
         }
         if req.kind == cmd::READ && req.len > self.limits.max_payload {
+            // The spec keeps EOVERFLOW for DF reads (structured replies only).
+            let df = self.structured && req.flags & cmd_flag::DF != 0;
             return Err((
-                code::EOVERFLOW,
+                if df { code::EOVERFLOW } else { code::EINVAL },
                 format!(
                     "READ of {} bytes exceeds the maximum {}",
                     req.len, self.limits.max_payload
@@ -303,7 +500,13 @@ impl Context {
         let size = self.backend.size();
         let end = req.offset.checked_add(u64::from(req.len));
         if !matches!(end, Some(e) if e <= size) {
-            let err = if writes { code::ENOSPC } else { code::EINVAL };
+            // ENOSPC for writes of data (WRITE, WRITE_ZEROES); EINVAL for READ, TRIM,
+            // CACHE and BLOCK_STATUS, as the spec says.
+            let err = if matches!(req.kind, cmd::WRITE | cmd::WRITE_ZEROES) {
+                code::ENOSPC
+            } else {
+                code::EINVAL
+            };
             return Err((
                 err,
                 format!(
@@ -338,8 +541,7 @@ impl Context {
                 wire::encode_simple_reply(&mut head, 0, req.cookie);
                 Outgoing {
                     pieces: vec![Piece::Bytes(head)],
-                    data: Vec::new(),
-                    budget: None,
+                    ..Default::default()
                 }
             }
             Err(e) => self.backend_error(req, &e),
@@ -368,8 +570,7 @@ impl Context {
         }
         Outgoing {
             pieces: vec![Piece::Bytes(head)],
-            data: Vec::new(),
-            budget: None,
+            ..Default::default()
         }
     }
 
@@ -388,7 +589,7 @@ impl Context {
             return Outgoing {
                 pieces,
                 data,
-                budget: None,
+                ..Default::default()
             };
         }
         let runs = if req.flags & cmd_flag::DF != 0 {
@@ -417,7 +618,7 @@ impl Context {
         Outgoing {
             pieces,
             data,
-            budget: None,
+            ..Default::default()
         }
     }
 
@@ -469,8 +670,7 @@ impl Context {
         }
         Outgoing {
             pieces: vec![Piece::Bytes(head)],
-            data: Vec::new(),
-            budget: None,
+            ..Default::default()
         }
     }
 }

@@ -4,12 +4,13 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use tessera_engine::{ChunkStore, ImageReader, Overlay, ReaderOptions};
 use tessera_nbd::{
     Backend, BackendError, BackendResult, BlockState, Capabilities, ErrorKind, Export, Exports,
-    Extent, Server,
+    Extent, Server, ServerBuilder,
 };
 
 use crate::output::{human_bytes, Output};
@@ -39,9 +40,13 @@ pub struct Args {
         conflicts_with = "unix"
     )]
     listen: String,
-    /// Listen on this Unix socket instead of TCP.
+    /// Listen on this Unix socket instead of TCP. An existing file, symlink or live
+    /// socket at PATH is refused; a stale socket (no server answering) is replaced.
     #[arg(long, value_name = "PATH")]
     unix: Option<PathBuf>,
+    /// Permissions of the --unix socket, in octal (600: only this user may connect).
+    #[arg(long, value_name = "OCTAL", default_value = "600", value_parser = parse_mode)]
+    unix_mode: u32,
     /// Export name (one INDEX only) [default: the index file name without extension].
     #[arg(long, value_name = "NAME")]
     name: Option<String>,
@@ -58,6 +63,97 @@ pub struct Args {
     readonly: bool,
     #[command(flatten)]
     trust: TrustArgs,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+/// Limits that keep one misbehaving client from denying service to the others.
+#[derive(clap::Args, Debug)]
+#[command(next_help_heading = "Connection limits")]
+struct LimitArgs {
+    /// Connections served at once. When full, a new client takes the place of the
+    /// connection idle the longest (negotiating, or with no request in flight); if all
+    /// are busy it is refused.
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    max_connections: usize,
+    /// Connections served at once for one client address (on a Unix socket: one user
+    /// id, so with --unix-mode 600 it applies to all clients together). Beyond it, the
+    /// address's own longest-idle connection makes room.
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    max_connections_per_peer: usize,
+    /// Seconds a client has to finish the NBD handshake.
+    #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_secs)]
+    handshake_timeout: Duration,
+    /// Seconds after which a connection with no request in flight that sends nothing is
+    /// closed; 0 never closes it (kernel nbd-client and qemu keep idle connections).
+    #[arg(long, value_name = "SECS", default_value = "0", value_parser = parse_secs_or_zero)]
+    idle_timeout: Duration,
+    /// Seconds a client may leave its replies unread (no progress at all) before it is
+    /// dropped.
+    #[arg(long, value_name = "SECS", default_value = "60", value_parser = parse_secs)]
+    reply_timeout: Duration,
+    /// Memory for READ and WRITE buffers of all connections together (K, M, G
+    /// suffixes).
+    #[arg(long, value_name = "BYTES", default_value = "512M", value_parser = parse_size)]
+    buffer_budget: u64,
+    /// The most of --buffer-budget one connection may hold [default: a quarter of it].
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    connection_budget: Option<u64>,
+    /// The most of --buffer-budget the connections of one peer may hold together
+    /// [default: half of it].
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    peer_budget: Option<u64>,
+    /// Seconds a request waits for buffer memory before the server drops the connection
+    /// holding the most while making no progress for as long.
+    #[arg(long, value_name = "SECS", default_value = "1", value_parser = parse_secs)]
+    budget_wait: Duration,
+}
+
+impl LimitArgs {
+    fn apply(&self, mut b: ServerBuilder) -> ServerBuilder {
+        b = b
+            .max_connections(self.max_connections)
+            .max_connections_per_peer(self.max_connections_per_peer)
+            .handshake_timeout(self.handshake_timeout)
+            .idle_timeout((!self.idle_timeout.is_zero()).then_some(self.idle_timeout))
+            .reply_timeout(self.reply_timeout)
+            .buffer_budget(self.buffer_budget)
+            .budget_wait(self.budget_wait);
+        if let Some(n) = self.connection_budget {
+            b = b.connection_budget(n);
+        }
+        if let Some(n) = self.peer_budget {
+            b = b.peer_budget(n);
+        }
+        b
+    }
+}
+
+/// A positive number of seconds.
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    match parse_secs_or_zero(s)? {
+        d if d.is_zero() => Err(format!("{s:?}: must be more than 0 seconds")),
+        d => Ok(d),
+    }
+}
+
+/// A number of seconds, 0 allowed.
+fn parse_secs_or_zero(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
+}
+
+/// Octal permission bits, at most 777.
+fn parse_mode(s: &str) -> Result<u32, String> {
+    let mode = u32::from_str_radix(s.trim().trim_start_matches("0o"), 8)
+        .map_err(|_| format!("{s:?} is not an octal mode such as 600"))?;
+    if mode > 0o777 {
+        return Err(format!("{s:?}: only permission bits (at most 777)"));
+    }
+    Ok(mode)
 }
 
 /// An engine image (and optional overlay) as an NBD backend.
@@ -217,7 +313,9 @@ pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
         exports.add(Export::new(name, backend as Arc<dyn Backend>).description(description));
     }
     let names: Vec<String> = exports.iter().map(|e| e.name().to_string()).collect();
-    let server = Server::builder(exports)
+    let server = args
+        .limits
+        .apply(Server::builder(exports))
         .log(Arc::new(|line: &str| eprintln!("tessera serve: {line}")))
         .build();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -242,14 +340,13 @@ pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
             }
         };
         if let Some(path) = &args.unix {
-            remove_stale_socket(path)?;
-            let listener = tokio::net::UnixListener::bind(path)
-                .with_context(|| format!("listening on {}", path.display()))?;
+            let (listener, ino) = tessera_nbd::bind_unix(path, args.unix_mode)?;
             announce(out, &names, |n| {
                 format!("nbd+unix:///{n}?socket={}", path.display())
             });
             let served = server.serve_unix(listener, shutdown).await;
-            let _ = std::fs::remove_file(path);
+            // Only our own socket: whatever replaced it meanwhile stays.
+            let _ = tessera_nbd::remove_unix_socket(path, Some(ino));
             served.context("accepting connections")
         } else {
             let listener = tokio::net::TcpListener::bind(&args.listen)
@@ -281,16 +378,4 @@ fn announce(out: &Output, names: &[String], uri: impl Fn(&str) -> String) {
         .map(|n| format!("serving {n:?} on {}", uri(n)))
         .collect();
     out.line(lines.join("\n"));
-}
-
-/// Removes a socket file left by a server that did not stop cleanly; refuses to remove
-/// anything that is not a socket.
-fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::FileTypeExt;
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)
-            .with_context(|| format!("removing stale socket {}", path.display())),
-        Ok(_) => bail!("{} exists and is not a socket", path.display()),
-        Err(_) => Ok(()),
-    }
 }

@@ -325,7 +325,7 @@ async fn bad_requests_get_errors_and_the_connection_stays_usable() {
     let cases: Vec<(u16, u16, u64, u32, u32)> = vec![
         (cmd::READ, 0, size - 10, 11, EINVAL),    // past the end
         (cmd::READ, 0, u64::MAX - 2, 10, EINVAL), // offset overflow
-        (cmd::READ, 0, 0, 64 << 20, EOVERFLOW),   // larger than the maximum
+        (cmd::READ, 0, 0, 64 << 20, EINVAL),      // larger than the maximum
         (cmd::READ, 0, 0, 0, EINVAL),             // empty
         (cmd::READ, 1 << 9, 0, 10, EINVAL),       // unknown flag
         (cmd::READ, cmd_flag::DF, 0, 10, EINVAL), // DF without structured replies
@@ -500,27 +500,65 @@ async fn a_client_vanishing_mid_request_ends_only_its_connection() {
     assert!(e.to_string().contains("write payload"), "{e}");
 }
 
-#[tokio::test]
-async fn a_small_buffer_budget_makes_requests_wait_not_fail() {
-    let limits = tessera_nbd::Limits {
-        max_payload: 65536,
-        ..Default::default()
-    };
-    let server = Server::builder(two_exports().0)
-        .limits(limits)
-        .buffer_budget(100_000)
-        .max_in_flight(64)
-        .build();
-    let (c, s) = tokio::io::duplex(1 << 16);
+/// A client on its own duplex pipe of `pipe` bytes, served by `server`.
+fn attach(server: &Server, pipe: usize) -> Client {
+    let (c, s) = tokio::io::duplex(pipe);
+    let server = server.clone();
     let task = tokio::spawn(async move { server.serve_connection(s).await });
-    let mut c = Client {
+    Client {
         s: c,
         server: task,
         log: Arc::new(Mutex::new(Vec::new())),
+    }
+}
+
+/// A server whose whole buffer budget is one 1 MiB payload.
+fn one_payload_server(wait: std::time::Duration, log: Arc<Mutex<Vec<String>>>) -> Server {
+    let limits = tessera_nbd::Limits {
+        max_payload: 1 << 20,
+        ..Default::default()
     };
-    c.go("mem", false).await;
+    Server::builder(two_exports().0)
+        .limits(limits)
+        .buffer_budget(1 << 20)
+        .budget_wait(wait)
+        .max_in_flight(64)
+        .log(Arc::new(move |l: &str| {
+            log.lock().unwrap().push(l.to_string())
+        }))
+        .build()
+}
+
+#[tokio::test]
+async fn a_small_buffer_budget_makes_requests_wait_not_fail() {
+    let hour = std::time::Duration::from_secs(3600);
+    let server = one_payload_server(hour, Arc::new(Mutex::new(Vec::new())));
     let data = pattern(1 << 20);
-    let (mut rd, mut wr) = tokio::io::split(c.s);
+    // A holds the whole budget: its 1 MiB reply does not fit its 4 KiB pipe (nor the
+    // server's 64 KiB write buffer).
+    let mut a = attach(&server, 4096);
+    a.go("mem", false).await;
+    a.request(cmd::READ, 0, 1, 0, 1 << 20).await;
+    assert_eq!(a.simple().await, (0, 1), "A's reply has started");
+    // B's 4 KiB read waits for A's buffer: no reply while A reads nothing.
+    let mut b = attach(&server, 1 << 20);
+    b.go("mem", false).await;
+    b.request(cmd::READ, 0, 2, 4096, 4096).await;
+    let early = tokio::time::timeout(std::time::Duration::from_millis(500), b.s.read_u32()).await;
+    assert!(
+        early.is_err(),
+        "B was answered while A held the whole budget"
+    );
+    // A reads its reply: the budget comes back and B gets its answer.
+    let mut got = vec![0u8; 1 << 20];
+    a.s.read_exact(&mut got).await.unwrap();
+    assert!(got == data);
+    assert_eq!(b.simple().await, (0, 2));
+    let mut got = vec![0u8; 4096];
+    b.s.read_exact(&mut got).await.unwrap();
+    assert!(got == data[4096..8192]);
+    // Pipelined reads of one client queue behind each other and all complete.
+    let (mut rd, mut wr) = tokio::io::split(b.s);
     let sender = tokio::spawn(async move {
         for i in 0..16u64 {
             let r = Request {
@@ -551,7 +589,108 @@ async fn a_small_buffer_budget_makes_requests_wait_not_fail() {
         assert!(b == data[cookie * 65536..(cookie + 1) * 65536]);
     }
     sender.await.unwrap();
+    assert!(b.server.await.unwrap().is_ok());
+}
+
+#[tokio::test]
+async fn a_bounded_wait_for_memory_drops_the_stalled_holder() {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let server = one_payload_server(std::time::Duration::from_millis(200), log.clone());
+    let mut a = attach(&server, 4096);
+    a.go("mem", false).await;
+    a.request(cmd::READ, 0, 1, 0, 1 << 20).await;
+    assert_eq!(a.simple().await, (0, 1));
+    let mut b = attach(&server, 1 << 20);
+    b.go("mem", false).await;
+    b.request(cmd::READ, 0, 2, 4096, 4096).await;
+    // A never reads: after B waited, A (stalled, holding everything) is dropped.
+    let answered = tokio::time::timeout(std::time::Duration::from_secs(20), b.simple()).await;
+    assert_eq!(answered.expect("B is answered"), (0, 2));
+    let e = a.server.await.unwrap().unwrap_err();
+    assert_eq!(e.kind(), tessera_nbd::error::ErrorKind::Limit, "{e}");
+    assert!(e.to_string().contains("no progress"), "{e}");
+    let log = log.lock().unwrap().join("\n");
+    assert!(log.contains("reclaiming buffer memory"), "{log}");
+}
+
+#[tokio::test]
+async fn a_slow_reader_that_keeps_reading_is_not_dropped() {
+    let server = Server::builder(two_exports().0)
+        .reply_timeout(std::time::Duration::from_millis(300))
+        .build();
+    let mut c = attach(&server, 65536);
+    c.go("mem", false).await;
+    c.request(cmd::READ, 0, 1, 0, 1 << 20).await;
+    assert_eq!(c.simple().await, (0, 1));
+    // 1 MiB in 64 KiB steps, 100 ms apart: 1.6 s in all, far over the reply timeout,
+    // but never 300 ms without progress.
+    let mut got = Vec::new();
+    while got.len() < 1 << 20 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let mut b = vec![0u8; 65536];
+        c.s.read_exact(&mut b).await.unwrap();
+        got.extend_from_slice(&b);
+    }
+    assert!(got == pattern(1 << 20));
+    c.request(cmd::DISC, 0, 2, 0, 0).await;
     assert!(c.server.await.unwrap().is_ok());
+}
+
+#[tokio::test]
+async fn an_idle_timeout_closes_a_silent_connection_but_not_a_busy_one() {
+    let server = Server::builder(two_exports().0)
+        .idle_timeout(Some(std::time::Duration::from_millis(300)))
+        .build();
+    let mut c = attach(&server, 1 << 20);
+    c.go("mem", false).await;
+    c.request(cmd::READ, 0, 1, 0, 4096).await;
+    assert_eq!(c.simple().await, (0, 1));
+    let mut b = vec![0u8; 4096];
+    c.s.read_exact(&mut b).await.unwrap();
+    let e = tokio::time::timeout(std::time::Duration::from_secs(20), c.server)
+        .await
+        .expect("the idle connection is closed")
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(e, tessera_nbd::Error::Idle(_)), "{e}");
+    // A request that takes longer than the idle timeout keeps its connection.
+    let mut e = Exports::new();
+    e.add(Export::new("slow", Arc::new(Slow) as Arc<dyn Backend>));
+    let server = Server::builder(e)
+        .idle_timeout(Some(std::time::Duration::from_millis(300)))
+        .build();
+    let mut c = attach(&server, 1 << 20);
+    c.go("slow", false).await;
+    c.request(cmd::READ, 0, 1, 0, 4096).await;
+    assert_eq!(c.simple().await, (0, 1));
+    let mut b = vec![0u8; 4096];
+    c.s.read_exact(&mut b).await.unwrap();
+    c.request(cmd::FLUSH, 0, 2, 0, 0).await;
+    assert_eq!(
+        c.simple().await,
+        (0, 2),
+        "still connected after a long request"
+    );
+}
+
+/// A backend whose reads take 1 s.
+struct Slow;
+
+impl Backend for Slow {
+    fn size(&self) -> u64 {
+        1 << 20
+    }
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            writable: false,
+            multi_conn: true,
+        }
+    }
+    fn read(&self, _offset: u64, buf: &mut [u8]) -> BackendResult<Vec<Extent>> {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        buf.fill(0);
+        Ok(Vec::new())
+    }
 }
 
 #[tokio::test]
@@ -654,4 +793,126 @@ async fn random_handshakes_and_requests_never_panic_the_server() {
         assert!(done.is_ok(), "round {round}: the connection task panicked");
         drain.abort();
     }
+}
+
+#[tokio::test]
+async fn export_name_over_64k_closes_without_a_reply() {
+    let mut c = start(two_exports().0);
+    c.greet(wire::CLIENT_FIXED_NEWSTYLE).await;
+    let (mut rd, mut wr) = tokio::io::split(c.s);
+    // The server may hang up before taking it all: write errors are expected.
+    let writer = tokio::spawn(async move {
+        let _ = wr.write_u64(wire::IHAVEOPT).await;
+        let _ = wr.write_u32(opt::EXPORT_NAME).await;
+        let _ = wr.write_u32(70_000).await;
+        let _ = wr.write_all(&vec![b'a'; 70_000]).await;
+        wr
+    });
+    let mut rest = Vec::new();
+    rd.read_to_end(&mut rest).await.unwrap();
+    assert!(
+        rest.is_empty(),
+        "no reply of any kind: {} bytes",
+        rest.len()
+    );
+    let e = c.server.await.unwrap().unwrap_err();
+    assert_eq!(e.kind(), tessera_nbd::error::ErrorKind::Protocol, "{e}");
+    drop(writer.await.unwrap());
+}
+
+#[tokio::test]
+async fn trim_past_the_end_is_einval_and_writes_past_the_end_enospc() {
+    let mut c = start(two_exports().0);
+    c.go("rw", false).await;
+    let size = 1u64 << 20;
+    c.request(cmd::TRIM, 0, 1, size - 2, 4).await;
+    assert_eq!(c.simple().await, (EINVAL, 1));
+    c.request(cmd::TRIM, 0, 2, u64::MAX - 1, 4).await;
+    assert_eq!(c.simple().await, (EINVAL, 2));
+    c.request(cmd::WRITE_ZEROES, 0, 3, size - 2, 4).await;
+    assert_eq!(c.simple().await, (ENOSPC, 3));
+    c.request(cmd::TRIM, 0, 4, size - 4, 4).await;
+    assert_eq!(c.simple().await, (0, 4));
+}
+
+#[tokio::test]
+async fn oversized_reads_are_einval_and_eoverflow_only_for_df() {
+    let big = 33u32 << 20;
+    let mut c = start(two_exports().0);
+    c.go("mem", false).await;
+    c.request(cmd::READ, 0, 1, 0, big).await;
+    assert_eq!(c.simple().await, (EINVAL, 1), "simple replies");
+    let mut c = start(two_exports().0);
+    c.go("mem", true).await;
+    for (cookie, flags, want) in [(2, 0, EINVAL), (3, cmd_flag::DF, EOVERFLOW)] {
+        c.request(cmd::READ, flags, cookie, 0, big).await;
+        let (f, kind, got_cookie, p) = c.chunk().await;
+        assert_eq!(
+            (f, kind, got_cookie),
+            (reply::FLAG_DONE, reply::ERROR, cookie)
+        );
+        assert_eq!(
+            u32::from_be_bytes(p[..4].try_into().unwrap()),
+            want,
+            "flags {flags}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn client_names_are_cut_in_logs_and_messages() {
+    let name = "n".repeat(4096);
+    // An unknown name in NBD_OPT_INFO: the error message quotes at most a prefix.
+    let mut c = start(two_exports().0);
+    c.greet(wire::CLIENT_FIXED_NEWSTYLE).await;
+    c.option(opt::INFO, &go_data(&name, &[])).await;
+    let r = c.option_replies().await;
+    assert_eq!(r[0].0, rep::ERR_UNKNOWN);
+    assert!(r[0].1.len() < 200, "message of {} bytes", r[0].1.len());
+    assert!(String::from_utf8_lossy(&r[0].1).contains("(4096 bytes)"));
+    // An unknown name in NBD_OPT_EXPORT_NAME ends the connection; so does the reason.
+    c.option(opt::EXPORT_NAME, name.as_bytes()).await;
+    let e = c.server.await.unwrap().unwrap_err().to_string();
+    assert!(e.len() < 200, "{} bytes: {e}", e.len());
+    assert!(e.contains("(4096 bytes)"), "{e}");
+}
+
+#[tokio::test]
+async fn too_many_options_end_the_negotiation() {
+    let mut c = start(two_exports().0);
+    c.greet(wire::CLIENT_FIXED_NEWSTYLE).await;
+    let mut answered = 0;
+    loop {
+        c.option(opt::LIST, &[]).await;
+        let (_, kind, _) = c.option_reply().await;
+        if kind == rep::ERR_POLICY {
+            break;
+        }
+        // The rest of this LIST's replies.
+        while c.option_reply().await.1 != rep::ACK {}
+        answered += 1;
+        assert!(answered <= 1000, "the server answers options forever");
+    }
+    assert!(answered >= 16, "real clients need a few options");
+    let mut rest = Vec::new();
+    c.s.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty());
+    assert!(c.server.await.unwrap().is_err());
+}
+
+#[tokio::test]
+async fn a_client_that_does_not_finish_the_handshake_is_dropped() {
+    let server = Server::builder(two_exports().0)
+        .handshake_timeout(std::time::Duration::from_millis(300))
+        .build();
+    let mut c = attach(&server, 1 << 20);
+    c.greet(wire::CLIENT_FIXED_NEWSTYLE).await;
+    // Half an option header, then nothing.
+    c.s.write_all(&wire::IHAVEOPT.to_be_bytes()).await.unwrap();
+    let e = tokio::time::timeout(std::time::Duration::from_secs(20), c.server)
+        .await
+        .expect("the server gives up on the client")
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(e, tessera_nbd::Error::Timeout(_)), "{e}");
 }

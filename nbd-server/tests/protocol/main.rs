@@ -1,6 +1,8 @@
-//! Protocol tests of the NBD server: raw bytes over `tokio::io::duplex`, and libnbd's
-//! tools over TCP.
+//! Protocol tests of the NBD server: raw bytes over `tokio::io::duplex`, libnbd's tools
+//! over TCP, misbehaving clients against the limits, and the Unix socket.
 
 mod clients;
 mod duplex;
+mod limits;
+mod unix;
 mod util;

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 
-use tessera_nbd::{Backend, Export, Exports, MemoryBackend, Server};
+use tessera_nbd::{Backend, Export, Exports, MemoryBackend, Server, ServerBuilder};
 use tokio::sync::oneshot;
 
 /// A pattern with zero runs: byte i is (i / 7) as u8 except in [64 KiB, 192 KiB).
@@ -32,6 +32,23 @@ impl Running {
     pub fn uri(&self, name: &str) -> String {
         format!("nbd://{}/{}", self.addr, name)
     }
+
+    /// The log so far, one line each.
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// Waits (up to 20 s) for a log line containing `needle`, returning the log.
+    pub fn wait_for_log(&self, needle: &str) -> String {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let log = self.log_text();
+            if log.contains(needle) || std::time::Instant::now() > deadline {
+                return log;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
 }
 
 impl Drop for Running {
@@ -47,9 +64,17 @@ impl Drop for Running {
 
 /// Serves `exports` on 127.0.0.1 with log lines collected.
 pub fn serve(exports: Exports) -> Running {
+    serve_with(exports, |b| b)
+}
+
+/// Like [`serve`], with the builder adjusted by `configure`.
+pub fn serve_with(
+    exports: Exports,
+    configure: impl FnOnce(ServerBuilder) -> ServerBuilder,
+) -> Running {
     let log = Arc::new(Mutex::new(Vec::new()));
     let sink = log.clone();
-    let server = Server::builder(exports)
+    let server = configure(Server::builder(exports))
         .log(Arc::new(move |l: &str| {
             sink.lock().unwrap().push(l.to_string())
         }))
@@ -98,7 +123,10 @@ pub fn two_exports() -> (Exports, Arc<MemoryBackend>) {
 
 /// True when `tool` runs; otherwise prints why the test skips (or panics under CI=true).
 pub fn have(tool: &str) -> bool {
+    // python3-libnbd (for nbdsh) is installed for the system interpreter.
+    let path = format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default());
     let ok = Command::new(tool)
+        .env("PATH", path)
         .arg("--version")
         .output()
         .map(|o| o.status.success())
@@ -124,4 +152,112 @@ pub fn run(cmd: &mut Command) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs `cmd`, killing it and failing if it takes longer than `limit`; returns how long
+/// it took.
+pub fn run_within(cmd: &mut Command, limit: std::time::Duration) -> std::time::Duration {
+    let start = std::time::Instant::now();
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "{cmd:?} failed: {status}");
+            return start.elapsed();
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} did not finish within {limit:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// A blocking raw NBD client over TCP, for attackers and well-behaved clients alike.
+pub struct RawClient {
+    pub s: std::net::TcpStream,
+}
+
+impl RawClient {
+    /// Connects and negotiates `name` with simple replies (NBD_OPT_GO); every socket
+    /// operation fails after `limit`.
+    pub fn go(
+        addr: SocketAddr,
+        name: &str,
+        limit: std::time::Duration,
+    ) -> std::io::Result<RawClient> {
+        let s = std::net::TcpStream::connect(addr)?;
+        RawClient::go_on(s, name, limit)
+    }
+
+    /// Negotiates `name` on an already connected socket.
+    pub fn go_on(
+        s: std::net::TcpStream,
+        name: &str,
+        limit: std::time::Duration,
+    ) -> std::io::Result<RawClient> {
+        use std::io::{Read, Write};
+        s.set_read_timeout(Some(limit))?;
+        s.set_write_timeout(Some(limit))?;
+        let mut c = RawClient { s };
+        let mut greeting = [0u8; 18];
+        c.s.read_exact(&mut greeting)?;
+        assert_eq!(greeting, tessera_nbd::wire::encode_greeting());
+        let mut msg = 3u32.to_be_bytes().to_vec();
+        msg.extend_from_slice(&tessera_nbd::wire::IHAVEOPT.to_be_bytes());
+        msg.extend_from_slice(&tessera_nbd::wire::opt::GO.to_be_bytes());
+        msg.extend_from_slice(&(name.len() as u32 + 6).to_be_bytes());
+        msg.extend_from_slice(&(name.len() as u32).to_be_bytes());
+        msg.extend_from_slice(name.as_bytes());
+        msg.extend_from_slice(&0u16.to_be_bytes());
+        c.s.write_all(&msg)?;
+        loop {
+            let mut head = [0u8; 20];
+            c.s.read_exact(&mut head)?;
+            let kind = u32::from_be_bytes(head[12..16].try_into().unwrap());
+            let len = u32::from_be_bytes(head[16..20].try_into().unwrap());
+            let mut data = vec![0u8; len as usize];
+            c.s.read_exact(&mut data)?;
+            if kind == tessera_nbd::wire::rep::ACK {
+                return Ok(c);
+            }
+            assert_eq!(
+                kind,
+                tessera_nbd::wire::rep::INFO,
+                "GO {name}: reply {kind:#x}"
+            );
+        }
+    }
+
+    /// Sends a READ request without waiting for its reply.
+    pub fn send_read(&mut self, cookie: u64, offset: u64, len: u32) -> std::io::Result<()> {
+        use std::io::Write;
+        let r = tessera_nbd::wire::Request {
+            flags: 0,
+            kind: tessera_nbd::wire::cmd::READ,
+            cookie,
+            offset,
+            len,
+        };
+        self.s.write_all(&tessera_nbd::wire::encode_request(&r))
+    }
+
+    /// Reads `len` bytes at `offset` (simple reply).
+    pub fn read(&mut self, offset: u64, len: u32) -> std::io::Result<Vec<u8>> {
+        use std::io::Read;
+        self.send_read(1, offset, len)?;
+        let mut head = [0u8; 16];
+        self.s.read_exact(&mut head)?;
+        assert_eq!(
+            head[..4],
+            tessera_nbd::wire::SIMPLE_REPLY_MAGIC.to_be_bytes()
+        );
+        assert_eq!(head[4..8], [0; 4], "READ failed");
+        let mut data = vec![0u8; len as usize];
+        self.s.read_exact(&mut data)?;
+        Ok(data)
+    }
 }
