@@ -23,7 +23,9 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-use super::fs::{is_errno, is_io_kind, remove_temp_debris, temp_path, Fs, FsFile, RealFs};
+use super::fs::{
+    create_dir_durably, is_errno, is_io_kind, remove_temp_debris, temp_path, Fs, FsFile, RealFs,
+};
 use super::io::{ReadAt, WriteAt};
 use super::plan::{Op, Phase, Source, Stash};
 use crate::device::DeviceKind;
@@ -129,7 +131,7 @@ impl<'a, F: Fs> FileJournal<'a, F> {
     /// The open journal, created (exclusively) if it does not exist yet.
     fn file(&mut self) -> Result<&F::File> {
         if self.file.is_none() {
-            self.fs.create_dir_all(&self.dir())?;
+            create_dir_durably(self.fs, &self.dir())?;
             let f = self.fs.create_new(&self.path, 0o600).map_err(|e| {
                 if is_io_kind(&e, io::ErrorKind::AlreadyExists) {
                     Error::InvalidInput(format!(
@@ -235,7 +237,7 @@ impl<F: Fs> JournalIo for FileJournal<'_, F> {
             self.load()?;
         }
         let dir = self.dir();
-        self.fs.create_dir_all(&dir)?;
+        create_dir_durably(self.fs, &dir)?;
         remove_temp_debris(self.fs, &self.path);
         let tmp = temp_path(&self.path)?;
         let mut f = self.write_temp(&tmp, bytes).inspect_err(|_| {
