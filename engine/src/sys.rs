@@ -74,8 +74,16 @@ pub(crate) fn syncfs(path: &Path) -> io::Result<()> {
 }
 
 /// Renames `from` to `to` unless `to` exists (then `AlreadyExists`). Falls back to
-/// link + unlink on filesystems without `RENAME_NOREPLACE`.
+/// link + unlink on file systems without `RENAME_NOREPLACE`, and, on those without hard
+/// links either (many FUSE file systems, network shares), to a check then a plain rename.
 pub(crate) fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    rename_noreplace_with(from, to, renameat2_noreplace, |f, t| {
+        std::fs::hard_link(f, t)
+    })
+}
+
+/// `renameat2(from, to, RENAME_NOREPLACE)`.
+fn renameat2_noreplace(from: &Path, to: &Path) -> io::Result<()> {
     let cstr = |p: &Path| {
         CString::new(p.as_os_str().as_bytes())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))
@@ -95,12 +103,39 @@ pub(crate) fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
     if rc == 0 {
         return Ok(());
     }
-    let err = io::Error::last_os_error();
-    if err.raw_os_error() == Some(libc::EINVAL) {
-        std::fs::hard_link(from, to)?;
-        return std::fs::remove_file(from);
+    Err(io::Error::last_os_error())
+}
+
+/// [`rename_noreplace`] with its two primitives given, so the fallbacks can be tested.
+fn rename_noreplace_with(
+    from: &Path,
+    to: &Path,
+    rename2: impl Fn(&Path, &Path) -> io::Result<()>,
+    link: impl Fn(&Path, &Path) -> io::Result<()>,
+) -> io::Result<()> {
+    match rename2(from, to) {
+        Ok(()) => return Ok(()),
+        // Flags unsupported by this file system (EINVAL) or kernel (ENOSYS).
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) => {}
+        Err(e) => return Err(e),
     }
-    Err(err)
+    match link(from, to) {
+        Ok(()) => return std::fs::remove_file(from),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Err(e),
+        // No hard links here (EPERM, EOPNOTSUPP, ENOSYS, or EROFS from a FUSE file
+        // system's default): the rename below reports a real failure itself.
+        Err(_) => {}
+    }
+    // Not atomic: a name appearing between the check and the rename is replaced. The
+    // names renamed this way are tessera's own, in a directory the caller chose.
+    match std::fs::symlink_metadata(to) {
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "destination exists",
+        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => std::fs::rename(from, to),
+        Err(e) => Err(e),
+    }
 }
 
 fn c_name(name: &OsStr) -> io::Result<CString> {
@@ -204,4 +239,39 @@ pub(crate) fn random_bytes(buf: &mut [u8]) -> io::Result<()> {
         filled += n as usize;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file system with neither `RENAME_NOREPLACE` nor hard links (a FUSE file system
+    /// answering EINVAL and EROFS, as fusepy's defaults do) still gets the rename, and
+    /// still never replaces an existing name.
+    #[test]
+    fn rename_noreplace_works_without_flags_or_hard_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let (from, to) = (dir.path().join("from"), dir.path().join("to"));
+        std::fs::write(&from, b"new").unwrap();
+        let no_flags = |_: &Path, _: &Path| Err(io::Error::from_raw_os_error(libc::EINVAL));
+        let no_links = |_: &Path, _: &Path| Err(io::Error::from_raw_os_error(libc::EROFS));
+        rename_noreplace_with(&from, &to, no_flags, no_links).unwrap();
+        assert_eq!(std::fs::read(&to).unwrap(), b"new");
+        assert!(!from.exists());
+
+        std::fs::write(&from, b"newer").unwrap();
+        let e = rename_noreplace_with(&from, &to, no_flags, no_links).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists, "{e}");
+        assert_eq!(
+            std::fs::read(&to).unwrap(),
+            b"new",
+            "an existing name was replaced"
+        );
+        // A dangling link is a name too.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(dir.path().join("nowhere"), &link).unwrap();
+        let e = rename_noreplace_with(&from, &link, no_flags, no_links).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists, "{e}");
+        assert!(!dir.path().join("nowhere").exists());
+    }
 }
