@@ -151,7 +151,7 @@ impl CacheStore {
                 Some(Fetched { chunk, compressed })
             }
             Err(_) => {
-                let _ = fs::remove_file(&path);
+                let _ = remove_owned(self.local.root(), &path);
                 None
             }
         }
@@ -271,7 +271,7 @@ impl CacheStore {
                     if total <= low {
                         break;
                     }
-                    match fs::remove_file(&f.path) {
+                    match remove_owned(self.local.root(), &f.path) {
                         Ok(()) => total -= f.len,
                         Err(e) if e.kind() == io::ErrorKind::NotFound => total -= f.len,
                         Err(_) => {}
@@ -375,6 +375,21 @@ impl ChunkStore for CacheStore {
     }
 }
 
+/// Removes the cache's file `root/chunks/XX/NAME` (`path`) by name inside its fan-out
+/// directory, reached from `root` with `O_NOFOLLOW | O_DIRECTORY` at `chunks` and at `XX`:
+/// should either have been swapped for a symbolic link since the scan, nothing is removed
+/// (`ELOOP`/`ENOTDIR`), never a file of the same name elsewhere.
+fn remove_owned(root: &Path, path: &Path) -> io::Result<()> {
+    let bad = || io::Error::new(io::ErrorKind::InvalidInput, "not a cache file path");
+    let name = path.file_name().ok_or_else(bad)?;
+    let fan = path.parent().and_then(Path::file_name).ok_or_else(bad)?;
+    let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW;
+    let root = File::open(root)?;
+    let chunks = crate::sys::open_at(&root, "chunks".as_ref(), flags, 0)?;
+    let fan = crate::sys::open_at(&chunks, fan, flags, 0)?;
+    crate::sys::unlink_at(&fan, name)
+}
+
 struct CachedFile {
     path: PathBuf,
     len: u64,
@@ -416,7 +431,7 @@ fn scan(root: &Path) -> Result<Vec<CachedFile>> {
             if temp_file_name(&name, &fan) {
                 // Another process's file in the making, or debris of a killed one.
                 if mtime.elapsed().is_ok_and(|age| age > STALE_TEMP) {
-                    let _ = fs::remove_file(f.path());
+                    let _ = remove_owned(root, &f.path());
                 }
                 continue;
             }
@@ -678,5 +693,36 @@ mod tests {
         assert_eq!(fs::read(&foreign).unwrap(), b"mine");
         assert_eq!(fs::read(&old_dot).unwrap(), b"mine");
         assert!(chunks.is_dir());
+    }
+
+    /// The eviction removes what its scan found by name inside the directories it
+    /// scanned: a fan-out directory swapped for a link after the scan (another user's
+    /// race) never redirects the removal to a file of the same name elsewhere.
+    #[test]
+    fn eviction_never_follows_a_directory_swapped_after_the_scan() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_counting, cache, es) = cache_over(dir.path(), 2, 1 << 30);
+        for e in &es {
+            cache.fetch(e).unwrap();
+        }
+        let files = scan(cache.dir()).unwrap();
+        assert_eq!(files.len(), 2);
+        let path = &files[0].path;
+        let fan = path.parent().unwrap();
+        // The fan-out directory moves away; a link to a directory holding a precious
+        // file of the same name takes its place.
+        let elsewhere = dir.path().join("elsewhere");
+        fs::create_dir(&elsewhere).unwrap();
+        let precious = elsewhere.join(path.file_name().unwrap());
+        fs::write(&precious, b"precious").unwrap();
+        fs::rename(fan, dir.path().join("moved")).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, fan).unwrap();
+        assert!(remove_owned(cache.dir(), path).is_err());
+        assert_eq!(fs::read(&precious).unwrap(), b"precious");
+        // In place, the same call removes the cache's file.
+        fs::remove_file(fan).unwrap();
+        fs::rename(dir.path().join("moved"), fan).unwrap();
+        remove_owned(cache.dir(), path).unwrap();
+        assert!(!path.exists());
     }
 }
