@@ -119,23 +119,43 @@ fn rename_noreplace_with(
         Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) => {}
         Err(e) => return Err(e),
     }
-    match link(from, to) {
-        Ok(()) => return std::fs::remove_file(from),
+    let exists = || match std::fs::symlink_metadata(to) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    };
+    noreplace_fallback(
+        || link(from, to),
+        || std::fs::remove_file(from),
+        exists,
+        || std::fs::rename(from, to),
+    )
+}
+
+/// What a rename without replacing does where `RENAME_NOREPLACE` is missing: hard-link
+/// then unlink the old name; where hard links are missing too (EPERM, EOPNOTSUPP, ENOSYS,
+/// or EROFS from a FUSE file system's defaults), check that the new name is free, then
+/// rename. That last step is not atomic: a name appearing in between is replaced; the
+/// names renamed this way are tessera's own, in a directory the caller chose.
+fn noreplace_fallback(
+    link: impl FnOnce() -> io::Result<()>,
+    unlink_from: impl FnOnce() -> io::Result<()>,
+    exists: impl FnOnce() -> io::Result<bool>,
+    rename: impl FnOnce() -> io::Result<()>,
+) -> io::Result<()> {
+    match link() {
+        Ok(()) => return unlink_from(),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Err(e),
-        // No hard links here (EPERM, EOPNOTSUPP, ENOSYS, or EROFS from a FUSE file
-        // system's default): the rename below reports a real failure itself.
+        // The rename below reports a real failure itself.
         Err(_) => {}
     }
-    // Not atomic: a name appearing between the check and the rename is replaced. The
-    // names renamed this way are tessera's own, in a directory the caller chose.
-    match std::fs::symlink_metadata(to) {
-        Ok(_) => Err(io::Error::new(
+    if exists()? {
+        return Err(io::Error::new(
             io::ErrorKind::AlreadyExists,
             "destination exists",
-        )),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => std::fs::rename(from, to),
-        Err(e) => Err(e),
+        ));
     }
+    rename()
 }
 
 /// The effective user id of this process.
@@ -204,14 +224,50 @@ pub(crate) fn rename_at(dir: &File, from: &OsStr, to: &OsStr, replace: bool) -> 
         return Ok(());
     }
     let err = io::Error::last_os_error();
-    if !replace && err.raw_os_error() == Some(libc::EINVAL) {
-        // SAFETY: as above; linkat with flags 0 does not follow a symlink at `from`.
-        let rc =
-            unsafe { libc::linkat(dir.as_raw_fd(), f.as_ptr(), dir.as_raw_fd(), t.as_ptr(), 0) };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        return unlink_at(dir, from);
+    if !replace && matches!(err.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) {
+        let link = || {
+            // SAFETY: as above; linkat with flags 0 does not follow a symlink at `from`.
+            let rc = unsafe {
+                libc::linkat(dir.as_raw_fd(), f.as_ptr(), dir.as_raw_fd(), t.as_ptr(), 0)
+            };
+            if rc == 0 {
+                Ok(())
+            } else {
+                Err(io::Error::last_os_error())
+            }
+        };
+        let exists = || {
+            let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+            // SAFETY: `t` is a valid NUL-terminated string, `st` is writable stat
+            // storage, the dir fd is open; AT_SYMLINK_NOFOLLOW inspects a link itself.
+            let rc = unsafe {
+                libc::fstatat(
+                    dir.as_raw_fd(),
+                    t.as_ptr(),
+                    st.as_mut_ptr(),
+                    libc::AT_SYMLINK_NOFOLLOW,
+                )
+            };
+            if rc == 0 {
+                return Ok(true);
+            }
+            let err = io::Error::last_os_error();
+            match err.kind() {
+                io::ErrorKind::NotFound => Ok(false),
+                _ => Err(err),
+            }
+        };
+        let rename = || {
+            // SAFETY: as for renameat2 above.
+            let rc =
+                unsafe { libc::renameat(dir.as_raw_fd(), f.as_ptr(), dir.as_raw_fd(), t.as_ptr()) };
+            if rc == 0 {
+                Ok(())
+            } else {
+                Err(io::Error::last_os_error())
+            }
+        };
+        return noreplace_fallback(link, || unlink_at(dir, from), exists, rename);
     }
     Err(err)
 }

@@ -197,37 +197,54 @@ impl CacheStore {
 
     /// Writes a chunk file: a temporary file of a random name (`O_EXCL|O_NOFOLLOW`),
     /// renamed into place unless the chunk file exists. Returns whether it was written.
+    /// Everything happens inside the fan-out directory reached from the cache root with
+    /// `O_NOFOLLOW | O_DIRECTORY` (at `chunks` and at `XX`), so nothing is created through
+    /// a directory swapped for a link, whenever that happens.
     fn insert(&self, id: &ChunkId, compressed: &[u8]) -> io::Result<bool> {
+        use std::ffi::OsStr;
         let path = self.local.path_of(id);
-        let fan = path.parent().expect("chunk paths have a parent");
-        if fs::symlink_metadata(fan).is_err() {
-            fs::create_dir_all(fan)?;
-        }
-        if !self.owned_fan(fan) {
-            return Err(io::Error::other("not a directory of the cache"));
-        }
-        let name = path
-            .file_name()
-            .expect("chunk paths have a name")
-            .to_string_lossy();
-        let tmp = fan.join(format!(
-            ".{name}{TEMP_TAG}{}",
+        let name = path.file_name().expect("chunk paths have a name");
+        let fan_name = path
+            .parent()
+            .and_then(Path::file_name)
+            .expect("chunk paths have a fan-out directory");
+        let dirs = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW;
+        let root = File::open(self.local.root())?;
+        let chunks = match crate::sys::open_at(&root, OsStr::new("chunks"), dirs, 0) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                match crate::sys::mkdir_at(&root, OsStr::new("chunks"), 0o755) {
+                    Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+                    _ => {}
+                }
+                crate::sys::open_at(&root, OsStr::new("chunks"), dirs, 0)?
+            }
+            other => other?,
+        };
+        let fan = match crate::sys::open_at(&chunks, fan_name, dirs, 0) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                match crate::sys::mkdir_at(&chunks, fan_name, 0o755) {
+                    Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+                    _ => {}
+                }
+                crate::sys::open_at(&chunks, fan_name, dirs, 0)?
+            }
+            other => other?,
+        };
+        let tmp = std::ffi::OsString::from(format!(
+            ".{}{TEMP_TAG}{}",
+            name.to_string_lossy(),
             crate::sync::fs::random_suffix()
         ));
+        let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW;
         let written = (|| {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o644)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(&tmp)?;
+            let mut f = crate::sys::open_at(&fan, &tmp, flags, 0o644)?;
             f.write_all(compressed)?;
-            crate::sys::rename_noreplace(&tmp, &path)
+            crate::sys::rename_at(&fan, &tmp, name, false)
         })();
         match written {
             Ok(()) => Ok(true),
             Err(e) => {
-                let _ = fs::remove_file(&tmp);
+                let _ = crate::sys::unlink_at(&fan, &tmp);
                 if e.kind() == io::ErrorKind::AlreadyExists {
                     Ok(false)
                 } else {
