@@ -49,6 +49,10 @@ pub trait FsFile: WriteAt {
     fn node(&self) -> (u64, u64);
     /// The name it is known by after a rename (for messages).
     fn renamed(&mut self, path: &Path);
+    /// The user id owning it, where the file system has owners (`None`: unknown).
+    fn owner(&self) -> Option<u32> {
+        None
+    }
 }
 
 /// The file-system operations of a sync. Every error names the path involved.

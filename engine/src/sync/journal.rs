@@ -81,7 +81,8 @@ pub trait JournalIo: Send {
 ///
 /// The file is never reached through a symbolic link (`O_NOFOLLOW`: a link at its path is
 /// an error), and an existing file that is not a journal (it is neither empty nor starts
-/// with the magic) is refused, never overwritten. A new journal is written whole under a
+/// with the magic) is refused, never overwritten. A journal owned by another user is
+/// never resumed or written into: it is replaced by a new one of ours. A new journal is written whole under a
 /// temporary name (`O_EXCL|O_NOFOLLOW`, mode 0600, random suffix), synced and renamed into
 /// place ([`JournalIo::replace`]), so the file at the journal's path always starts with a
 /// complete header.
@@ -198,10 +199,15 @@ impl<F: Fs> JournalIo for FileJournal<'_, F> {
                 self.path.display()
             )));
         }
+        self.checked = true;
+        if f.owner().is_some_and(|uid| uid != crate::sys::euid()) {
+            // Someone else's file (planted in a directory others may write, say): never
+            // resumed or appended to. A fresh plan replaces it with a journal of ours.
+            return Ok(Vec::new());
+        }
         let mut bytes = vec![0u8; len];
         f.read_exact_at(&mut bytes, 0)?;
         self.file = Some(f);
-        self.checked = true;
         Ok(bytes)
     }
 
