@@ -122,6 +122,42 @@ pub(crate) fn create_temp_in(dir: &File, name: &OsStr) -> io::Result<(OsString, 
     with_fresh_name(name, |tmp| crate::sys::open_at(dir, tmp, TEMP_FLAGS, 0o666))
 }
 
+/// Temporary files older than this are debris of a killed or cut process, not files in
+/// the making.
+const STALE_TEMP: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Deletes what a killed or cut run left beside `path`: regular files named exactly as
+/// [`temp_path_for`] names them (`.NAME.tmp.` and 16 hex digits) and untouched for an
+/// hour (younger ones may be another process's file in the making). Links and other
+/// names are left alone; removing a name never follows a link. Best effort.
+pub(crate) fn remove_stale_temps(path: &Path) {
+    let Some(name) = path.file_name() else {
+        return;
+    };
+    let prefix = format!(".{}.tmp.", name.to_string_lossy());
+    let Ok(entries) = fs::read_dir(dir_of(path)) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let n = e.file_name();
+        let n = n.to_string_lossy();
+        let ours = n
+            .strip_prefix(&prefix)
+            .is_some_and(|r| r.len() == 16 && r.bytes().all(|b| b.is_ascii_hexdigit()));
+        // `DirEntry::metadata` does not follow a link.
+        let stale = |m: fs::Metadata| {
+            m.is_file()
+                && m.modified()
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > STALE_TEMP)
+        };
+        if ours && e.metadata().is_ok_and(stale) {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+}
+
 /// Refuses a user-named output `path` that is a symbolic link: tessera replaces output
 /// files by renaming a new file over them, which would silently replace the link itself
 /// rather than the file it names, so it asks for the real path instead. A missing path
@@ -185,6 +221,7 @@ impl Default for Output {
 pub(crate) fn write_file(path: &Path, bytes: &[u8], how: &Output) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     refuse_symlink(path, "output")?;
+    remove_stale_temps(path);
     let (tmp, mut f) =
         create_temp_beside_mode(path, how.mode).map_err(|e| Error::io("writing", path, e))?;
     let result = (|| {
@@ -307,5 +344,45 @@ mod tests {
             fs::read(&victim).unwrap() == b"precious",
             "the victim was written"
         );
+    }
+
+    /// What a cut run left (an old temporary file of the output's shape) is removed by
+    /// the next write of that output; a young one (another process's, in the making), a
+    /// link of that shape and other names are not, and the link's target is untouched.
+    #[test]
+    fn stale_temporary_files_of_an_output_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = |n: &str| dir.path().join(n);
+        let out = p("out.tidx");
+        let old = p(".out.tidx.tmp.00112233445566aa");
+        let young = p(".out.tidx.tmp.00112233445566bb");
+        let link = p(".out.tidx.tmp.00112233445566cc");
+        let other = p(".out.tidx.tmp.notours");
+        for f in [&old, &young, &other] {
+            fs::write(f, b"half").unwrap();
+        }
+        fs::write(p("victim"), b"precious").unwrap();
+        symlink(p("victim"), &link).unwrap();
+        let hours_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+        File::options()
+            .write(true)
+            .open(&old)
+            .unwrap()
+            .set_modified(hours_ago)
+            .unwrap();
+        File::options()
+            .write(true)
+            .open(p("victim"))
+            .unwrap()
+            .set_modified(hours_ago)
+            .unwrap();
+        write_atomic(&out, b"index").unwrap();
+        assert!(!old.exists(), "debris of a cut run is left");
+        assert!(young.exists() && other.exists());
+        assert!(fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(fs::read(p("victim")).unwrap(), b"precious");
     }
 }

@@ -137,6 +137,7 @@ impl Sink {
             return Ok(Sink::Device(device));
         }
         refuse_symlink(path, "verity hash file")?;
+        crate::fsutil::remove_stale_temps(path);
         let (tmp, file) = create_temp_beside(path)
             .map_err(|e| Error::io("creating verity hash file beside", path, e))?;
         if let Err(e) = file.set_len(total) {
