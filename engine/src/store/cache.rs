@@ -22,6 +22,9 @@
 //! eviction, refused when reading (`O_NOFOLLOW`, and the directories above checked not to
 //! be links), and never written through (temporary files are created with
 //! `O_EXCL|O_NOFOLLOW` under a random name, then renamed without replacing anything).
+//! Writes and removals work by name inside the fan-out directory, reached from the cache
+//! root with `O_NOFOLLOW|O_DIRECTORY` at `chunks` and at `XX`: a directory swapped for a
+//! link at any moment (after a scan, say) never redirects them elsewhere.
 //!
 //! Cache files are not synced: after a power cut a file may be missing, empty or cut
 //! short. Each is verified when used, so such a file is a miss: it is deleted and the
