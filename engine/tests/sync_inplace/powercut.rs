@@ -283,12 +283,18 @@ struct RigFile {
 }
 
 impl RigFile {
-    /// Checks, before a write to the target, that the journal protecting it is durable.
+    /// Checks, before a write to the target, that the target's name and size and the
+    /// journal protecting the write are durable.
     fn journal_durable(&self, s: &State) {
-        let Some(j) = &s.journal else { return };
         if self.name != TARGET {
             return;
         }
+        let t = &s.nodes[self.node];
+        assert!(
+            s.durable_names.get(TARGET) == Some(&self.node) && t.durable.len() == t.current.len(),
+            "the target is written before its name and size are durable"
+        );
+        let Some(j) = &s.journal else { return };
         let Some(&node) = s.names.get(j) else { return };
         assert!(
             s.durable_names.get(j) == Some(&node) && reachable(j, &s.durable_dirs),
