@@ -203,3 +203,47 @@ fn a_journal_owned_by_another_user_is_never_resumed() {
     assert_eq!(fs::read(&target).unwrap(), image);
     assert!(!journal.exists());
 }
+
+/// A symbolic link another user planted at the target's name in a shared directory
+/// (world-writable, sticky, like /tmp) is never followed, whatever
+/// `fs.protected_symlinks` says; a link of one's own there is.
+#[test]
+fn a_target_link_planted_by_another_user_in_a_shared_directory_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (store, index, image) = setup();
+    let shared = dir.path().join("shared");
+    fs::create_dir(&shared).unwrap();
+    fs::set_permissions(&shared, fs::Permissions::from_mode(0o1777)).unwrap();
+    let victim = dir.path().join("victim");
+    fs::write(&victim, b"precious").unwrap();
+    let target = shared.join("new.img");
+    symlink(&victim, &target).unwrap();
+    if let Err(e) = std::os::unix::fs::lchown(&target, Some(65534), Some(65534)) {
+        eprintln!("skipping: changing a link's owner needs root ({e})");
+        return;
+    }
+    let err = sync_with(
+        &index,
+        &target,
+        &store,
+        &SyncOptions::default(),
+        &NoProgress,
+    )
+    .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
+    assert!(err.to_string().contains("symbolic link"), "{err}");
+    assert_eq!(fs::read(&victim).unwrap(), b"precious");
+    // One's own link there is followed.
+    fs::remove_file(&target).unwrap();
+    symlink(&victim, &target).unwrap();
+    sync_with(
+        &index,
+        &target,
+        &store,
+        &SyncOptions::default(),
+        &NoProgress,
+    )
+    .unwrap();
+    assert_eq!(fs::read(&victim).unwrap(), image);
+}
