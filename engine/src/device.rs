@@ -174,6 +174,9 @@ impl FsFile for Device {
     fn renamed(&mut self, path: &Path) {
         self.path = path.to_path_buf();
     }
+    fn owner(&self) -> Option<u32> {
+        self.file.metadata().ok().map(|m| m.uid())
+    }
 }
 
 /// Why `name` (of `kind`, `size` bytes) cannot hold an image of `image_size` bytes, or

@@ -84,21 +84,78 @@ fn with_fresh_name<T>(
 /// Creates a new temporary file beside `path` (in the same directory, so it can be
 /// renamed over `path`), never following or reusing an existing name. Returns its path.
 pub(crate) fn create_temp_beside(path: &Path) -> io::Result<(PathBuf, File)> {
+    create_temp_beside_mode(path, 0o666)
+}
+
+/// [`create_temp_beside`] with permission bits `mode` from the moment the file exists
+/// (less the umask), so a private file is never readable by others, not even empty.
+fn create_temp_beside_mode(path: &Path, mode: u32) -> io::Result<(PathBuf, File)> {
     let name = path.file_name().unwrap_or(OsStr::new("tessera"));
     let (tmp, file) = with_fresh_name(name, |tmp| {
         OpenOptions::new()
             .write(true)
             .create_new(true)
+            .mode(mode)
             .custom_flags(libc::O_NOFOLLOW)
             .open(path.with_file_name(tmp))
     })?;
     Ok((path.with_file_name(tmp), file))
 }
 
+/// The directory holding `path`: its parent, or `.` for a bare name.
+pub(crate) fn dir_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    }
+}
+
+/// Makes the creations, renames and removals of names in the directory holding `path`
+/// durable (`fsync` of the directory).
+pub(crate) fn sync_dir_of(path: &Path) -> io::Result<()> {
+    File::open(dir_of(path))?.sync_all()
+}
+
 /// Creates a new temporary file in the directory open as `dir`, for a file that will be
 /// renamed to `name` there; returns its name (relative to `dir`).
 pub(crate) fn create_temp_in(dir: &File, name: &OsStr) -> io::Result<(OsString, File)> {
     with_fresh_name(name, |tmp| crate::sys::open_at(dir, tmp, TEMP_FLAGS, 0o666))
+}
+
+/// Temporary files older than this are debris of a killed or cut process, not files in
+/// the making.
+const STALE_TEMP: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Deletes what a killed or cut run left beside `path`: regular files named exactly as
+/// [`temp_path_for`] names them (`.NAME.tmp.` and 16 hex digits) and untouched for an
+/// hour (younger ones may be another process's file in the making). Links and other
+/// names are left alone; removing a name never follows a link. Best effort.
+pub(crate) fn remove_stale_temps(path: &Path) {
+    let Some(name) = path.file_name() else {
+        return;
+    };
+    let prefix = format!(".{}.tmp.", name.to_string_lossy());
+    let Ok(entries) = fs::read_dir(dir_of(path)) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let n = e.file_name();
+        let n = n.to_string_lossy();
+        let ours = n
+            .strip_prefix(&prefix)
+            .is_some_and(|r| r.len() == 16 && r.bytes().all(|b| b.is_ascii_hexdigit()));
+        // `DirEntry::metadata` does not follow a link.
+        let stale = |m: fs::Metadata| {
+            m.is_file()
+                && m.modified()
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > STALE_TEMP)
+        };
+        if ours && e.metadata().is_ok_and(stale) {
+            let _ = fs::remove_file(e.path());
+        }
+    }
 }
 
 /// Refuses a user-named output `path` that is a symbolic link: tessera replaces output
@@ -124,22 +181,61 @@ pub(crate) fn refuse_symlink(path: &Path, what: &str) -> Result<()> {
 
 /// Writes `bytes` to `path` atomically: a new temporary file beside it (created
 /// `O_EXCL | O_NOFOLLOW` under a random name), fsync, rename, then fsync of the
-/// directory. Readers see the old file or the whole new one.
+/// directory (`.` for a bare name). Readers see the old file or the whole new one, and
+/// once it returns the new file survives a power cut.
 ///
 /// # Errors
 /// [`Error::InvalidInput`] if `path` is a symbolic link (see the module documentation);
 /// [`Error::Io`] naming the path.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_file(path, bytes, &Output::default())
+}
+
+/// How [`write_file`] places a file.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Output {
+    /// Permission bits: `0o600` for a secret (exactly, whatever the umask), else `0o666`
+    /// less the umask.
+    pub mode: u32,
+    /// Replace an existing file; without it an existing name (a dangling link included)
+    /// is an `AlreadyExists` error and nothing is written.
+    pub replace: bool,
+}
+
+impl Default for Output {
+    fn default() -> Output {
+        Output {
+            mode: 0o666,
+            replace: true,
+        }
+    }
+}
+
+/// Writes `bytes` to `path` as [`write_atomic`] does, with the mode and replacement
+/// rule of `how`. A file created private (`mode` without group or other bits) keeps
+/// exactly `mode` whatever the umask, and is never readable by others at any point.
+///
+/// # Errors
+/// As [`write_atomic`]; [`Error::Io`] of kind `AlreadyExists` when `path` exists and
+/// `how.replace` is false.
+pub(crate) fn write_file(path: &Path, bytes: &[u8], how: &Output) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
     refuse_symlink(path, "output")?;
-    let (tmp, mut f) = create_temp_beside(path).map_err(|e| Error::io("writing", path, e))?;
+    remove_stale_temps(path);
+    let (tmp, mut f) =
+        create_temp_beside_mode(path, how.mode).map_err(|e| Error::io("writing", path, e))?;
     let result = (|| {
+        if how.mode & 0o077 == 0 {
+            f.set_permissions(fs::Permissions::from_mode(how.mode))?;
+        }
         f.write_all(bytes)?;
         f.sync_all()?;
-        fs::rename(&tmp, path)?;
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            File::open(dir)?.sync_all()?;
+        if how.replace {
+            fs::rename(&tmp, path)?;
+        } else {
+            crate::sys::rename_noreplace(&tmp, path)?;
         }
-        Ok(())
+        sync_dir_of(path)
     })();
     result.map_err(|e| {
         let _ = fs::remove_file(&tmp);
@@ -248,5 +344,45 @@ mod tests {
             fs::read(&victim).unwrap() == b"precious",
             "the victim was written"
         );
+    }
+
+    /// What a cut run left (an old temporary file of the output's shape) is removed by
+    /// the next write of that output; a young one (another process's, in the making), a
+    /// link of that shape and other names are not, and the link's target is untouched.
+    #[test]
+    fn stale_temporary_files_of_an_output_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = |n: &str| dir.path().join(n);
+        let out = p("out.tidx");
+        let old = p(".out.tidx.tmp.00112233445566aa");
+        let young = p(".out.tidx.tmp.00112233445566bb");
+        let link = p(".out.tidx.tmp.00112233445566cc");
+        let other = p(".out.tidx.tmp.notours");
+        for f in [&old, &young, &other] {
+            fs::write(f, b"half").unwrap();
+        }
+        fs::write(p("victim"), b"precious").unwrap();
+        symlink(p("victim"), &link).unwrap();
+        let hours_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+        File::options()
+            .write(true)
+            .open(&old)
+            .unwrap()
+            .set_modified(hours_ago)
+            .unwrap();
+        File::options()
+            .write(true)
+            .open(p("victim"))
+            .unwrap()
+            .set_modified(hours_ago)
+            .unwrap();
+        write_atomic(&out, b"index").unwrap();
+        assert!(!old.exists(), "debris of a cut run is left");
+        assert!(young.exists() && other.exists());
+        assert!(fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(fs::read(p("victim")).unwrap(), b"precious");
     }
 }

@@ -74,8 +74,16 @@ pub(crate) fn syncfs(path: &Path) -> io::Result<()> {
 }
 
 /// Renames `from` to `to` unless `to` exists (then `AlreadyExists`). Falls back to
-/// link + unlink on filesystems without `RENAME_NOREPLACE`.
+/// link + unlink on file systems without `RENAME_NOREPLACE`, and, on those without hard
+/// links either (many FUSE file systems, network shares), to a check then a plain rename.
 pub(crate) fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    rename_noreplace_with(from, to, renameat2_noreplace, |f, t| {
+        std::fs::hard_link(f, t)
+    })
+}
+
+/// `renameat2(from, to, RENAME_NOREPLACE)`.
+fn renameat2_noreplace(from: &Path, to: &Path) -> io::Result<()> {
     let cstr = |p: &Path| {
         CString::new(p.as_os_str().as_bytes())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))
@@ -95,12 +103,65 @@ pub(crate) fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
     if rc == 0 {
         return Ok(());
     }
-    let err = io::Error::last_os_error();
-    if err.raw_os_error() == Some(libc::EINVAL) {
-        std::fs::hard_link(from, to)?;
-        return std::fs::remove_file(from);
+    Err(io::Error::last_os_error())
+}
+
+/// [`rename_noreplace`] with its two primitives given, so the fallbacks can be tested.
+fn rename_noreplace_with(
+    from: &Path,
+    to: &Path,
+    rename2: impl Fn(&Path, &Path) -> io::Result<()>,
+    link: impl Fn(&Path, &Path) -> io::Result<()>,
+) -> io::Result<()> {
+    match rename2(from, to) {
+        Ok(()) => return Ok(()),
+        // Flags unsupported by this file system (EINVAL) or kernel (ENOSYS).
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) => {}
+        Err(e) => return Err(e),
     }
-    Err(err)
+    let exists = || match std::fs::symlink_metadata(to) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    };
+    noreplace_fallback(
+        || link(from, to),
+        || std::fs::remove_file(from),
+        exists,
+        || std::fs::rename(from, to),
+    )
+}
+
+/// What a rename without replacing does where `RENAME_NOREPLACE` is missing: hard-link
+/// then unlink the old name; where hard links are missing too (EPERM, EOPNOTSUPP, ENOSYS,
+/// or EROFS from a FUSE file system's defaults), check that the new name is free, then
+/// rename. That last step is not atomic: a name appearing in between is replaced; the
+/// names renamed this way are tessera's own, in a directory the caller chose.
+fn noreplace_fallback(
+    link: impl FnOnce() -> io::Result<()>,
+    unlink_from: impl FnOnce() -> io::Result<()>,
+    exists: impl FnOnce() -> io::Result<bool>,
+    rename: impl FnOnce() -> io::Result<()>,
+) -> io::Result<()> {
+    match link() {
+        Ok(()) => return unlink_from(),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Err(e),
+        // The rename below reports a real failure itself.
+        Err(_) => {}
+    }
+    if exists()? {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "destination exists",
+        ));
+    }
+    rename()
+}
+
+/// The effective user id of this process.
+pub(crate) fn euid() -> u32 {
+    // SAFETY: geteuid takes no arguments and cannot fail.
+    unsafe { libc::geteuid() }
 }
 
 fn c_name(name: &OsStr) -> io::Result<CString> {
@@ -163,14 +224,50 @@ pub(crate) fn rename_at(dir: &File, from: &OsStr, to: &OsStr, replace: bool) -> 
         return Ok(());
     }
     let err = io::Error::last_os_error();
-    if !replace && err.raw_os_error() == Some(libc::EINVAL) {
-        // SAFETY: as above; linkat with flags 0 does not follow a symlink at `from`.
-        let rc =
-            unsafe { libc::linkat(dir.as_raw_fd(), f.as_ptr(), dir.as_raw_fd(), t.as_ptr(), 0) };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        return unlink_at(dir, from);
+    if !replace && matches!(err.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) {
+        let link = || {
+            // SAFETY: as above; linkat with flags 0 does not follow a symlink at `from`.
+            let rc = unsafe {
+                libc::linkat(dir.as_raw_fd(), f.as_ptr(), dir.as_raw_fd(), t.as_ptr(), 0)
+            };
+            if rc == 0 {
+                Ok(())
+            } else {
+                Err(io::Error::last_os_error())
+            }
+        };
+        let exists = || {
+            let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+            // SAFETY: `t` is a valid NUL-terminated string, `st` is writable stat
+            // storage, the dir fd is open; AT_SYMLINK_NOFOLLOW inspects a link itself.
+            let rc = unsafe {
+                libc::fstatat(
+                    dir.as_raw_fd(),
+                    t.as_ptr(),
+                    st.as_mut_ptr(),
+                    libc::AT_SYMLINK_NOFOLLOW,
+                )
+            };
+            if rc == 0 {
+                return Ok(true);
+            }
+            let err = io::Error::last_os_error();
+            match err.kind() {
+                io::ErrorKind::NotFound => Ok(false),
+                _ => Err(err),
+            }
+        };
+        let rename = || {
+            // SAFETY: as for renameat2 above.
+            let rc =
+                unsafe { libc::renameat(dir.as_raw_fd(), f.as_ptr(), dir.as_raw_fd(), t.as_ptr()) };
+            if rc == 0 {
+                Ok(())
+            } else {
+                Err(io::Error::last_os_error())
+            }
+        };
+        return noreplace_fallback(link, || unlink_at(dir, from), exists, rename);
     }
     Err(err)
 }
@@ -204,4 +301,39 @@ pub(crate) fn random_bytes(buf: &mut [u8]) -> io::Result<()> {
         filled += n as usize;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file system with neither `RENAME_NOREPLACE` nor hard links (a FUSE file system
+    /// answering EINVAL and EROFS, as fusepy's defaults do) still gets the rename, and
+    /// still never replaces an existing name.
+    #[test]
+    fn rename_noreplace_works_without_flags_or_hard_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let (from, to) = (dir.path().join("from"), dir.path().join("to"));
+        std::fs::write(&from, b"new").unwrap();
+        let no_flags = |_: &Path, _: &Path| Err(io::Error::from_raw_os_error(libc::EINVAL));
+        let no_links = |_: &Path, _: &Path| Err(io::Error::from_raw_os_error(libc::EROFS));
+        rename_noreplace_with(&from, &to, no_flags, no_links).unwrap();
+        assert_eq!(std::fs::read(&to).unwrap(), b"new");
+        assert!(!from.exists());
+
+        std::fs::write(&from, b"newer").unwrap();
+        let e = rename_noreplace_with(&from, &to, no_flags, no_links).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists, "{e}");
+        assert_eq!(
+            std::fs::read(&to).unwrap(),
+            b"new",
+            "an existing name was replaced"
+        );
+        // A dangling link is a name too.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(dir.path().join("nowhere"), &link).unwrap();
+        let e = rename_noreplace_with(&from, &link, no_flags, no_links).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists, "{e}");
+        assert!(!dir.path().join("nowhere").exists());
+    }
 }

@@ -7,8 +7,9 @@ use crate::output::Output;
 
 /// Create a minisign key pair for signing indexes.
 ///
-/// The secret key is written unencrypted (readable by its owner only), for automated
-/// release pipelines; keep it off the devices. The public key goes to every device or
+/// The secret key is written unencrypted (mode 0600 whatever the umask), for automated
+/// release pipelines; keep it off the devices. Each file is written whole and synced
+/// before it appears under its name; a symbolic link at either path is refused. The public key goes to every device or
 /// host, which then passes it as --trusted-key. Both files are standard minisign keys:
 /// `minisign -S -s SEC` and `minisign -V -p PUB` accept them.
 #[derive(clap::Args, Debug)]

@@ -227,6 +227,7 @@ impl Overlay {
     /// Creates a new overlay file at `path` (see [`Overlay::open`]).
     fn create(path: &Path, index: &Index) -> Result<Overlay> {
         let len = overlay_len(&path.display().to_string(), index)?;
+        crate::fsutil::remove_stale_temps(path);
         let tmp = crate::fsutil::temp_path_for(path);
         let file = OpenOptions::new()
             .read(true)

@@ -22,6 +22,9 @@
 //! eviction, refused when reading (`O_NOFOLLOW`, and the directories above checked not to
 //! be links), and never written through (temporary files are created with
 //! `O_EXCL|O_NOFOLLOW` under a random name, then renamed without replacing anything).
+//! Writes and removals work by name inside the fan-out directory, reached from the cache
+//! root with `O_NOFOLLOW|O_DIRECTORY` at `chunks` and at `XX`: a directory swapped for a
+//! link at any moment (after a scan, say) never redirects them elsewhere.
 //!
 //! Cache files are not synced: after a power cut a file may be missing, empty or cut
 //! short. Each is verified when used, so such a file is a miss: it is deleted and the
@@ -151,7 +154,7 @@ impl CacheStore {
                 Some(Fetched { chunk, compressed })
             }
             Err(_) => {
-                let _ = fs::remove_file(&path);
+                let _ = remove_owned(self.local.root(), &path);
                 None
             }
         }
@@ -197,37 +200,54 @@ impl CacheStore {
 
     /// Writes a chunk file: a temporary file of a random name (`O_EXCL|O_NOFOLLOW`),
     /// renamed into place unless the chunk file exists. Returns whether it was written.
+    /// Everything happens inside the fan-out directory reached from the cache root with
+    /// `O_NOFOLLOW | O_DIRECTORY` (at `chunks` and at `XX`), so nothing is created through
+    /// a directory swapped for a link, whenever that happens.
     fn insert(&self, id: &ChunkId, compressed: &[u8]) -> io::Result<bool> {
+        use std::ffi::OsStr;
         let path = self.local.path_of(id);
-        let fan = path.parent().expect("chunk paths have a parent");
-        if fs::symlink_metadata(fan).is_err() {
-            fs::create_dir_all(fan)?;
-        }
-        if !self.owned_fan(fan) {
-            return Err(io::Error::other("not a directory of the cache"));
-        }
-        let name = path
-            .file_name()
-            .expect("chunk paths have a name")
-            .to_string_lossy();
-        let tmp = fan.join(format!(
-            ".{name}{TEMP_TAG}{}",
+        let name = path.file_name().expect("chunk paths have a name");
+        let fan_name = path
+            .parent()
+            .and_then(Path::file_name)
+            .expect("chunk paths have a fan-out directory");
+        let dirs = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW;
+        let root = File::open(self.local.root())?;
+        let chunks = match crate::sys::open_at(&root, OsStr::new("chunks"), dirs, 0) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                match crate::sys::mkdir_at(&root, OsStr::new("chunks"), 0o755) {
+                    Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+                    _ => {}
+                }
+                crate::sys::open_at(&root, OsStr::new("chunks"), dirs, 0)?
+            }
+            other => other?,
+        };
+        let fan = match crate::sys::open_at(&chunks, fan_name, dirs, 0) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                match crate::sys::mkdir_at(&chunks, fan_name, 0o755) {
+                    Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+                    _ => {}
+                }
+                crate::sys::open_at(&chunks, fan_name, dirs, 0)?
+            }
+            other => other?,
+        };
+        let tmp = std::ffi::OsString::from(format!(
+            ".{}{TEMP_TAG}{}",
+            name.to_string_lossy(),
             crate::sync::fs::random_suffix()
         ));
+        let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW;
         let written = (|| {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o644)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(&tmp)?;
+            let mut f = crate::sys::open_at(&fan, &tmp, flags, 0o644)?;
             f.write_all(compressed)?;
-            crate::sys::rename_noreplace(&tmp, &path)
+            crate::sys::rename_at(&fan, &tmp, name, false)
         })();
         match written {
             Ok(()) => Ok(true),
             Err(e) => {
-                let _ = fs::remove_file(&tmp);
+                let _ = crate::sys::unlink_at(&fan, &tmp);
                 if e.kind() == io::ErrorKind::AlreadyExists {
                     Ok(false)
                 } else {
@@ -271,7 +291,7 @@ impl CacheStore {
                     if total <= low {
                         break;
                     }
-                    match fs::remove_file(&f.path) {
+                    match remove_owned(self.local.root(), &f.path) {
                         Ok(()) => total -= f.len,
                         Err(e) if e.kind() == io::ErrorKind::NotFound => total -= f.len,
                         Err(_) => {}
@@ -375,6 +395,21 @@ impl ChunkStore for CacheStore {
     }
 }
 
+/// Removes the cache's file `root/chunks/XX/NAME` (`path`) by name inside its fan-out
+/// directory, reached from `root` with `O_NOFOLLOW | O_DIRECTORY` at `chunks` and at `XX`:
+/// should either have been swapped for a symbolic link since the scan, nothing is removed
+/// (`ELOOP`/`ENOTDIR`), never a file of the same name elsewhere.
+fn remove_owned(root: &Path, path: &Path) -> io::Result<()> {
+    let bad = || io::Error::new(io::ErrorKind::InvalidInput, "not a cache file path");
+    let name = path.file_name().ok_or_else(bad)?;
+    let fan = path.parent().and_then(Path::file_name).ok_or_else(bad)?;
+    let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW;
+    let root = File::open(root)?;
+    let chunks = crate::sys::open_at(&root, "chunks".as_ref(), flags, 0)?;
+    let fan = crate::sys::open_at(&chunks, fan, flags, 0)?;
+    crate::sys::unlink_at(&fan, name)
+}
+
 struct CachedFile {
     path: PathBuf,
     len: u64,
@@ -416,7 +451,7 @@ fn scan(root: &Path) -> Result<Vec<CachedFile>> {
             if temp_file_name(&name, &fan) {
                 // Another process's file in the making, or debris of a killed one.
                 if mtime.elapsed().is_ok_and(|age| age > STALE_TEMP) {
-                    let _ = fs::remove_file(f.path());
+                    let _ = remove_owned(root, &f.path());
                 }
                 continue;
             }
@@ -678,5 +713,36 @@ mod tests {
         assert_eq!(fs::read(&foreign).unwrap(), b"mine");
         assert_eq!(fs::read(&old_dot).unwrap(), b"mine");
         assert!(chunks.is_dir());
+    }
+
+    /// The eviction removes what its scan found by name inside the directories it
+    /// scanned: a fan-out directory swapped for a link after the scan (another user's
+    /// race) never redirects the removal to a file of the same name elsewhere.
+    #[test]
+    fn eviction_never_follows_a_directory_swapped_after_the_scan() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_counting, cache, es) = cache_over(dir.path(), 2, 1 << 30);
+        for e in &es {
+            cache.fetch(e).unwrap();
+        }
+        let files = scan(cache.dir()).unwrap();
+        assert_eq!(files.len(), 2);
+        let path = &files[0].path;
+        let fan = path.parent().unwrap();
+        // The fan-out directory moves away; a link to a directory holding a precious
+        // file of the same name takes its place.
+        let elsewhere = dir.path().join("elsewhere");
+        fs::create_dir(&elsewhere).unwrap();
+        let precious = elsewhere.join(path.file_name().unwrap());
+        fs::write(&precious, b"precious").unwrap();
+        fs::rename(fan, dir.path().join("moved")).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, fan).unwrap();
+        assert!(remove_owned(cache.dir(), path).is_err());
+        assert_eq!(fs::read(&precious).unwrap(), b"precious");
+        // In place, the same call removes the cache's file.
+        fs::remove_file(fan).unwrap();
+        fs::rename(dir.path().join("moved"), fan).unwrap();
+        remove_owned(cache.dir(), path).unwrap();
+        assert!(!path.exists());
     }
 }

@@ -49,6 +49,10 @@ pub trait FsFile: WriteAt {
     fn node(&self) -> (u64, u64);
     /// The name it is known by after a rename (for messages).
     fn renamed(&mut self, path: &Path);
+    /// The user id owning it, where the file system has owners (`None`: unknown).
+    fn owner(&self) -> Option<u32> {
+        None
+    }
 }
 
 /// The file-system operations of a sync. Every error names the path involved.
@@ -95,11 +99,13 @@ pub trait Fs: Sync {
     /// # Errors
     /// [`Error::Io`] naming the directory.
     fn sync_dir(&self, dir: &Path) -> Result<()>;
-    /// Creates `dir` and its missing parents.
+    /// Creates the directory `dir` with permission bits `mode` (less the umask); fails
+    /// with `AlreadyExists` when anything is at `dir`, and `NotFound` when its parent is
+    /// missing. Not durable before [`Fs::sync_dir`] of its parent.
     ///
     /// # Errors
     /// [`Error::Io`] naming the directory.
-    fn create_dir_all(&self, dir: &Path) -> Result<()>;
+    fn create_dir(&self, dir: &Path, mode: u32) -> Result<()>;
     /// The names in `dir`.
     ///
     /// # Errors
@@ -168,8 +174,12 @@ impl Fs for RealFs {
             .map_err(|e| Error::io("syncing directory", dir, e))
     }
 
-    fn create_dir_all(&self, dir: &Path) -> Result<()> {
-        fs::create_dir_all(dir).map_err(|e| Error::io("creating directory", dir, e))
+    fn create_dir(&self, dir: &Path, mode: u32) -> Result<()> {
+        use std::os::unix::fs::DirBuilderExt;
+        fs::DirBuilder::new()
+            .mode(mode)
+            .create(dir)
+            .map_err(|e| Error::io("creating directory", dir, e))
     }
 
     fn list_dir(&self, dir: &Path) -> Result<Vec<OsString>> {
@@ -209,6 +219,37 @@ pub(crate) fn split_path(path: &Path) -> Result<(PathBuf, &OsStr)> {
         _ => PathBuf::from("."),
     };
     Ok((dir, name))
+}
+
+/// Creates `dir` and its missing parents, private to the user (mode 0700: a journal
+/// names devices and plans), durably: each new directory's entry is synced in its parent
+/// before anything is put in it, so a power cut never takes a synced journal away with a
+/// directory that was not. Existing directories are left as they are.
+///
+/// # Errors
+/// [`Error::Io`] naming the directory that could not be created or synced.
+pub(crate) fn create_dir_durably<F: Fs>(fs: &F, dir: &Path) -> Result<()> {
+    let created = match fs.create_dir(dir, 0o700) {
+        Ok(()) => true,
+        Err(e) if is_io_kind(&e, io::ErrorKind::AlreadyExists) => false,
+        Err(e) if is_io_kind(&e, io::ErrorKind::NotFound) => {
+            match dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                Some(parent) => create_dir_durably(fs, parent)?,
+                None => return Err(e),
+            }
+            match fs.create_dir(dir, 0o700) {
+                Ok(()) => true,
+                Err(e) if is_io_kind(&e, io::ErrorKind::AlreadyExists) => false,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(e) => return Err(e),
+    };
+    if created {
+        let (parent, _) = split_path(dir)?;
+        fs.sync_dir(&parent)?;
+    }
+    Ok(())
 }
 
 /// The prefix of the temporary names of `name`: `.NAME.tessera-new.`.

@@ -23,7 +23,9 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-use super::fs::{is_errno, is_io_kind, remove_temp_debris, temp_path, Fs, FsFile, RealFs};
+use super::fs::{
+    create_dir_durably, is_errno, is_io_kind, remove_temp_debris, temp_path, Fs, FsFile, RealFs,
+};
 use super::io::{ReadAt, WriteAt};
 use super::plan::{Op, Phase, Source, Stash};
 use crate::device::DeviceKind;
@@ -79,7 +81,8 @@ pub trait JournalIo: Send {
 ///
 /// The file is never reached through a symbolic link (`O_NOFOLLOW`: a link at its path is
 /// an error), and an existing file that is not a journal (it is neither empty nor starts
-/// with the magic) is refused, never overwritten. A new journal is written whole under a
+/// with the magic) is refused, never overwritten. A journal owned by another user is
+/// never resumed or written into: it is replaced by a new one of ours. A new journal is written whole under a
 /// temporary name (`O_EXCL|O_NOFOLLOW`, mode 0600, random suffix), synced and renamed into
 /// place ([`JournalIo::replace`]), so the file at the journal's path always starts with a
 /// complete header.
@@ -129,7 +132,7 @@ impl<'a, F: Fs> FileJournal<'a, F> {
     /// The open journal, created (exclusively) if it does not exist yet.
     fn file(&mut self) -> Result<&F::File> {
         if self.file.is_none() {
-            self.fs.create_dir_all(&self.dir())?;
+            create_dir_durably(self.fs, &self.dir())?;
             let f = self.fs.create_new(&self.path, 0o600).map_err(|e| {
                 if is_io_kind(&e, io::ErrorKind::AlreadyExists) {
                     Error::InvalidInput(format!(
@@ -196,10 +199,15 @@ impl<F: Fs> JournalIo for FileJournal<'_, F> {
                 self.path.display()
             )));
         }
+        self.checked = true;
+        if f.owner().is_some_and(|uid| uid != crate::sys::euid()) {
+            // Someone else's file (planted in a directory others may write, say): never
+            // resumed or appended to. A fresh plan replaces it with a journal of ours.
+            return Ok(Vec::new());
+        }
         let mut bytes = vec![0u8; len];
         f.read_exact_at(&mut bytes, 0)?;
         self.file = Some(f);
-        self.checked = true;
         Ok(bytes)
     }
 
@@ -235,7 +243,7 @@ impl<F: Fs> JournalIo for FileJournal<'_, F> {
             self.load()?;
         }
         let dir = self.dir();
-        self.fs.create_dir_all(&dir)?;
+        create_dir_durably(self.fs, &dir)?;
         remove_temp_debris(self.fs, &self.path);
         let tmp = temp_path(&self.path)?;
         let mut f = self.write_temp(&tmp, bytes).inspect_err(|_| {

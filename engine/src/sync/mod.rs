@@ -163,7 +163,9 @@ pub fn sync(
 /// Where the journal of a sync into `target` lives by default: beside a regular file (a
 /// hidden `.NAME.tessera-journal`), and for a block device under the state directory
 /// (`$TESSERA_STATE_DIR`, else `$XDG_STATE_HOME/tessera`, else `~/.local/state/tessera`,
-/// else `/var/lib/tessera`) in `journal/`, named after the device path.
+/// else `/var/lib/tessera`) in `journal/`, named after the device path. That directory is
+/// created with mode 0700 and must be a real directory owned by this user and writable by
+/// no one else, or [`sync_with`] refuses to run.
 pub fn default_journal_path(target: &Path) -> PathBuf {
     let is_block = stdfs::metadata(target).is_ok_and(|m| m.file_type().is_block_device());
     if !is_block {
@@ -195,6 +197,39 @@ fn state_dir() -> PathBuf {
         .or_else(|| env("XDG_STATE_HOME").map(|d| d.join("tessera")))
         .or_else(|| env("HOME").map(|d| d.join(".local/state/tessera")))
         .unwrap_or_else(|| PathBuf::from("/var/lib/tessera"))
+}
+
+/// Refuses a journal directory that others could change: it must be a directory itself
+/// (not a symbolic link), owned by this user, and writable by no one else. A missing one
+/// is fine (nothing is created by a dry run).
+fn check_private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let m = match stdfs::symlink_metadata(dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io("inspecting journal directory", dir, e)),
+    };
+    let euid = crate::sys::euid();
+    let found = if m.file_type().is_symlink() {
+        Some("a symbolic link".to_string())
+    } else if !m.is_dir() {
+        Some("not a directory".to_string())
+    } else if m.uid() != euid {
+        Some(format!("owned by uid {}", m.uid()))
+    } else if m.mode() & 0o022 != 0 {
+        Some(format!("mode {:o}, writable by others", m.mode() & 0o7777))
+    } else {
+        None
+    };
+    match found {
+        None => Ok(()),
+        Some(found) => Err(Error::InvalidInput(format!(
+            "journal directory {} is {found}: it must be a real directory owned by uid \
+             {euid} and writable by no one else, since whoever can change it can replace \
+             the journal (fix or remove it, or name a journal with --journal)",
+            dir.display()
+        ))),
+    }
 }
 
 /// Identity of an open file or device across runs: path, inode (or device number), size.
@@ -305,10 +340,25 @@ pub fn sync_with_fs<F: Fs>(
             index: *index,
         })
         .collect();
-    let journal_path = opts
-        .journal
-        .clone()
-        .unwrap_or_else(|| default_journal_path(target));
+    let journal_path = match &opts.journal {
+        Some(p) => p.clone(),
+        None => {
+            let path = default_journal_path(target);
+            if device
+                .as_ref()
+                .is_some_and(|d| d.kind() == DeviceKind::BlockDevice)
+            {
+                // The state directory's `journal/` is tessera's own: made private and
+                // durable here, and refused if others could replace what is in it.
+                let (dir, _) = self::fs::split_path(&path)?;
+                if !opts.dry_run {
+                    self::fs::create_dir_durably(fs, &dir)?;
+                }
+                check_private_dir(&dir)?;
+            }
+            path
+        }
+    };
     let mut journal = FileJournal::with_fs(fs, journal_path);
     let io = SyncIo {
         target: target_io,

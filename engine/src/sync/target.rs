@@ -16,6 +16,10 @@
 //!
 //! Temporary names of a killed run are deleted whenever a file target is opened for
 //! writing: only names of that exact shape, beside that target.
+//!
+//! A target named through a symbolic link is followed (`/dev/disk/by-partlabel/…`), unless
+//! another user planted that link in a world-writable sticky directory (the rule of
+//! `fs.protected_symlinks`, applied whatever that setting).
 
 use std::path::Path;
 
@@ -45,6 +49,7 @@ pub fn open_target<F: Fs>(
     image_size: u64,
     exclusive: bool,
 ) -> Result<OpenTarget<F::File>> {
+    refuse_planted_link(path)?;
     match fs.open_rw(path, exclusive) {
         Ok(file) => {
             if file.kind() == DeviceKind::File {
@@ -65,6 +70,39 @@ pub fn open_target<F: Fs>(
         Err(e) if is_errno(&e, libc::EBUSY) => Err(busy_error(path)),
         Err(e) => Err(e),
     }
+}
+
+/// Refuses a target path that is a symbolic link another user planted in a shared
+/// directory (world-writable and sticky, such as `/tmp`): the rule Linux applies itself
+/// with `fs.protected_symlinks = 1`, checked here whatever that setting, so a planted link
+/// never makes tessera write an image over the file it names. Links owned by this user or
+/// by the directory's owner (`/dev/disk/by-*`, a slot link of one's own) are followed.
+///
+/// # Errors
+/// [`Error::InvalidInput`] naming the link, its owner and the directory.
+fn refuse_planted_link(path: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(link) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    if !link.file_type().is_symlink() {
+        return Ok(());
+    }
+    let (dir, _) = split_path(path)?;
+    let Ok(d) = std::fs::metadata(&dir) else {
+        return Ok(());
+    };
+    let shared = d.mode() & 0o1002 == 0o1002;
+    if shared && link.uid() != crate::sys::euid() && link.uid() != d.uid() {
+        return Err(Error::InvalidInput(format!(
+            "target {} is a symbolic link owned by uid {} in the shared directory {} \
+             (world-writable, sticky): refusing to follow it (name the file it points to)",
+            path.display(),
+            link.uid(),
+            dir.display()
+        )));
+    }
+    Ok(())
 }
 
 /// Creates the target durably at its full size: temporary name, size, fsync, rename,

@@ -18,7 +18,7 @@
 //! use; signing and key generation use the `minisign` crate.
 
 use std::fmt;
-use std::io::{Cursor, Write};
+use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
@@ -322,21 +322,29 @@ fn minisign_unencrypted_key(text: &str) -> Option<minisign::SecretKey> {
 }
 
 /// Generates an unencrypted key pair and writes both minisign key files; the secret key
-/// file is readable by its owner only. Refuses to replace existing files unless
-/// `overwrite`.
+/// file has mode 0600 whatever the umask, and is never readable by others, not even for
+/// a moment. Each file is written whole under a random temporary name
+/// (`O_EXCL|O_NOFOLLOW`), synced, renamed into place and its directory synced. A symbolic
+/// link at either path is refused (never followed, whether it dangles or not). Existing
+/// files are replaced only with `overwrite` (and never a file that appears meanwhile
+/// without it).
 ///
 /// # Errors
-/// [`Error::InvalidInput`] if a file exists and `overwrite` is false; [`Error::Io`].
+/// [`Error::InvalidInput`] if a path is a symbolic link, or exists and `overwrite` is
+/// false; [`Error::Io`].
 pub fn generate_keypair(secret: &Path, public: &Path, overwrite: bool) -> Result<KeyId> {
-    use std::os::unix::fs::OpenOptionsExt;
-    if !overwrite {
-        for p in [secret, public] {
-            if p.exists() {
-                return Err(Error::InvalidInput(format!(
-                    "{} already exists; refusing to replace a key (use --force)",
-                    p.display()
-                )));
-            }
+    use crate::fsutil::{refuse_symlink, write_file, Output};
+    use crate::sync::fs::is_io_kind;
+    let exists = |p: &Path| {
+        Error::InvalidInput(format!(
+            "{} already exists; refusing to replace a key (use --force)",
+            p.display()
+        ))
+    };
+    for (p, what) in [(secret, "secret key"), (public, "public key")] {
+        refuse_symlink(p, what)?;
+        if !overwrite && std::fs::symlink_metadata(p).is_ok() {
+            return Err(exists(p));
         }
     }
     let failed = |e: minisign::PError| Error::InvalidInput(format!("generating a key pair: {e}"));
@@ -349,17 +357,21 @@ pub fn generate_keypair(secret: &Path, public: &Path, overwrite: bool) -> Result
         .map_err(failed)?
         .into_string();
     let pk_text = pair.pk.to_box().map_err(failed)?.into_string();
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(secret)
-        .map_err(|e| Error::io("creating secret key", secret, e))?;
-    file.write_all(sk_text.as_bytes())
-        .and_then(|()| file.sync_all())
-        .map_err(|e| Error::io("writing secret key", secret, e))?;
-    crate::write_atomic(public, pk_text.as_bytes())?;
+    let place = |p: &Path, text: &str, mode: u32| {
+        let how = Output {
+            mode,
+            replace: overwrite,
+        };
+        write_file(p, text.as_bytes(), &how).map_err(|e| {
+            if is_io_kind(&e, std::io::ErrorKind::AlreadyExists) {
+                exists(p)
+            } else {
+                e
+            }
+        })
+    };
+    place(secret, &sk_text, 0o600)?;
+    place(public, &pk_text, 0o666)?;
     Ok(id)
 }
 
@@ -560,5 +572,45 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    /// Planted links at the key paths are never followed (dangling or not, forced or
+    /// not), and a forced key replaces a world-readable file with a 0600 one.
+    #[test]
+    fn keygen_never_writes_through_links_and_keeps_secrets_private() {
+        use std::os::unix::fs::{symlink, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let p = |n: &str| dir.path().join(n);
+        std::fs::write(p("victim"), b"precious").unwrap();
+        symlink(p("victim"), p("a.sec")).unwrap();
+        symlink(p("absent"), p("b.sec")).unwrap();
+        symlink(p("victim"), p("c.pub")).unwrap();
+        for force in [false, true] {
+            for (sk, pk) in [("a.sec", "a.pub"), ("b.sec", "b.pub"), ("c.sec", "c.pub")] {
+                let e = generate_keypair(&p(sk), &p(pk), force).unwrap_err();
+                assert!(e.to_string().contains("symbolic link"), "{e}");
+            }
+        }
+        assert_eq!(std::fs::read(p("victim")).unwrap(), b"precious");
+        assert!(!p("absent").exists(), "a dangling link was followed");
+        assert!(!p("a.pub").exists() && !p("c.sec").exists());
+
+        std::fs::write(p("d.sec"), b"old").unwrap();
+        std::fs::set_permissions(p("d.sec"), std::fs::Permissions::from_mode(0o644)).unwrap();
+        generate_keypair(&p("d.sec"), &p("d.pub"), true).unwrap();
+        let mode = std::fs::metadata(p("d.sec")).unwrap().permissions().mode();
+        assert_eq!(
+            mode & 0o777,
+            0o600,
+            "a forced secret key is readable by others"
+        );
+        assert!(SigningKey::load(&p("d.sec"), None).is_ok());
+        // No temporary file is left beside the keys.
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".tmp."))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 }

@@ -137,6 +137,7 @@ impl Sink {
             return Ok(Sink::Device(device));
         }
         refuse_symlink(path, "verity hash file")?;
+        crate::fsutil::remove_stale_temps(path);
         let (tmp, file) = create_temp_beside(path)
             .map_err(|e| Error::io("creating verity hash file beside", path, e))?;
         if let Err(e) = file.set_len(total) {
@@ -369,9 +370,12 @@ impl VerityBuilder {
             None => {}
             Some(Sink::Device(d)) => d.sync()?,
             Some(Sink::File { tmp, file }) => {
+                // Data, then the name, then the name durably: a power cut after
+                // success never loses the hash file or leaves a short one.
                 let placed = file
                     .sync_all()
-                    .and_then(|()| std::fs::rename(&tmp, &self.path));
+                    .and_then(|()| std::fs::rename(&tmp, &self.path))
+                    .and_then(|()| crate::fsutil::sync_dir_of(&self.path));
                 if let Err(e) = placed {
                     let _ = std::fs::remove_file(&tmp);
                     return Err(Error::io("writing verity hash file", &self.path, e));

@@ -162,3 +162,88 @@ fn a_file_shorter_than_the_image_is_grown_and_scanned() {
     assert_eq!(plan.bytes_in_place, r.bytes_in_place, "{plan:?}");
     assert_eq!(fs::read(&target).unwrap(), &image[..150_000]);
 }
+
+/// A journal at the path that belongs to another user (planted in a shared directory) is
+/// never resumed or appended to: it is replaced by a journal of this run, whose result is
+/// the image.
+#[test]
+fn a_journal_owned_by_another_user_is_never_resumed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, index, image) = setup();
+    let target = dir.path().join("t.img");
+    fs::write(&target, random_bytes(300_000, 14)).unwrap();
+    let journal = dir.path().join(".t.img.tessera-journal");
+    // A run that stops at a chunk missing from the store leaves a valid journal.
+    let id = index.chunks()[index.chunks().len() / 2].id;
+    let held = store.remove(&id).unwrap();
+    sync_with(
+        &index,
+        &target,
+        &store,
+        &SyncOptions::default(),
+        &NoProgress,
+    )
+    .unwrap_err();
+    assert!(journal.exists(), "the failed run left no journal");
+    store.insert(id, held);
+    // As another user's file, it is not resumed.
+    if let Err(e) = std::os::unix::fs::chown(&journal, Some(65534), Some(65534)) {
+        eprintln!("skipping: changing a file's owner needs root ({e})");
+        return;
+    }
+    let r = sync_with(
+        &index,
+        &target,
+        &store,
+        &SyncOptions::default(),
+        &NoProgress,
+    )
+    .unwrap();
+    assert!(!r.resumed, "another user's journal was resumed");
+    assert_eq!(fs::read(&target).unwrap(), image);
+    assert!(!journal.exists());
+}
+
+/// A symbolic link another user planted at the target's name in a shared directory
+/// (world-writable, sticky, like /tmp) is never followed, whatever
+/// `fs.protected_symlinks` says; a link of one's own there is.
+#[test]
+fn a_target_link_planted_by_another_user_in_a_shared_directory_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (store, index, image) = setup();
+    let shared = dir.path().join("shared");
+    fs::create_dir(&shared).unwrap();
+    fs::set_permissions(&shared, fs::Permissions::from_mode(0o1777)).unwrap();
+    let victim = dir.path().join("victim");
+    fs::write(&victim, b"precious").unwrap();
+    let target = shared.join("new.img");
+    symlink(&victim, &target).unwrap();
+    if let Err(e) = std::os::unix::fs::lchown(&target, Some(65534), Some(65534)) {
+        eprintln!("skipping: changing a link's owner needs root ({e})");
+        return;
+    }
+    let err = sync_with(
+        &index,
+        &target,
+        &store,
+        &SyncOptions::default(),
+        &NoProgress,
+    )
+    .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
+    assert!(err.to_string().contains("symbolic link"), "{err}");
+    assert_eq!(fs::read(&victim).unwrap(), b"precious");
+    // One's own link there is followed.
+    fs::remove_file(&target).unwrap();
+    symlink(&victim, &target).unwrap();
+    sync_with(
+        &index,
+        &target,
+        &store,
+        &SyncOptions::default(),
+        &NoProgress,
+    )
+    .unwrap();
+    assert_eq!(fs::read(&victim).unwrap(), image);
+}

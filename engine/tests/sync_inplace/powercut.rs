@@ -15,7 +15,7 @@
 //! with a leftover temporary file of an earlier cut), a fresh target filled from a seed, a
 //! file shorter than the image (grown), and a tiny scratch.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
 use std::fs;
 use std::io;
@@ -48,6 +48,38 @@ enum DirOp {
     Link(String, usize),
     Rename(String, String, usize),
     Unlink(String),
+    Mkdir(String),
+}
+
+impl DirOp {
+    /// The directory whose entries it changes.
+    fn dir(&self) -> String {
+        match self {
+            DirOp::Link(n, _) | DirOp::Rename(n, _, _) | DirOp::Unlink(n) | DirOp::Mkdir(n) => {
+                parent_of(n)
+            }
+        }
+    }
+}
+
+/// The directory of a rig path.
+fn parent_of(name: &str) -> String {
+    Path::new(name)
+        .parent()
+        .map_or_else(|| "/".into(), |p| p.to_string_lossy().into_owned())
+}
+
+/// Whether `name` and all its ancestors up to the rig's root are in `dirs` (the root
+/// always is).
+fn reachable(name: &str, dirs: &BTreeSet<String>) -> bool {
+    let mut p = parent_of(name);
+    while p != "/" {
+        if p != DIR && !dirs.contains(&p) {
+            return false;
+        }
+        p = parent_of(&p);
+    }
+    true
 }
 
 /// A file or block device of the rig.
@@ -67,7 +99,13 @@ struct State {
     names: BTreeMap<String, usize>,
     /// The directory as it survives a cut.
     durable_names: BTreeMap<String, usize>,
+    /// Directories below `DIR` (which always exists), as seen and as durable.
+    dirs: BTreeSet<String>,
+    durable_dirs: BTreeSet<String>,
     dir_log: Vec<DirOp>,
+    /// The journal's path: whenever the target is written, the journal (if there is
+    /// one) must be durable, its name and every directory above it included.
+    journal: Option<String>,
     /// Operations left before the cut; `None`: no cut planned.
     budget: Option<u64>,
     cut: bool,
@@ -160,9 +198,18 @@ impl Rig {
                 DirOp::Unlink(name) => {
                     names.remove(&name);
                 }
+                DirOp::Mkdir(dir) => {
+                    s.durable_dirs.insert(dir);
+                }
             }
         }
+        // What hangs below a directory whose own entry was lost is lost with it.
+        let dirs = s.durable_dirs.clone();
+        s.durable_dirs.retain(|d| reachable(d, &dirs));
+        let dirs = s.durable_dirs.clone();
+        s.durable_names.retain(|n, _| reachable(n, &dirs));
         s.names = s.durable_names.clone();
+        s.dirs = s.durable_dirs.clone();
         s.cut = false;
         s.budget = None;
     }
@@ -178,8 +225,13 @@ impl Rig {
         )
     }
 
-    fn names(&self) -> Vec<String> {
-        self.state.lock().unwrap().names.keys().cloned().collect()
+    /// The names as seen, and as durable.
+    fn names(&self) -> (Vec<String>, Vec<String>) {
+        let s = self.state.lock().unwrap();
+        (
+            s.names.keys().cloned().collect(),
+            s.durable_names.keys().cloned().collect(),
+        )
     }
 
     fn open(&self, path: &Path, writable: bool) -> Result<RigFile> {
@@ -231,6 +283,30 @@ struct RigFile {
 }
 
 impl RigFile {
+    /// Checks, before a write to the target, that the target's name and size and the
+    /// journal protecting the write are durable.
+    fn journal_durable(&self, s: &State) {
+        if self.name != TARGET {
+            return;
+        }
+        let t = &s.nodes[self.node];
+        assert!(
+            s.durable_names.get(TARGET) == Some(&self.node) && t.durable.len() == t.current.len(),
+            "the target is written before its name and size are durable"
+        );
+        let Some(j) = &s.journal else { return };
+        let Some(&node) = s.names.get(j) else { return };
+        assert!(
+            s.durable_names.get(j) == Some(&node) && reachable(j, &s.durable_dirs),
+            "the target is written while the journal {j} is not durably in its directory"
+        );
+        let n = &s.nodes[node];
+        assert!(
+            n.log.is_empty() && n.durable == n.current,
+            "the target is written while the journal {j} has unsynced changes"
+        );
+    }
+
     /// Runs a mutation of this node, counted against the budget.
     fn mutate(&self, f: impl FnOnce(&mut Node) -> Result<Option<Pending>>) -> Result<()> {
         let mut s = self.rig.state.lock().unwrap();
@@ -283,6 +359,7 @@ impl WriteAt for RigFile {
         self.rig.state.lock().unwrap().nodes[self.node].kind
     }
     fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.journal_durable(&self.rig.state.lock().unwrap());
         self.mutate(|n| {
             let end = offset as usize + buf.len();
             if n.current.len() < end {
@@ -294,6 +371,7 @@ impl WriteAt for RigFile {
         })
     }
     fn write_zeros(&self, offset: u64, len: u64) -> Result<()> {
+        self.journal_durable(&self.rig.state.lock().unwrap());
         self.mutate(|n| {
             let end = (offset + len) as usize;
             assert!(end <= n.current.len(), "zeros past the end of a target");
@@ -362,8 +440,11 @@ impl Fs for Rig {
     fn create_new(&self, path: &Path, _mode: u32) -> Result<RigFile> {
         let name = name_of(path);
         let node = self.dir_op(|s| {
-            if s.names.contains_key(&name) {
+            if s.names.contains_key(&name) || s.dirs.contains(&name) {
                 return Err(fs_error("creating", &name, io::ErrorKind::AlreadyExists));
+            }
+            if !reachable(&name, &s.dirs) {
+                return Err(fs_error("creating", &name, io::ErrorKind::NotFound));
             }
             let n = s.nodes.len();
             s.nodes.push(Node {
@@ -403,16 +484,37 @@ impl Fs for Rig {
         })
     }
     fn sync_dir(&self, dir: &Path) -> Result<()> {
-        assert_eq!(dir, Path::new(DIR), "the rig has one directory");
+        let dir = name_of(dir);
         self.dir_op(|s| {
-            s.durable_names = s.names.clone();
-            s.dir_log.clear();
+            assert!(
+                dir == DIR || s.dirs.contains(&dir),
+                "syncing {dir}, which does not exist"
+            );
+            let inside = |n: &String| parent_of(n) == dir;
+            let names = std::mem::take(&mut s.durable_names);
+            s.durable_names = names.into_iter().filter(|(n, _)| !inside(n)).collect();
+            let now: Vec<_> = s.names.iter().filter(|(n, _)| inside(n)).collect();
+            let now: Vec<(String, usize)> = now.into_iter().map(|(n, &i)| (n.clone(), i)).collect();
+            s.durable_names.extend(now);
+            s.durable_dirs.retain(|d| !inside(d));
+            let dirs: Vec<String> = s.dirs.iter().filter(|d| inside(d)).cloned().collect();
+            s.durable_dirs.extend(dirs);
+            s.dir_log.retain(|op| op.dir() != dir);
             Ok(((), None))
         })
     }
-    fn create_dir_all(&self, dir: &Path) -> Result<()> {
-        assert_eq!(dir, Path::new(DIR), "the rig has one directory");
-        Ok(())
+    fn create_dir(&self, dir: &Path, _mode: u32) -> Result<()> {
+        let dir = name_of(dir);
+        self.dir_op(|s| {
+            if dir == DIR || dir == "/" || s.dirs.contains(&dir) || s.names.contains_key(&dir) {
+                return Err(fs_error("creating", &dir, io::ErrorKind::AlreadyExists));
+            }
+            if !reachable(&dir, &s.dirs) {
+                return Err(fs_error("creating", &dir, io::ErrorKind::NotFound));
+            }
+            s.dirs.insert(dir.clone());
+            Ok(((), Some(DirOp::Mkdir(dir.clone()))))
+        })
     }
     fn list_dir(&self, dir: &Path) -> Result<Vec<OsString>> {
         let s = self.state.lock().unwrap();
@@ -450,7 +552,13 @@ struct Case {
     scratch: u64,
     /// The old image is a seed (`--seed`).
     old_as_seed: bool,
+    /// `--journal`, in directories that do not exist yet (as a block device's default
+    /// journal under a state directory used for the first time).
+    journal_in_new_dirs: bool,
 }
+
+/// The journal of a case with `journal_in_new_dirs`.
+const NESTED_JOURNAL: &str = "/rig/state/tessera/journal/target.journal";
 
 impl Case {
     fn new(pair: Pair, seed: u64, start: Start, kind: DeviceKind, scratch: u64) -> Case {
@@ -461,6 +569,19 @@ impl Case {
             kind,
             scratch,
             old_as_seed: false,
+            journal_in_new_dirs: false,
+        }
+    }
+
+    /// The journal's path.
+    fn journal(&self) -> PathBuf {
+        if self.journal_in_new_dirs {
+            NESTED_JOURNAL.into()
+        } else if self.kind == DeviceKind::BlockDevice {
+            "/rig/target.journal".into()
+        } else {
+            // A file's journal goes to its default place beside it.
+            "/rig/.target.tessera-journal".into()
         }
     }
 
@@ -481,6 +602,7 @@ impl Case {
         if self.old_as_seed {
             rig.add(SEED, old.to_vec(), DeviceKind::File);
         }
+        rig.state.lock().unwrap().journal = Some(name_of(&self.journal()));
         rig
     }
 
@@ -495,8 +617,8 @@ impl Case {
                 vec![]
             },
             // A file's journal goes to its default place beside it.
-            journal: (self.kind == DeviceKind::BlockDevice)
-                .then(|| PathBuf::from("/rig/target.journal")),
+            journal: (self.kind == DeviceKind::BlockDevice || self.journal_in_new_dirs)
+                .then(|| self.journal()),
             scratch_size: self.scratch,
             workers: 2,
             ..SyncOptions::default()
@@ -589,15 +711,19 @@ fn cut_until_done(
             "a created or grown target has the image's size"
         );
     }
-    let names = rig.names();
-    assert!(
-        !names.iter().any(|n| n.contains(".tessera-new.")),
-        "a temporary target is left after success: {names:?}"
-    );
-    assert!(
-        !names.iter().any(|n| n.contains("journal")),
-        "a journal is left after success: {names:?}"
-    );
+    // Nothing is left, and its removal is durable: a cut after success brings no
+    // journal back (a rerun would re-read the whole target) and no temporary file.
+    let (names, durable_names) = rig.names();
+    for names in [&names, &durable_names] {
+        assert!(
+            !names.iter().any(|n| n.contains(".tessera-new.")),
+            "a temporary target is left after success: {names:?}"
+        );
+        assert!(
+            !names.iter().any(|n| n.ends_with("journal")),
+            "a journal is left after success: {names:?}"
+        );
+    }
     let served = store.served() - start;
     assert!(
         served <= baseline_served + allowance,
@@ -759,4 +885,20 @@ fn power_cuts_with_a_tiny_scratch() {
         DeviceKind::File,
         4 << 10,
     ));
+}
+
+/// A block device's journal in a state directory used for the first time: the directories
+/// tessera creates for it must be durable before the journal is relied on.
+#[test]
+fn power_cuts_with_the_journal_in_new_directories() {
+    power_cuts_on(Case {
+        journal_in_new_dirs: true,
+        ..Case::new(
+            Pair::Rotate,
+            11,
+            Start::Old,
+            DeviceKind::BlockDevice,
+            48 << 10,
+        )
+    });
 }
