@@ -18,6 +18,7 @@ PACKAGES=(
   nbd-client     # NBD tests: nbd-client -l
   nbdkit         # NBD benchmark peer: nbdkit file
   fuse3          # NBD tests: fusermount3 for nbdfuse mounts
+  strace         # durability tests: the order of fsync, rename and directory fsync
 )
 
 missing=()

@@ -39,6 +39,8 @@ fn trace(dir: &Path, args: &[&str]) -> Vec<String> {
     let mut calls = Vec::new();
     for line in text.lines() {
         let (pid, rest) = line.split_once(' ').unwrap_or(("", line));
+        // strace pads short pids to a fixed width.
+        let rest = rest.trim_start();
         if let Some(head) = rest.strip_suffix("<unfinished ...>") {
             pending.insert(pid.to_string(), head.to_string());
         } else if let Some((_, tail)) = rest.split_once("resumed>") {
