@@ -325,6 +325,7 @@ impl Server {
         let caps = Caps {
             max: self.inner.max_connections,
             per_peer: self.inner.max_connections_per_peer,
+            slow_after: self.inner.budget_wait,
         };
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();

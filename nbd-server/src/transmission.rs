@@ -323,7 +323,7 @@ async fn read_payload<R: AsyncRead + Unpin>(
         vec![0u8; 64 * 1024]
     };
     let mut left = len as usize;
-    stats.payload_progress();
+    stats.payload_progress(0);
     while left > 0 {
         let buf = if keep {
             let at = len as usize - left;
@@ -343,7 +343,7 @@ async fn read_payload<R: AsyncRead + Unpin>(
             Ok(Ok(n)) => n,
         };
         left -= n;
-        stats.payload_progress();
+        stats.payload_progress(n as u64);
     }
     Ok(payload)
 }
@@ -366,7 +366,7 @@ async fn write_progress<W: AsyncWrite + Unpin>(
             }
             Ok(Ok(n)) => {
                 bytes = &bytes[n..];
-                stats.writer_progress();
+                stats.writer_progress(n as u64);
             }
         }
     }
@@ -396,7 +396,7 @@ async fn write_replies<W: AsyncWrite>(
     let wr = BufWriter::with_capacity(64 * 1024, wr);
     let mut wr = std::pin::pin!(wr);
     while let Some(first) = rx.recv().await {
-        stats.writer_progress();
+        stats.writer_progress(0);
         let mut next = Some(first);
         while let Some(out) = next {
             for piece in &out.pieces {

@@ -191,6 +191,8 @@ fn a_full_server_evicts_the_longest_idle_connection_or_refuses_when_all_are_busy
     let srv = serve_with(exports(), |b| {
         b.max_connections(2)
             .handshake_timeout(Duration::from_secs(60))
+            // Busy connections only become evictable for being slow after this long.
+            .budget_wait(Duration::from_secs(60))
     });
     // Two idle clients fill the server: a third takes the place of the older one.
     let mut older = RawClient::go(srv.addr, "mem", GOOD_CLIENT_LIMIT).unwrap();
@@ -229,4 +231,62 @@ fn a_full_server_evicts_the_longest_idle_connection_or_refuses_when_all_are_busy
     );
     let log = srv.wait_for_log("refused");
     assert!(log.contains("connections are all busy (limit 2)"), "{log}");
+}
+
+/// Sends a WRITE header of `len` bytes and the first byte of its payload, then trickles
+/// one more byte every 100 ms from a thread until `stop` (so that the payload is never
+/// stalled for long): a slowloris in transmission.
+fn trickling_writer(
+    addr: std::net::SocketAddr,
+    len: u32,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    let mut c = RawClient::go(addr, "mem", GOOD_CLIENT_LIMIT).unwrap();
+    let r = tessera_nbd::wire::Request {
+        flags: 0,
+        kind: tessera_nbd::wire::cmd::WRITE,
+        cookie: 1,
+        offset: 0,
+        len,
+    };
+    std::io::Write::write_all(&mut c.s, &tessera_nbd::wire::encode_request(&r)).unwrap();
+    std::thread::spawn(move || {
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            if std::io::Write::write_all(&mut c.s, &[0]).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+}
+
+#[test]
+fn clients_trickling_write_payloads_do_not_lock_out_a_new_client() {
+    let srv = serve_with(exports(), |b| {
+        b.max_connections(8)
+            .handshake_timeout(Duration::from_secs(60))
+            .budget_wait(Duration::from_millis(200))
+    });
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Every slot holds a request in flight whose payload never ends: 4 of them within the
+    // maximum payload (holding a little budget), 4 over it (drained, holding none).
+    let threads: Vec<_> = (0..8)
+        .map(|i| {
+            let len = if i % 2 == 0 { 1 << 20 } else { u32::MAX };
+            trickling_writer(srv.addr, len, stop.clone())
+        })
+        .collect();
+    // Let the trickles run longer than the budget wait: they are slow, not just starting.
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(good_client(srv.addr) < GOOD_CLIENT_LIMIT);
+    let log = srv.wait_for_log("evicted");
+    assert!(log.contains("evicted for a new connection"), "{log}");
+    assert!(
+        log.contains("B/s"),
+        "the log says how slow the victim was: {log}"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
 }
