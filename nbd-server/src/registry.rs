@@ -357,8 +357,11 @@ impl Registry {
     }
 
     /// Drops the connection (other than `me`, and of `me`'s peer if `same_peer`) that
-    /// holds the most buffer budget while making no progress for at least `stall`.
-    /// Returns what it did, if anything.
+    /// holds the most buffer budget while either making no progress for at least `stall`
+    /// or moving its pending transfers so slowly (measured over at least `stall`) that
+    /// what it holds would take more than [`DRAIN_HORIZON`] `stall`s to drain: a client
+    /// reading its replies at a trickle holds memory as surely as one that reads
+    /// nothing. Returns what it did, if anything.
     pub(crate) fn reclaim(
         &self,
         me: u64,
@@ -368,26 +371,46 @@ impl Registry {
     ) -> Option<String> {
         let conns = self.lock();
         let my_peer = conns.get(&me).map(|e| e.peer.clone());
-        let (id, entry, held, stalled) = conns
+        let horizon = stall.saturating_mul(DRAIN_HORIZON);
+        let (id, entry, held, why) = conns
             .iter()
             .filter(|(id, e)| **id != me && !e.stats.is_killed())
             .filter(|(_, e)| !same_peer || my_peer.as_deref() == Some(e.peer.as_str()))
             .filter_map(|(id, e)| {
                 let held = e.stats.held.load(Ordering::Relaxed);
-                let stalled = e.stats.stalled_for()?;
-                (held > 0 && stalled >= stall).then_some((*id, e, held, stalled))
+                if held == 0 {
+                    return None;
+                }
+                if let Some(stalled) = e.stats.stalled_for().filter(|s| *s >= stall) {
+                    let why = format!("with no progress for {} ms", stalled.as_millis());
+                    return Some((*id, e, held, why));
+                }
+                let (rate, age) = e.stats.slowest(stall)?;
+                let drain_ms = (held * unit).saturating_mul(1000) / rate.max(1);
+                (u128::from(drain_ms) > horizon.as_millis()).then(|| {
+                    let why = format!(
+                        "moving only {rate} B/s over {} ms ({} s to drain, more than {} s)",
+                        age.as_millis(),
+                        drain_ms / 1000,
+                        horizon.as_secs()
+                    );
+                    (*id, e, held, why)
+                })
             })
             .max_by_key(|c| c.2)?;
         let msg = format!(
-            "held {} KiB of reply and payload buffers with no progress for {} ms while \
-             other clients waited for memory",
+            "held {} KiB of reply and payload buffers {why} while other clients waited for \
+             memory",
             held * unit / 1024,
-            stalled.as_millis()
         );
         entry.stats.kill(msg.clone());
         Some(format!("{} (connection {id}): {msg}", entry.peer))
     }
 }
+
+/// A connection holding buffer memory others wait for is reclaimed when, at the pace of
+/// its pending transfers, it would need more than this many budget waits to drain it.
+pub(crate) const DRAIN_HORIZON: u32 = 10;
 
 /// Kills the longest-idle evictable connection (of `peer`, if given), or else the one
 /// whose transfer pending for at least `slow_after` is the slowest. False if none.

@@ -290,3 +290,58 @@ fn clients_trickling_write_payloads_do_not_lock_out_a_new_client() {
         t.join().unwrap();
     }
 }
+
+/// Connects from `ip` and negotiates "big".
+fn connect_from(ip: &str, addr: std::net::SocketAddr) -> RawClient {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let sock = rt.block_on(async {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+        sock.connect(addr).await.unwrap().into_std().unwrap()
+    });
+    sock.set_nonblocking(false).unwrap();
+    RawClient::go_on(sock, "big", GOOD_CLIENT_LIMIT).unwrap()
+}
+
+#[test]
+fn clients_reading_their_replies_at_a_trickle_do_not_starve_others_of_memory() {
+    let srv = serve_with(exports(), |b| b.handshake_timeout(Duration::from_secs(60)));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Two peers with two connections each take their whole share (4 reads of 32 MiB a
+    // connection, 512 MiB in all: the whole budget) and read the replies at 2.5 MiB/s,
+    // never stalling long enough to count as stalled.
+    let threads: Vec<_> = ["127.0.0.2", "127.0.0.3", "127.0.0.2", "127.0.0.3"]
+        .iter()
+        .map(|ip| {
+            let mut c = connect_from(ip, srv.addr);
+            for i in 0..4 {
+                c.send_read(i, 0, 32 << 20).unwrap();
+            }
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 256 << 10];
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if std::io::Read::read_exact(&mut c.s, &mut buf).is_err() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    // At that pace the hogs would hold the memory for almost a minute.
+    assert!(good_client(srv.addr) < GOOD_CLIENT_LIMIT);
+    let log = srv.wait_for_log("reclaiming");
+    assert!(
+        log.contains("B/s"),
+        "the log says how slow the holder was: {log}"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
+}
