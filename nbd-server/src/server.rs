@@ -48,8 +48,10 @@ impl ServerBuilder {
 
     /// Connections served at once. A client arriving when the server is full takes the
     /// place of the connection idle the longest (still negotiating, or in transmission
-    /// with no request in flight), which is closed; if every connection is busy, the
-    /// new client is refused (closed at once). Default 256.
+    /// with no request in flight), or else of the one whose transfer pending for at least
+    /// [`ServerBuilder::budget_wait`] moves the fewest bytes per second, which is closed;
+    /// if no connection is either, the new client is refused (closed at once).
+    /// Default 256.
     pub fn max_connections(mut self, n: usize) -> Self {
         self.max_connections = n.max(1);
         self
@@ -126,8 +128,9 @@ impl ServerBuilder {
 
     /// Bounded wait for buffer memory: a request that waited this long makes the server
     /// drop the connection holding the most memory among those that made no progress
-    /// (reading replies, sending a payload) for at least as long, and again after each
-    /// further such wait. Default 1 s.
+    /// (reading replies, sending a payload) for at least as long, or that moves its
+    /// transfers too slowly to drain what it holds within ten such waits, and again after
+    /// each further such wait. Default 1 s.
     pub fn budget_wait(mut self, t: Duration) -> Self {
         self.budget_wait = t;
         self
