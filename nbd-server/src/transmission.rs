@@ -685,6 +685,10 @@ fn runs_of(extents: &[Extent], len: usize) -> Vec<(Range<usize>, bool)> {
             break;
         }
         let end = pos + usize::try_from(e.len).unwrap_or(usize::MAX).min(len - pos);
+        // An empty extent would become an empty chunk, which the spec forbids.
+        if end == pos {
+            continue;
+        }
         let zero = e.state.is_zero();
         match runs.last_mut() {
             Some((r, z)) if *z == zero => r.end = end,
@@ -722,5 +726,13 @@ mod tests {
         assert_eq!(runs_of(&x, 10), vec![(0..4, true), (4..10, false)]);
         let x = [ext(u64::MAX, BlockState::Hole), ext(5, BlockState::Data)];
         assert_eq!(runs_of(&x, 10), vec![(0..10, true)]);
+        // Empty extents from a backend never become empty chunks.
+        let x = [
+            ext(0, BlockState::Hole),
+            ext(4, BlockState::Data),
+            ext(0, BlockState::Zero),
+            ext(6, BlockState::Data),
+        ];
+        assert_eq!(runs_of(&x, 10), vec![(0..10, false)]);
     }
 }
