@@ -916,3 +916,28 @@ async fn a_client_that_does_not_finish_the_handshake_is_dropped() {
         .unwrap_err();
     assert!(matches!(e, tessera_nbd::Error::Timeout(_)), "{e}");
 }
+
+#[tokio::test]
+async fn a_failed_set_meta_context_clears_the_earlier_selection() {
+    // "Issuing this command replaces all previously-set metadata contexts (including
+    // when this command fails)": after a failing SET, BLOCK_STATUS has no context.
+    for failing in [meta("nope", &["base:allocation"]), b"\0\0\0\x03me".to_vec()] {
+        let mut c = start(two_exports().0);
+        c.greet(wire::CLIENT_FIXED_NEWSTYLE | wire::CLIENT_NO_ZEROES)
+            .await;
+        c.option(opt::STRUCTURED_REPLY, &[]).await;
+        assert_eq!(c.option_replies().await[0].0, rep::ACK);
+        c.option(opt::SET_META_CONTEXT, &meta("mem", &["base:allocation"]))
+            .await;
+        assert_eq!(c.option_replies().await[0].0, rep::META_CONTEXT);
+        c.option(opt::SET_META_CONTEXT, &failing).await;
+        let r = c.option_replies().await;
+        assert!(r[0].0 & (1 << 31) != 0, "the SET fails: {r:?}");
+        c.option(opt::GO, &go_data("mem", &[])).await;
+        assert_eq!(c.option_replies().await.last().unwrap().0, rep::ACK);
+        c.request(cmd::BLOCK_STATUS, 0, 1, 0, 4096).await;
+        let (_, kind, _, p) = c.chunk().await;
+        assert_eq!(kind, reply::ERROR);
+        assert_eq!(u32::from_be_bytes(p[..4].try_into().unwrap()), EINVAL);
+    }
+}
