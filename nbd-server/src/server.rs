@@ -334,6 +334,7 @@ impl Server {
         let mut tasks = JoinSet::new();
         let mut shutdown = std::pin::pin!(shutdown);
         let mut refusals = Refusals::default();
+        let ends = Arc::new(std::sync::Mutex::new(EndLog::default()));
         loop {
             // Reap finished connections so the set does not grow without bound.
             while tasks.try_join_next().is_some() {}
@@ -362,9 +363,13 @@ impl Server {
             };
             let server = self.clone();
             let stop = stop_rx.clone();
+            let ends = ends.clone();
             tasks.spawn(async move {
                 if let Err(e) = server.connection(stream, stop, reg).await {
-                    (server.inner.log)(&format!("{peer}: {}", chain(&e)));
+                    let line = format!("{peer}: {}", chain(&e));
+                    ends.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .note(&server.inner.log, &line);
                 }
             });
         }
@@ -381,7 +386,53 @@ impl Server {
             ));
             tasks.shutdown().await;
         }
+        ends.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .flush(&self.inner.log);
         Ok(())
+    }
+}
+
+/// Lines about failed connections one second may log; the rest are counted and the
+/// count logged with the next line that gets through (or at shutdown).
+const END_LINES_PER_SECOND: u64 = 20;
+
+/// Logs why connections ended, at most [`END_LINES_PER_SECOND`] lines a second: a flood
+/// of garbage connections must not become a flood of log lines.
+#[derive(Default)]
+struct EndLog {
+    window: Option<std::time::Instant>,
+    logged: u64,
+    suppressed: u64,
+}
+
+impl EndLog {
+    fn note(&mut self, log: &LogFn, line: &str) {
+        let now = std::time::Instant::now();
+        if self
+            .window
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+        {
+            self.flush(log);
+            self.window = Some(now);
+            self.logged = 0;
+        }
+        if self.logged >= END_LINES_PER_SECOND {
+            self.suppressed += 1;
+            return;
+        }
+        self.logged += 1;
+        log(line);
+    }
+
+    fn flush(&mut self, log: &LogFn) {
+        match std::mem::take(&mut self.suppressed) {
+            0 => {}
+            n => log(&format!(
+                "{n} more failed connections not logged (at most {END_LINES_PER_SECOND} \
+                 lines a second)"
+            )),
+        }
     }
 }
 

@@ -345,3 +345,33 @@ fn clients_reading_their_replies_at_a_trickle_do_not_starve_others_of_memory() {
         t.join().unwrap();
     }
 }
+
+#[test]
+fn a_flood_of_garbage_connections_does_not_flood_the_log() {
+    let srv = serve_with(exports(), |b| b);
+    // 300 connections that break the protocol at once (bad client flags).
+    for _ in 0..300 {
+        let mut s = std::net::TcpStream::connect(srv.addr).unwrap();
+        let mut greeting = [0u8; 18];
+        std::io::Read::read_exact(&mut s, &mut greeting).unwrap();
+        std::io::Write::write_all(&mut s, &0x8000_0000u32.to_be_bytes()).unwrap();
+        // Wait for the server to close it: every connection has ended when we go on.
+        let _ = std::io::Read::read(&mut s, &mut greeting);
+    }
+    // The server still serves, and its last lines include the count of those not logged.
+    assert!(good_client(srv.addr) < GOOD_CLIENT_LIMIT);
+    // Stopping the server logs the count of lines held back.
+    let lines = srv.log.clone();
+    drop(srv);
+    let log = lines.lock().unwrap().join("\n");
+    let failures = log
+        .lines()
+        .filter(|l| l.contains("unknown client flags"))
+        .count();
+    assert!(failures >= 1, "{log}");
+    assert!(
+        failures < 300,
+        "one line per garbage connection: {failures}"
+    );
+    assert!(log.contains("more failed connections not logged"), "{log}");
+}
