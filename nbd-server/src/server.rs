@@ -159,6 +159,7 @@ impl ServerBuilder {
             buffers: Arc::new(Semaphore::new(units)),
             connection_units,
             registry: Registry::new(peer_units),
+            failures: Arc::new(Throttle::new("failed requests")),
             inner: Arc::new(self),
         }
     }
@@ -172,6 +173,8 @@ pub struct Server {
     /// Budget units one connection may hold.
     connection_units: usize,
     registry: Arc<Registry>,
+    /// Log lines about failed requests, shared by every connection.
+    failures: Arc<Throttle>,
 }
 
 impl std::fmt::Debug for Server {
@@ -246,6 +249,7 @@ impl Server {
                 limits: cfg.limits,
                 max_in_flight: cfg.max_in_flight,
                 log: cfg.log.clone(),
+                failures: self.failures.clone(),
                 buffers: self.buffers.clone(),
                 own_buffers: Arc::new(Semaphore::new(self.connection_units)),
                 peer_buffers: reg.peer_buffers.clone(),
@@ -334,7 +338,7 @@ impl Server {
         let mut tasks = JoinSet::new();
         let mut shutdown = std::pin::pin!(shutdown);
         let mut refusals = Refusals::default();
-        let ends = Arc::new(std::sync::Mutex::new(EndLog::default()));
+        let ends = Arc::new(Throttle::new("failed connections"));
         loop {
             // Reap finished connections so the set does not grow without bound.
             while tasks.try_join_next().is_some() {}
@@ -366,10 +370,7 @@ impl Server {
             let ends = ends.clone();
             tasks.spawn(async move {
                 if let Err(e) = server.connection(stream, stop, reg).await {
-                    let line = format!("{peer}: {}", chain(&e));
-                    ends.lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .note(&server.inner.log, &line);
+                    ends.note(&server.inner.log, &format!("{peer}: {}", chain(&e)));
                 }
             });
         }
@@ -386,51 +387,72 @@ impl Server {
             ));
             tasks.shutdown().await;
         }
-        ends.lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .flush(&self.inner.log);
+        ends.flush(&self.inner.log);
+        self.failures.flush(&self.inner.log);
         Ok(())
     }
 }
 
-/// Lines about failed connections one second may log; the rest are counted and the
-/// count logged with the next line that gets through (or at shutdown).
-const END_LINES_PER_SECOND: u64 = 20;
+/// Lines of one kind (failed connections, failed requests) one second may log; the rest
+/// are counted, and the count logged with the next line that gets through (or at
+/// shutdown).
+pub(crate) const LINES_PER_SECOND: u64 = 20;
 
-/// Logs why connections ended, at most [`END_LINES_PER_SECOND`] lines a second: a flood
-/// of garbage connections must not become a flood of log lines.
+/// A log of one kind of line at most [`LINES_PER_SECOND`] a second: a flood of garbage
+/// connections or of failing requests must not become a flood of log lines.
+pub(crate) struct Throttle {
+    /// What the lines are about, for the count of those held back.
+    what: &'static str,
+    state: std::sync::Mutex<ThrottleState>,
+}
+
 #[derive(Default)]
-struct EndLog {
+struct ThrottleState {
     window: Option<std::time::Instant>,
     logged: u64,
     suppressed: u64,
 }
 
-impl EndLog {
-    fn note(&mut self, log: &LogFn, line: &str) {
+impl Throttle {
+    pub(crate) fn new(what: &'static str) -> Self {
+        Throttle {
+            what,
+            state: std::sync::Mutex::new(ThrottleState::default()),
+        }
+    }
+
+    /// Logs `line` unless this second's share is used up.
+    pub(crate) fn note(&self, log: &LogFn, line: &str) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let now = std::time::Instant::now();
-        if self
+        if st
             .window
             .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
         {
-            self.flush(log);
-            self.window = Some(now);
-            self.logged = 0;
+            self.report(&mut st, log);
+            st.window = Some(now);
+            st.logged = 0;
         }
-        if self.logged >= END_LINES_PER_SECOND {
-            self.suppressed += 1;
+        if st.logged >= LINES_PER_SECOND {
+            st.suppressed += 1;
             return;
         }
-        self.logged += 1;
+        st.logged += 1;
         log(line);
     }
 
-    fn flush(&mut self, log: &LogFn) {
-        match std::mem::take(&mut self.suppressed) {
+    /// Logs the count of lines held back, if any.
+    pub(crate) fn flush(&self, log: &LogFn) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        self.report(&mut st, log);
+    }
+
+    fn report(&self, st: &mut ThrottleState, log: &LogFn) {
+        match std::mem::take(&mut st.suppressed) {
             0 => {}
             n => log(&format!(
-                "{n} more failed connections not logged (at most {END_LINES_PER_SECOND} \
-                 lines a second)"
+                "{n} more {} not logged (at most {LINES_PER_SECOND} lines a second)",
+                self.what
             )),
         }
     }

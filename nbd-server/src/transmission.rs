@@ -22,7 +22,7 @@ use crate::error::{code, errno, Error, Result};
 use crate::export::Limits;
 use crate::handshake::{Negotiated, BASE_ALLOCATION_ID};
 use crate::registry::{Busy, ConnStats, Registry};
-use crate::server::LogFn;
+use crate::server::{LogFn, Throttle};
 use crate::wire::{self, cmd, cmd_flag, reply, state, Decoded, Request};
 
 /// Most descriptors sent in one `NBD_REPLY_TYPE_BLOCK_STATUS` chunk.
@@ -68,6 +68,8 @@ pub(crate) struct Settings {
     pub limits: Limits,
     pub max_in_flight: usize,
     pub log: LogFn,
+    /// Throttles the log lines of failed requests.
+    pub failures: Arc<Throttle>,
     /// Server-wide budget of payload buffer memory, in [`BUDGET_UNIT`]s.
     pub buffers: Arc<Semaphore>,
     /// This connection's share of it: the most it may hold at once.
@@ -127,6 +129,7 @@ where
         base_allocation: neg.base_allocation,
         limits: settings.limits,
         log: settings.log.clone(),
+        failures: settings.failures.clone(),
     });
     let mut ended: Result<()> = Ok(());
     loop {
@@ -421,6 +424,7 @@ struct Context {
     base_allocation: bool,
     limits: Limits,
     log: LogFn,
+    failures: Arc<Throttle>,
 }
 
 fn cmd_name(kind: u16) -> &'static str {
@@ -549,14 +553,15 @@ impl Context {
     }
 
     fn backend_error(&self, req: &Request, e: &BackendError) -> Outgoing {
-        (self.log)(&format!(
+        let line = format!(
             "export {:?}: {} of {} bytes at {}: {}",
             self.name,
             cmd_name(req.kind),
             req.len,
             req.offset,
             e.message
-        ));
+        );
+        self.failures.note(&self.log, &line);
         self.error_reply(req, errno(e.kind), &e.message)
     }
 

@@ -941,3 +941,45 @@ async fn a_failed_set_meta_context_clears_the_earlier_selection() {
         assert_eq!(u32::from_be_bytes(p[..4].try_into().unwrap()), EINVAL);
     }
 }
+
+#[tokio::test]
+async fn a_flood_of_failing_requests_does_not_flood_the_log() {
+    let mut e = Exports::new();
+    e.add(Export::new(
+        "f",
+        Arc::new(Flaky {
+            inner: MemoryBackend::new(pattern(1 << 20), false),
+            bad: 0,
+        }) as Arc<dyn Backend>,
+    ));
+    let mut c = start(e);
+    c.go("f", false).await;
+    // 200 reads of a corrupt chunk, each answered with EIO.
+    for i in 0..200 {
+        c.request(cmd::READ, 0, i, 0, 512).await;
+        assert_eq!(c.simple().await, (EIO, i));
+    }
+    let lines = |c: &Client| {
+        c.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains("corrupt chunk c0ffee"))
+            .count()
+    };
+    let logged = lines(&c);
+    assert!(
+        (1..200).contains(&logged),
+        "{logged} lines for 200 failures"
+    );
+    // A second later, a failure is logged again, with the count of those held back.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    c.request(cmd::READ, 0, 999, 0, 512).await;
+    assert_eq!(c.simple().await, (EIO, 999));
+    assert_eq!(lines(&c), logged + 1);
+    let log = c.log.lock().unwrap().join("\n");
+    assert!(
+        log.contains(&format!("{} more failed requests not logged", 200 - logged)),
+        "{log}"
+    );
+}
