@@ -104,7 +104,10 @@ struct LimitArgs {
     #[arg(long, value_name = "BYTES", value_parser = parse_size)]
     peer_budget: Option<u64>,
     /// Seconds a request waits for buffer memory before the server drops the connection
-    /// holding the most while making no progress for as long.
+    /// holding the most while making no progress for as long (or moving its data too
+    /// slowly to drain it within ten such waits). Also how long a transfer must have been
+    /// pending before a full server may evict its connection, the slowest first, for a
+    /// new client.
     #[arg(long, value_name = "SECS", default_value = "1", value_parser = parse_secs)]
     budget_wait: Duration,
 }
