@@ -348,8 +348,63 @@ impl Index {
     /// # Errors
     /// [`Error::Io`] if the file cannot be read, [`Error::InvalidIndex`] if it is malformed.
     pub fn load(path: &Path) -> Result<Index> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io("reading index", path, e))?;
+        let bytes = Index::read_file(path)?;
         Index::from_bytes(&bytes, &path.display().to_string())
+    }
+
+    /// Reads the bytes of an index file for [`Index::from_bytes`] without trusting the
+    /// file: the header comes first, and the rest only as far as the header's chunk count
+    /// says (and one byte more, so that a longer file is seen as such). A file that is no
+    /// index (an image given by mistake, `/dev/zero`) fails after its first bytes, and a
+    /// regular file whose size does not match its header fails before the rest is read,
+    /// instead of all of it being read into memory first.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the file cannot be read, [`Error::InvalidIndex`] if its size does
+    /// not match its header. Other defects are left to [`Index::from_bytes`].
+    pub fn read_file(path: &Path) -> Result<Vec<u8>> {
+        use std::io::Read;
+        let io = |e| Error::io("reading index", path, e);
+        let file = std::fs::File::open(path).map_err(io)?;
+        let mut bytes = Vec::with_capacity(HEADER_LEN);
+        (&file)
+            .take(HEADER_LEN as u64)
+            .read_to_end(&mut bytes)
+            .map_err(io)?;
+        if bytes.len() < HEADER_LEN || bytes[..8] != MAGIC {
+            return Ok(bytes);
+        }
+        let count = u64::from_le_bytes(bytes[72..80].try_into().expect("8 bytes"));
+        let Some(expected) = count
+            .checked_mul(RECORD_LEN as u64)
+            .and_then(|r| r.checked_add((HEADER_LEN + TRAILER_LEN) as u64))
+        else {
+            // from_bytes says the count is impossible.
+            return Ok(bytes);
+        };
+        let meta = file.metadata().map_err(io)?;
+        if meta.is_file() && meta.len() != expected {
+            return Err(Error::InvalidIndex {
+                origin: path.display().to_string(),
+                reason: format!(
+                    "chunk count {count} at offset 72 needs {expected} bytes, the file has {} \
+                     (truncated or corrupted)",
+                    meta.len()
+                ),
+            });
+        }
+        if meta.is_file() {
+            bytes.reserve_exact(
+                usize::try_from(expected)
+                    .unwrap_or(0)
+                    .saturating_sub(HEADER_LEN),
+            );
+        }
+        (&file)
+            .take(expected - HEADER_LEN as u64 + 1)
+            .read_to_end(&mut bytes)
+            .map_err(io)?;
+        Ok(bytes)
     }
 
     /// Writes the index atomically (temporary file, fsync, rename).
@@ -456,6 +511,54 @@ mod tests {
         assert_eq!(back.chunk_at(3), Some(1));
         assert_eq!(back.chunk_at(8), Some(2));
         assert_eq!(back.chunk_at(9), None);
+    }
+
+    /// Bytes this thread has read through system calls so far.
+    fn thread_read_bytes() -> u64 {
+        let io = std::fs::read_to_string("/proc/thread-self/io").unwrap();
+        let line = io.lines().find(|l| l.starts_with("rchar:")).unwrap();
+        line["rchar:".len()..].trim().parse().unwrap()
+    }
+
+    #[test]
+    fn loading_a_file_that_is_no_index_reads_only_its_header() {
+        let dir = tempfile::tempdir().unwrap();
+        // An image given as the index by mistake: 1 GiB (sparse), no magic.
+        let image = dir.path().join("disk.img");
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(1 << 30)
+            .unwrap();
+        let before = thread_read_bytes();
+        let err = Index::load(&image).unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::InvalidIndex, "{err}");
+        assert!(err.to_string().contains("bad magic"), "{err}");
+        assert!(
+            thread_read_bytes() - before < 1 << 20,
+            "read the whole file"
+        );
+        // A valid header on a file of the wrong size: refused from the size alone.
+        let grown = dir.path().join("grown.tidx");
+        std::fs::write(&grown, sample().to_bytes()).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&grown)
+            .unwrap()
+            .set_len(1 << 30)
+            .unwrap();
+        let before = thread_read_bytes();
+        let err = Index::load(&grown).unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::InvalidIndex, "{err}");
+        assert!(err.to_string().contains("the file has 1073741824"), "{err}");
+        assert!(err.to_string().contains("grown.tidx"), "{err}");
+        assert!(
+            thread_read_bytes() - before < 1 << 20,
+            "read the whole file"
+        );
+        // And an index of the right size still loads.
+        let good = dir.path().join("good.tidx");
+        std::fs::write(&good, sample().to_bytes()).unwrap();
+        assert_eq!(Index::load(&good).unwrap(), sample());
     }
 
     #[test]

@@ -290,6 +290,10 @@ fn handle_option(
             },
         },
         opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
+            if option == opt::SET_META_CONTEXT {
+                // A SET replaces the selection even when it fails (proto.md).
+                session.meta_for = None;
+            }
             if !session.structured {
                 error(out, rep::ERR_INVALID, "negotiate structured replies first");
                 return Step::Continue;

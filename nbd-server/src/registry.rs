@@ -30,6 +30,14 @@ pub(crate) struct ConnStats {
     writer_since: AtomicU64,
     /// Same for a write payload being read.
     payload_since: AtomicU64,
+    /// Milliseconds + 1 when the writer last went from nothing to write to pending; 0
+    /// when it has nothing to write.
+    writer_start: AtomicU64,
+    /// Reply bytes written since `writer_start`.
+    writer_bytes: AtomicU64,
+    /// Same for the write payload being read.
+    payload_start: AtomicU64,
+    payload_bytes: AtomicU64,
     killed: Mutex<Option<String>>,
     kill: Notify,
 }
@@ -45,6 +53,10 @@ impl ConnStats {
             held: AtomicU64::new(0),
             writer_since: AtomicU64::new(0),
             payload_since: AtomicU64::new(0),
+            writer_start: AtomicU64::new(0),
+            writer_bytes: AtomicU64::new(0),
+            payload_start: AtomicU64::new(0),
+            payload_bytes: AtomicU64::new(0),
             killed: Mutex::new(None),
             kill: Notify::new(),
         }
@@ -83,24 +95,62 @@ impl ConnStats {
         self.held.fetch_sub(units, Ordering::Relaxed);
     }
 
-    /// The writer has bytes to send and just sent some (or just started).
-    pub(crate) fn writer_progress(&self) {
-        self.writer_since.store(self.now() + 1, Ordering::Relaxed);
+    /// The writer has bytes to send and just sent `bytes` of them (0: just started).
+    pub(crate) fn writer_progress(&self, bytes: u64) {
+        progress(
+            self.now(),
+            &self.writer_since,
+            &self.writer_start,
+            &self.writer_bytes,
+            bytes,
+        );
     }
 
     /// The writer has nothing left to send.
     pub(crate) fn writer_done(&self) {
         self.writer_since.store(0, Ordering::Relaxed);
+        self.writer_start.store(0, Ordering::Relaxed);
     }
 
-    /// A write payload is being read and some bytes just came (or the read just started).
-    pub(crate) fn payload_progress(&self) {
-        self.payload_since.store(self.now() + 1, Ordering::Relaxed);
+    /// A write payload is being read and `bytes` of it just came (0: the read just
+    /// started).
+    pub(crate) fn payload_progress(&self, bytes: u64) {
+        progress(
+            self.now(),
+            &self.payload_since,
+            &self.payload_start,
+            &self.payload_bytes,
+            bytes,
+        );
     }
 
     /// No write payload is being read.
     pub(crate) fn payload_done(&self) {
         self.payload_since.store(0, Ordering::Relaxed);
+        self.payload_start.store(0, Ordering::Relaxed);
+    }
+
+    /// The slowest of the connection's pending transfers (replies to write, a payload to
+    /// read) that started at least `after` ago: its average rate in bytes per second and
+    /// its age. `None` when nothing has been pending that long.
+    fn slowest(&self, after: Duration) -> Option<(u64, Duration)> {
+        let now = self.now() + 1;
+        [
+            (&self.writer_start, &self.writer_bytes),
+            (&self.payload_start, &self.payload_bytes),
+        ]
+        .iter()
+        .filter_map(|(start, bytes)| {
+            let start = start.load(Ordering::Relaxed);
+            if start == 0 {
+                return None;
+            }
+            let age = Duration::from_millis(now.saturating_sub(start));
+            let ms = u64::try_from(age.as_millis()).unwrap_or(u64::MAX).max(1);
+            let rate = bytes.load(Ordering::Relaxed).saturating_mul(1000) / ms;
+            (age >= after).then_some((rate, age))
+        })
+        .min_by_key(|(rate, _)| *rate)
     }
 
     /// How long the connection has had data to move without moving any, if it has.
@@ -139,6 +189,16 @@ impl ConnStats {
             .clone()
             .unwrap_or_default()
     }
+}
+
+/// Records `bytes` of progress of a transfer at `now`, starting it if none is pending.
+fn progress(now: u64, since: &AtomicU64, start: &AtomicU64, moved: &AtomicU64, bytes: u64) {
+    since.store(now + 1, Ordering::Relaxed);
+    if start.load(Ordering::Relaxed) == 0 {
+        moved.store(0, Ordering::Relaxed);
+        start.store(now + 1, Ordering::Relaxed);
+    }
+    moved.fetch_add(bytes, Ordering::Relaxed);
 }
 
 fn ms(start: Instant) -> u64 {
@@ -202,6 +262,9 @@ impl Drop for Registration {
 pub(crate) struct Caps {
     pub max: usize,
     pub per_peer: usize,
+    /// A busy connection is evictable once a transfer of its has been pending this long;
+    /// the slowest one goes.
+    pub slow_after: Duration,
 }
 
 impl Registry {
@@ -252,9 +315,11 @@ impl Registry {
     }
 
     /// Admits a new connection from `peer`, making room when `peer` or the server is at
-    /// its limit by evicting the longest-idle connection (still negotiating, or with
-    /// nothing in flight) of that peer or of the server. `Err` says why the client is
-    /// refused: every connection is busy.
+    /// its limit by evicting a connection of that peer or of the server: the longest-idle
+    /// one (still negotiating, or with nothing in flight), or else the one whose pending
+    /// transfer (replies it does not read, a payload it trickles) has moved the fewest
+    /// bytes per second over at least `caps.slow_after`. `Err` says why the client is
+    /// refused: every connection is busy and none is that slow yet.
     pub(crate) fn admit(self: &Arc<Self>, peer: &str, caps: Caps) -> Result<Registration, String> {
         let mut conns = self.lock();
         let live = |e: &&Entry| !e.stats.is_killed();
@@ -268,7 +333,7 @@ impl Registry {
                 "evicted for a new connection from the same peer ({} connections per peer)",
                 caps.per_peer
             );
-            if !evict(&conns, Some(peer), &why) {
+            if !evict(&conns, Some(peer), caps.slow_after, &why) {
                 return Err(format!(
                     "{from_peer} connections from this peer are all busy (limit {})",
                     caps.per_peer
@@ -281,7 +346,7 @@ impl Registry {
                 "evicted for a new connection ({} connections at most)",
                 caps.max
             );
-            if !evict(&conns, None, &why) {
+            if !evict(&conns, None, caps.slow_after, &why) {
                 return Err(format!(
                     "{total} connections are all busy (limit {})",
                     caps.max
@@ -292,8 +357,11 @@ impl Registry {
     }
 
     /// Drops the connection (other than `me`, and of `me`'s peer if `same_peer`) that
-    /// holds the most buffer budget while making no progress for at least `stall`.
-    /// Returns what it did, if anything.
+    /// holds the most buffer budget while either making no progress for at least `stall`
+    /// or moving its pending transfers so slowly (measured over at least `stall`) that
+    /// what it holds would take more than [`DRAIN_HORIZON`] `stall`s to drain: a client
+    /// reading its replies at a trickle holds memory as surely as one that reads
+    /// nothing. Returns what it did, if anything.
     pub(crate) fn reclaim(
         &self,
         me: u64,
@@ -303,34 +371,72 @@ impl Registry {
     ) -> Option<String> {
         let conns = self.lock();
         let my_peer = conns.get(&me).map(|e| e.peer.clone());
-        let (id, entry, held, stalled) = conns
+        let horizon = stall.saturating_mul(DRAIN_HORIZON);
+        let (id, entry, held, why) = conns
             .iter()
             .filter(|(id, e)| **id != me && !e.stats.is_killed())
             .filter(|(_, e)| !same_peer || my_peer.as_deref() == Some(e.peer.as_str()))
             .filter_map(|(id, e)| {
                 let held = e.stats.held.load(Ordering::Relaxed);
-                let stalled = e.stats.stalled_for()?;
-                (held > 0 && stalled >= stall).then_some((*id, e, held, stalled))
+                if held == 0 {
+                    return None;
+                }
+                if let Some(stalled) = e.stats.stalled_for().filter(|s| *s >= stall) {
+                    let why = format!("with no progress for {} ms", stalled.as_millis());
+                    return Some((*id, e, held, why));
+                }
+                let (rate, age) = e.stats.slowest(stall)?;
+                let drain_ms = (held * unit).saturating_mul(1000) / rate.max(1);
+                (u128::from(drain_ms) > horizon.as_millis()).then(|| {
+                    let why = format!(
+                        "moving only {rate} B/s over {} ms ({} s to drain, more than {} s)",
+                        age.as_millis(),
+                        drain_ms / 1000,
+                        horizon.as_secs()
+                    );
+                    (*id, e, held, why)
+                })
             })
             .max_by_key(|c| c.2)?;
         let msg = format!(
-            "held {} KiB of reply and payload buffers with no progress for {} ms while \
-             other clients waited for memory",
+            "held {} KiB of reply and payload buffers {why} while other clients waited for \
+             memory",
             held * unit / 1024,
-            stalled.as_millis()
         );
         entry.stats.kill(msg.clone());
         Some(format!("{} (connection {id}): {msg}", entry.peer))
     }
 }
 
-/// Kills the longest-idle evictable connection (of `peer`, if given). False if none.
-fn evict(conns: &HashMap<u64, Entry>, peer: Option<&str>, why: &str) -> bool {
-    let victim = conns
-        .values()
-        .filter(|e| !e.stats.is_killed() && peer.is_none_or(|p| e.peer == p))
+/// A connection holding buffer memory others wait for is reclaimed when, at the pace of
+/// its pending transfers, it would need more than this many budget waits to drain it.
+pub(crate) const DRAIN_HORIZON: u32 = 10;
+
+/// Kills the longest-idle evictable connection (of `peer`, if given), or else the one
+/// whose transfer pending for at least `slow_after` is the slowest. False if none.
+fn evict(conns: &HashMap<u64, Entry>, peer: Option<&str>, slow_after: Duration, why: &str) -> bool {
+    let candidates = || {
+        conns
+            .values()
+            .filter(|e| !e.stats.is_killed() && peer.is_none_or(|p| e.peer == p))
+    };
+    let victim = candidates()
         .filter(|e| !e.stats.transmitting.load(Ordering::Relaxed) || e.stats.is_quiet())
         .max_by_key(|e| e.stats.idle_for());
+    if victim.is_none() {
+        // Every connection has requests in flight: a client that keeps its transfers
+        // going at a trickle must not hold its place against a new client forever.
+        let slow = candidates()
+            .filter_map(|e| Some((e, e.stats.slowest(slow_after)?)))
+            .min_by_key(|(_, (rate, age))| (*rate, std::cmp::Reverse(*age)));
+        if let Some((e, (rate, age))) = slow {
+            e.stats.kill(format!(
+                "{why}; its pending transfer moved {rate} B/s over {} ms",
+                age.as_millis()
+            ));
+            return true;
+        }
+    }
     match victim {
         Some(e) => {
             let idle = e.stats.idle_for();

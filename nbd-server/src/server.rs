@@ -48,8 +48,10 @@ impl ServerBuilder {
 
     /// Connections served at once. A client arriving when the server is full takes the
     /// place of the connection idle the longest (still negotiating, or in transmission
-    /// with no request in flight), which is closed; if every connection is busy, the
-    /// new client is refused (closed at once). Default 256.
+    /// with no request in flight), or else of the one whose transfer pending for at least
+    /// [`ServerBuilder::budget_wait`] moves the fewest bytes per second, which is closed;
+    /// if no connection is either, the new client is refused (closed at once).
+    /// Default 256.
     pub fn max_connections(mut self, n: usize) -> Self {
         self.max_connections = n.max(1);
         self
@@ -126,8 +128,9 @@ impl ServerBuilder {
 
     /// Bounded wait for buffer memory: a request that waited this long makes the server
     /// drop the connection holding the most memory among those that made no progress
-    /// (reading replies, sending a payload) for at least as long, and again after each
-    /// further such wait. Default 1 s.
+    /// (reading replies, sending a payload) for at least as long, or that moves its
+    /// transfers too slowly to drain what it holds within ten such waits, and again after
+    /// each further such wait. Default 1 s.
     pub fn budget_wait(mut self, t: Duration) -> Self {
         self.budget_wait = t;
         self
@@ -156,6 +159,7 @@ impl ServerBuilder {
             buffers: Arc::new(Semaphore::new(units)),
             connection_units,
             registry: Registry::new(peer_units),
+            failures: Arc::new(Throttle::new("failed requests")),
             inner: Arc::new(self),
         }
     }
@@ -169,6 +173,8 @@ pub struct Server {
     /// Budget units one connection may hold.
     connection_units: usize,
     registry: Arc<Registry>,
+    /// Log lines about failed requests, shared by every connection.
+    failures: Arc<Throttle>,
 }
 
 impl std::fmt::Debug for Server {
@@ -243,6 +249,7 @@ impl Server {
                 limits: cfg.limits,
                 max_in_flight: cfg.max_in_flight,
                 log: cfg.log.clone(),
+                failures: self.failures.clone(),
                 buffers: self.buffers.clone(),
                 own_buffers: Arc::new(Semaphore::new(self.connection_units)),
                 peer_buffers: reg.peer_buffers.clone(),
@@ -325,11 +332,13 @@ impl Server {
         let caps = Caps {
             max: self.inner.max_connections,
             per_peer: self.inner.max_connections_per_peer,
+            slow_after: self.inner.budget_wait,
         };
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
         let mut shutdown = std::pin::pin!(shutdown);
         let mut refusals = Refusals::default();
+        let ends = Arc::new(Throttle::new("failed connections"));
         loop {
             // Reap finished connections so the set does not grow without bound.
             while tasks.try_join_next().is_some() {}
@@ -358,9 +367,10 @@ impl Server {
             };
             let server = self.clone();
             let stop = stop_rx.clone();
+            let ends = ends.clone();
             tasks.spawn(async move {
                 if let Err(e) = server.connection(stream, stop, reg).await {
-                    (server.inner.log)(&format!("{peer}: {}", chain(&e)));
+                    ends.note(&server.inner.log, &format!("{peer}: {}", chain(&e)));
                 }
             });
         }
@@ -377,7 +387,74 @@ impl Server {
             ));
             tasks.shutdown().await;
         }
+        ends.flush(&self.inner.log);
+        self.failures.flush(&self.inner.log);
         Ok(())
+    }
+}
+
+/// Lines of one kind (failed connections, failed requests) one second may log; the rest
+/// are counted, and the count logged with the next line that gets through (or at
+/// shutdown).
+pub(crate) const LINES_PER_SECOND: u64 = 20;
+
+/// A log of one kind of line at most [`LINES_PER_SECOND`] a second: a flood of garbage
+/// connections or of failing requests must not become a flood of log lines.
+pub(crate) struct Throttle {
+    /// What the lines are about, for the count of those held back.
+    what: &'static str,
+    state: std::sync::Mutex<ThrottleState>,
+}
+
+#[derive(Default)]
+struct ThrottleState {
+    window: Option<std::time::Instant>,
+    logged: u64,
+    suppressed: u64,
+}
+
+impl Throttle {
+    pub(crate) fn new(what: &'static str) -> Self {
+        Throttle {
+            what,
+            state: std::sync::Mutex::new(ThrottleState::default()),
+        }
+    }
+
+    /// Logs `line` unless this second's share is used up.
+    pub(crate) fn note(&self, log: &LogFn, line: &str) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        if st
+            .window
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+        {
+            self.report(&mut st, log);
+            st.window = Some(now);
+            st.logged = 0;
+        }
+        if st.logged >= LINES_PER_SECOND {
+            st.suppressed += 1;
+            return;
+        }
+        st.logged += 1;
+        log(line);
+    }
+
+    /// Logs the count of lines held back, if any.
+    pub(crate) fn flush(&self, log: &LogFn) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        self.report(&mut st, log);
+    }
+
+    fn report(&self, st: &mut ThrottleState, log: &LogFn) {
+        match std::mem::take(&mut st.suppressed) {
+            0 => {}
+            n => log(&format!(
+                "{n} more {} not logged (at most {LINES_PER_SECOND} lines a second)",
+                self.what
+            )),
+        }
     }
 }
 

@@ -22,7 +22,7 @@ use crate::error::{code, errno, Error, Result};
 use crate::export::Limits;
 use crate::handshake::{Negotiated, BASE_ALLOCATION_ID};
 use crate::registry::{Busy, ConnStats, Registry};
-use crate::server::LogFn;
+use crate::server::{LogFn, Throttle};
 use crate::wire::{self, cmd, cmd_flag, reply, state, Decoded, Request};
 
 /// Most descriptors sent in one `NBD_REPLY_TYPE_BLOCK_STATUS` chunk.
@@ -68,6 +68,8 @@ pub(crate) struct Settings {
     pub limits: Limits,
     pub max_in_flight: usize,
     pub log: LogFn,
+    /// Throttles the log lines of failed requests.
+    pub failures: Arc<Throttle>,
     /// Server-wide budget of payload buffer memory, in [`BUDGET_UNIT`]s.
     pub buffers: Arc<Semaphore>,
     /// This connection's share of it: the most it may hold at once.
@@ -127,6 +129,7 @@ where
         base_allocation: neg.base_allocation,
         limits: settings.limits,
         log: settings.log.clone(),
+        failures: settings.failures.clone(),
     });
     let mut ended: Result<()> = Ok(());
     loop {
@@ -323,7 +326,7 @@ async fn read_payload<R: AsyncRead + Unpin>(
         vec![0u8; 64 * 1024]
     };
     let mut left = len as usize;
-    stats.payload_progress();
+    stats.payload_progress(0);
     while left > 0 {
         let buf = if keep {
             let at = len as usize - left;
@@ -343,7 +346,7 @@ async fn read_payload<R: AsyncRead + Unpin>(
             Ok(Ok(n)) => n,
         };
         left -= n;
-        stats.payload_progress();
+        stats.payload_progress(n as u64);
     }
     Ok(payload)
 }
@@ -366,7 +369,7 @@ async fn write_progress<W: AsyncWrite + Unpin>(
             }
             Ok(Ok(n)) => {
                 bytes = &bytes[n..];
-                stats.writer_progress();
+                stats.writer_progress(n as u64);
             }
         }
     }
@@ -396,7 +399,7 @@ async fn write_replies<W: AsyncWrite>(
     let wr = BufWriter::with_capacity(64 * 1024, wr);
     let mut wr = std::pin::pin!(wr);
     while let Some(first) = rx.recv().await {
-        stats.writer_progress();
+        stats.writer_progress(0);
         let mut next = Some(first);
         while let Some(out) = next {
             for piece in &out.pieces {
@@ -421,6 +424,7 @@ struct Context {
     base_allocation: bool,
     limits: Limits,
     log: LogFn,
+    failures: Arc<Throttle>,
 }
 
 fn cmd_name(kind: u16) -> &'static str {
@@ -549,14 +553,15 @@ impl Context {
     }
 
     fn backend_error(&self, req: &Request, e: &BackendError) -> Outgoing {
-        (self.log)(&format!(
+        let line = format!(
             "export {:?}: {} of {} bytes at {}: {}",
             self.name,
             cmd_name(req.kind),
             req.len,
             req.offset,
             e.message
-        ));
+        );
+        self.failures.note(&self.log, &line);
         self.error_reply(req, errno(e.kind), &e.message)
     }
 
@@ -685,6 +690,10 @@ fn runs_of(extents: &[Extent], len: usize) -> Vec<(Range<usize>, bool)> {
             break;
         }
         let end = pos + usize::try_from(e.len).unwrap_or(usize::MAX).min(len - pos);
+        // An empty extent would become an empty chunk, which the spec forbids.
+        if end == pos {
+            continue;
+        }
         let zero = e.state.is_zero();
         match runs.last_mut() {
             Some((r, z)) if *z == zero => r.end = end,
@@ -722,5 +731,13 @@ mod tests {
         assert_eq!(runs_of(&x, 10), vec![(0..4, true), (4..10, false)]);
         let x = [ext(u64::MAX, BlockState::Hole), ext(5, BlockState::Data)];
         assert_eq!(runs_of(&x, 10), vec![(0..10, true)]);
+        // Empty extents from a backend never become empty chunks.
+        let x = [
+            ext(0, BlockState::Hole),
+            ext(4, BlockState::Data),
+            ext(0, BlockState::Zero),
+            ext(6, BlockState::Data),
+        ];
+        assert_eq!(runs_of(&x, 10), vec![(0..10, false)]);
     }
 }

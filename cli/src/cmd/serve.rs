@@ -104,7 +104,10 @@ struct LimitArgs {
     #[arg(long, value_name = "BYTES", value_parser = parse_size)]
     peer_budget: Option<u64>,
     /// Seconds a request waits for buffer memory before the server drops the connection
-    /// holding the most while making no progress for as long.
+    /// holding the most while making no progress for as long (or moving its data too
+    /// slowly to drain it within ten such waits). Also how long a transfer must have been
+    /// pending before a full server may evict its connection, the slowest first, for a
+    /// new client.
     #[arg(long, value_name = "SECS", default_value = "1", value_parser = parse_secs)]
     budget_wait: Duration,
 }
@@ -247,11 +250,40 @@ impl Backend for ImageBackend {
         self.reader.prefetch(offset, len).map_err(backend_error)
     }
 
+    /// At most [`MAX_EXTENTS`] extents from the start of the range (the trait lets them
+    /// cover less than `len`), looked up [`EXTENT_WINDOW`] bytes at a time.
     fn extents(&self, offset: u64, len: u64) -> BackendResult<Vec<Extent>> {
+        let end = offset.checked_add(len).ok_or_else(|| {
+            BackendError::new(
+                ErrorKind::Invalid,
+                format!("range of {len} bytes at {offset} passes 2^64"),
+            )
+        })?;
         let mut out = Vec::new();
+        let mut at = offset;
+        while at < end && out.len() < MAX_EXTENTS {
+            let n = (end - at).min(EXTENT_WINDOW);
+            self.window_extents(at, n, &mut out)?;
+            at += n;
+        }
+        out.truncate(MAX_EXTENTS);
+        Ok(out)
+    }
+}
+
+/// Most extents computed for one request: a BLOCK_STATUS reply carries at most 1024
+/// descriptors anyway, and an overlay written one block in two (or a finely cut image)
+/// must not cost memory in proportion to the 4 GiB one request may cover, times every
+/// request in flight.
+const MAX_EXTENTS: usize = 1024;
+/// Bytes of a range looked up at a time before checking [`MAX_EXTENTS`].
+const EXTENT_WINDOW: u64 = 64 << 20;
+
+impl ImageBackend {
+    /// Appends the extents of `len` bytes at `offset` to `out`.
+    fn window_extents(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> BackendResult<()> {
         let Some(o) = &self.overlay else {
-            self.image_extents(offset, len, &mut out)?;
-            return Ok(out);
+            return self.image_extents(offset, len, out);
         };
         let mut at = offset;
         for (n, inside) in o.runs(offset, len).map_err(backend_error)? {
@@ -261,11 +293,11 @@ impl Backend for ImageBackend {
                     state: BlockState::Data,
                 });
             } else {
-                self.image_extents(at, n, &mut out)?;
+                self.image_extents(at, n, out)?;
             }
             at += n;
         }
-        Ok(out)
+        Ok(())
     }
 }
 
@@ -378,4 +410,53 @@ fn announce(out: &Output, names: &[String], uri: impl Fn(&str) -> String) {
         .map(|n| format!("serving {n:?} on {}", uri(n)))
         .collect();
     out.line(lines.join("\n"));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tessera_engine::index::ZeroIds;
+    use tessera_engine::{ChunkerParams, Index, LocalStore};
+
+    #[test]
+    fn extents_of_a_fragmented_overlay_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        // A 256 MiB image of zeros (no chunk files needed).
+        let params = ChunkerParams::default();
+        let zero = ZeroIds::default().get(params.max);
+        let count = (256 << 20) / params.max;
+        let index = Index::new(params, [0; 32], (0..count).map(|_| (zero, params.max))).unwrap();
+        let store = LocalStore::open(dir.path().join("store"), true).unwrap();
+        let reader = Arc::new(ImageReader::new(
+            index.clone(),
+            Arc::new(store),
+            ReaderOptions::default(),
+        ));
+        // A client wrote one 4 KiB block in two over the first 32 MiB.
+        let overlay = Overlay::open(&dir.path().join("overlay"), &index).unwrap();
+        for b in (0..(32u64 << 20) / 4096).step_by(2) {
+            overlay
+                .write_at(&reader, b * 4096, &[1; 4096], false)
+                .unwrap();
+        }
+        let backend = ImageBackend {
+            reader,
+            overlay: Some(overlay),
+            writable: true,
+        };
+        // A BLOCK_STATUS of 4 GiB would otherwise compute an extent per block.
+        let x = backend.extents(0, 256 << 20).unwrap();
+        assert!(x.len() <= MAX_EXTENTS, "{} extents", x.len());
+        assert!(!x.is_empty());
+        for (i, e) in x.iter().enumerate() {
+            assert_eq!(e.len, 4096, "extent {i}");
+            let data = i % 2 == 0;
+            assert_eq!(e.state == BlockState::Data, data, "extent {i}");
+        }
+        // Past the written part, one hole extent per window.
+        let x = backend.extents(64 << 20, 192 << 20).unwrap();
+        assert_eq!(x.len(), 3);
+        assert!(x.iter().all(|e| e.state == BlockState::Hole));
+        assert_eq!(x.iter().map(|e| e.len).sum::<u64>(), 192 << 20);
+    }
 }

@@ -170,7 +170,7 @@ pub fn load_index(
     signature: Option<&Path>,
     policy: &TrustPolicy,
 ) -> Result<(Index, TrustReport)> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io("reading index", path, e))?;
+    let bytes = Index::read_file(path)?;
     let origin = path.display().to_string();
     if policy.trusted_keys.is_empty() {
         return check_index_bytes(&bytes, &origin, None, policy);
@@ -276,6 +276,27 @@ mod tests {
         assert_eq!(report.root_hash, hex(&index.root_hash()));
         assert!(!report.root_hash_pinned);
         assert!(report.signature.is_none());
+    }
+
+    #[test]
+    fn a_file_that_is_no_index_is_refused_without_being_read_whole() {
+        let rchar = || {
+            let io = std::fs::read_to_string("/proc/thread-self/io").unwrap();
+            let line = io.lines().find(|l| l.starts_with("rchar:")).unwrap();
+            line["rchar:".len()..].trim().parse::<u64>().unwrap()
+        };
+        // An image given as the index by mistake (1 GiB, sparse).
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("disk.img");
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(1 << 30)
+            .unwrap();
+        let before = rchar();
+        let e = load_index(&image, None, &TrustPolicy::default()).unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::InvalidIndex, "{e}");
+        assert!(e.to_string().contains("disk.img"), "{e}");
+        assert!(rchar() - before < 1 << 20, "the whole file was read");
     }
 
     #[test]

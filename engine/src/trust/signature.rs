@@ -199,11 +199,18 @@ pub fn verify_index(
     let sig_key = minisign::SignatureBox::from_string(text)
         .ok()
         .and_then(|b| KeyId::from_slice(b.keynum()));
-    let Some(key) = keys.iter().find(|k| Some(k.id) == sig_key) else {
+    let Some(sig_key) = sig_key else {
+        // Refused either way; but "not a trusted key" would send the user after keys.
+        return Err(untrusted(
+            "not a minisign signature (its key id cannot be read: a byte-order mark, \
+             or a first line that is not \"untrusted comment: ...\")"
+                .to_string(),
+        ));
+    };
+    let Some(key) = keys.iter().find(|k| k.id == sig_key) else {
         let trusted: Vec<String> = keys.iter().map(|k| k.id.to_string()).collect();
         return Err(untrusted(format!(
-            "made by key {}, which is not a trusted key (trusted: {})",
-            sig_key.map_or_else(|| "of unknown id".to_string(), |k| k.to_string()),
+            "made by key {sig_key}, which is not a trusted key (trusted: {})",
             trusted.join(", ")
         )));
     };
@@ -536,6 +543,23 @@ mod tests {
             let e = check(&bytes, text, std::slice::from_ref(&f.key)).unwrap_err();
             assert_eq!(e.kind(), crate::ErrorKind::Untrusted, "{text:?}");
         }
+    }
+
+    #[test]
+    fn a_signature_whose_key_id_cannot_be_read_is_called_malformed_not_untrusted() {
+        let f = fixture(None);
+        let bytes = std::fs::read(&f.index).unwrap();
+        let good = std::fs::read_to_string(&f.sig).unwrap();
+        // Windows line ends verify; a byte-order mark is refused as malformed (one
+        // parser reads past it, the other does not), not blamed on the key.
+        let crlf = good.replace('\n', "\r\n");
+        assert!(check(&bytes, &crlf, std::slice::from_ref(&f.key)).is_ok());
+        let bom = format!("\u{feff}{good}");
+        let e = check(&bytes, &bom, std::slice::from_ref(&f.key))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a minisign signature"), "{e}");
+        assert!(!e.contains("not a trusted key"), "{e}");
     }
 
     #[test]

@@ -916,3 +916,70 @@ async fn a_client_that_does_not_finish_the_handshake_is_dropped() {
         .unwrap_err();
     assert!(matches!(e, tessera_nbd::Error::Timeout(_)), "{e}");
 }
+
+#[tokio::test]
+async fn a_failed_set_meta_context_clears_the_earlier_selection() {
+    // "Issuing this command replaces all previously-set metadata contexts (including
+    // when this command fails)": after a failing SET, BLOCK_STATUS has no context.
+    for failing in [meta("nope", &["base:allocation"]), b"\0\0\0\x03me".to_vec()] {
+        let mut c = start(two_exports().0);
+        c.greet(wire::CLIENT_FIXED_NEWSTYLE | wire::CLIENT_NO_ZEROES)
+            .await;
+        c.option(opt::STRUCTURED_REPLY, &[]).await;
+        assert_eq!(c.option_replies().await[0].0, rep::ACK);
+        c.option(opt::SET_META_CONTEXT, &meta("mem", &["base:allocation"]))
+            .await;
+        assert_eq!(c.option_replies().await[0].0, rep::META_CONTEXT);
+        c.option(opt::SET_META_CONTEXT, &failing).await;
+        let r = c.option_replies().await;
+        assert!(r[0].0 & (1 << 31) != 0, "the SET fails: {r:?}");
+        c.option(opt::GO, &go_data("mem", &[])).await;
+        assert_eq!(c.option_replies().await.last().unwrap().0, rep::ACK);
+        c.request(cmd::BLOCK_STATUS, 0, 1, 0, 4096).await;
+        let (_, kind, _, p) = c.chunk().await;
+        assert_eq!(kind, reply::ERROR);
+        assert_eq!(u32::from_be_bytes(p[..4].try_into().unwrap()), EINVAL);
+    }
+}
+
+#[tokio::test]
+async fn a_flood_of_failing_requests_does_not_flood_the_log() {
+    let mut e = Exports::new();
+    e.add(Export::new(
+        "f",
+        Arc::new(Flaky {
+            inner: MemoryBackend::new(pattern(1 << 20), false),
+            bad: 0,
+        }) as Arc<dyn Backend>,
+    ));
+    let mut c = start(e);
+    c.go("f", false).await;
+    // 200 reads of a corrupt chunk, each answered with EIO.
+    for i in 0..200 {
+        c.request(cmd::READ, 0, i, 0, 512).await;
+        assert_eq!(c.simple().await, (EIO, i));
+    }
+    let lines = |c: &Client| {
+        c.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains("corrupt chunk c0ffee"))
+            .count()
+    };
+    let logged = lines(&c);
+    assert!(
+        (1..200).contains(&logged),
+        "{logged} lines for 200 failures"
+    );
+    // A second later, a failure is logged again, with the count of those held back.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    c.request(cmd::READ, 0, 999, 0, 512).await;
+    assert_eq!(c.simple().await, (EIO, 999));
+    assert_eq!(lines(&c), logged + 1);
+    let log = c.log.lock().unwrap().join("\n");
+    assert!(
+        log.contains(&format!("{} more failed requests not logged", 200 - logged)),
+        "{log}"
+    );
+}

@@ -191,6 +191,8 @@ fn a_full_server_evicts_the_longest_idle_connection_or_refuses_when_all_are_busy
     let srv = serve_with(exports(), |b| {
         b.max_connections(2)
             .handshake_timeout(Duration::from_secs(60))
+            // Busy connections only become evictable for being slow after this long.
+            .budget_wait(Duration::from_secs(60))
     });
     // Two idle clients fill the server: a third takes the place of the older one.
     let mut older = RawClient::go(srv.addr, "mem", GOOD_CLIENT_LIMIT).unwrap();
@@ -229,4 +231,147 @@ fn a_full_server_evicts_the_longest_idle_connection_or_refuses_when_all_are_busy
     );
     let log = srv.wait_for_log("refused");
     assert!(log.contains("connections are all busy (limit 2)"), "{log}");
+}
+
+/// Sends a WRITE header of `len` bytes and the first byte of its payload, then trickles
+/// one more byte every 100 ms from a thread until `stop` (so that the payload is never
+/// stalled for long): a slowloris in transmission.
+fn trickling_writer(
+    addr: std::net::SocketAddr,
+    len: u32,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    let mut c = RawClient::go(addr, "mem", GOOD_CLIENT_LIMIT).unwrap();
+    let r = tessera_nbd::wire::Request {
+        flags: 0,
+        kind: tessera_nbd::wire::cmd::WRITE,
+        cookie: 1,
+        offset: 0,
+        len,
+    };
+    std::io::Write::write_all(&mut c.s, &tessera_nbd::wire::encode_request(&r)).unwrap();
+    std::thread::spawn(move || {
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            if std::io::Write::write_all(&mut c.s, &[0]).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+}
+
+#[test]
+fn clients_trickling_write_payloads_do_not_lock_out_a_new_client() {
+    let srv = serve_with(exports(), |b| {
+        b.max_connections(8)
+            .handshake_timeout(Duration::from_secs(60))
+            .budget_wait(Duration::from_millis(200))
+    });
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Every slot holds a request in flight whose payload never ends: 4 of them within the
+    // maximum payload (holding a little budget), 4 over it (drained, holding none).
+    let threads: Vec<_> = (0..8)
+        .map(|i| {
+            let len = if i % 2 == 0 { 1 << 20 } else { u32::MAX };
+            trickling_writer(srv.addr, len, stop.clone())
+        })
+        .collect();
+    // Let the trickles run longer than the budget wait: they are slow, not just starting.
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(good_client(srv.addr) < GOOD_CLIENT_LIMIT);
+    let log = srv.wait_for_log("evicted");
+    assert!(log.contains("evicted for a new connection"), "{log}");
+    assert!(
+        log.contains("B/s"),
+        "the log says how slow the victim was: {log}"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
+}
+
+/// Connects from `ip` and negotiates "big".
+fn connect_from(ip: &str, addr: std::net::SocketAddr) -> RawClient {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let sock = rt.block_on(async {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+        sock.connect(addr).await.unwrap().into_std().unwrap()
+    });
+    sock.set_nonblocking(false).unwrap();
+    RawClient::go_on(sock, "big", GOOD_CLIENT_LIMIT).unwrap()
+}
+
+#[test]
+fn clients_reading_their_replies_at_a_trickle_do_not_starve_others_of_memory() {
+    let srv = serve_with(exports(), |b| b.handshake_timeout(Duration::from_secs(60)));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Two peers with two connections each take their whole share (4 reads of 32 MiB a
+    // connection, 512 MiB in all: the whole budget) and read the replies at 2.5 MiB/s,
+    // never stalling long enough to count as stalled.
+    let threads: Vec<_> = ["127.0.0.2", "127.0.0.3", "127.0.0.2", "127.0.0.3"]
+        .iter()
+        .map(|ip| {
+            let mut c = connect_from(ip, srv.addr);
+            for i in 0..4 {
+                c.send_read(i, 0, 32 << 20).unwrap();
+            }
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 256 << 10];
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if std::io::Read::read_exact(&mut c.s, &mut buf).is_err() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    // At that pace the hogs would hold the memory for almost a minute.
+    assert!(good_client(srv.addr) < GOOD_CLIENT_LIMIT);
+    let log = srv.wait_for_log("reclaiming");
+    assert!(
+        log.contains("B/s"),
+        "the log says how slow the holder was: {log}"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
+}
+
+#[test]
+fn a_flood_of_garbage_connections_does_not_flood_the_log() {
+    let srv = serve_with(exports(), |b| b);
+    // 300 connections that break the protocol at once (bad client flags).
+    for _ in 0..300 {
+        let mut s = std::net::TcpStream::connect(srv.addr).unwrap();
+        let mut greeting = [0u8; 18];
+        std::io::Read::read_exact(&mut s, &mut greeting).unwrap();
+        std::io::Write::write_all(&mut s, &0x8000_0000u32.to_be_bytes()).unwrap();
+        // Wait for the server to close it: every connection has ended when we go on.
+        let _ = std::io::Read::read(&mut s, &mut greeting);
+    }
+    // The server still serves, and its last lines include the count of those not logged.
+    assert!(good_client(srv.addr) < GOOD_CLIENT_LIMIT);
+    // Stopping the server logs the count of lines held back.
+    let lines = srv.log.clone();
+    drop(srv);
+    let log = lines.lock().unwrap().join("\n");
+    let failures = log
+        .lines()
+        .filter(|l| l.contains("unknown client flags"))
+        .count();
+    assert!(failures >= 1, "{log}");
+    assert!(
+        failures < 300,
+        "one line per garbage connection: {failures}"
+    );
+    assert!(log.contains("more failed connections not logged"), "{log}");
 }
