@@ -355,12 +355,15 @@ pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async {
-        let shutdown = async {
-            use tokio::signal::unix::{signal, SignalKind};
-            match (
-                signal(SignalKind::interrupt()),
-                signal(SignalKind::terminate()),
-            ) {
+        use tokio::signal::unix::{signal, SignalKind};
+        // Registered before the address is announced: a signal sent as soon as someone
+        // has read it must stop the server cleanly, not kill it.
+        let signals = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        );
+        let shutdown = async move {
+            match signals {
                 (Ok(mut int), Ok(mut term)) => {
                     tokio::select! {
                         _ = int.recv() => {}
