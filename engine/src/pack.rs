@@ -563,7 +563,8 @@ mod tests {
             b.toc.shrink_to_fit();
             b.finish().bytes
         };
-        let cases: Vec<(&str, Box<dyn Fn(&mut Vec<TocEntry>)>)> = vec![
+        type Edit = Box<dyn Fn(&mut Vec<TocEntry>)>;
+        let cases: Vec<(&str, Edit)> = vec![
             ("duplicate id", Box::new(|t| t[2].id = t[1].id)),
             ("overlap", Box::new(|t| t[1].offset -= 1)),
             ("gap", Box::new(|t| t[1].offset += 1)),
