@@ -23,7 +23,7 @@ pub enum ErrorKind {
     InvalidIndex,
     /// Chunk bytes did not hash to the id the index names, or did not decompress.
     CorruptChunk,
-    /// A chunk is in no store or seed.
+    /// A chunk is in no store or seed, or the store file that should hold it is gone.
     MissingChunk,
     /// The caller asked for something impossible (bad parameters, target too small...).
     InvalidInput,
@@ -40,7 +40,7 @@ pub enum Error {
     /// An I/O error on a path.
     #[error("{what} {path}")]
     Io {
-        /// What was being done ("reading", "writing chunk file"...).
+        /// What was being done ("reading", "writing"...).
         what: &'static str,
         /// The file, device or store path involved.
         path: PathBuf,
@@ -74,6 +74,20 @@ pub enum Error {
         /// The store (or stores) searched.
         origin: String,
     },
+    /// A store file (a pack's table of contents, a location file) that is malformed.
+    #[error("invalid store file {origin}: {reason}")]
+    CorruptStore {
+        /// The file's path or URL.
+        origin: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A store file (a pack, most often) that does not exist.
+    #[error("{origin} does not exist")]
+    MissingFile {
+        /// The file's path or URL.
+        origin: String,
+    },
     /// Bad parameters or an impossible request.
     #[error("{0}")]
     InvalidInput(String),
@@ -91,8 +105,8 @@ impl Error {
         match self {
             Error::Io { .. } => ErrorKind::Io,
             Error::InvalidIndex { .. } => ErrorKind::InvalidIndex,
-            Error::CorruptChunk { .. } => ErrorKind::CorruptChunk,
-            Error::MissingChunk { .. } => ErrorKind::MissingChunk,
+            Error::CorruptChunk { .. } | Error::CorruptStore { .. } => ErrorKind::CorruptChunk,
+            Error::MissingChunk { .. } | Error::MissingFile { .. } => ErrorKind::MissingChunk,
             Error::InvalidInput(_) => ErrorKind::InvalidInput,
             Error::VerifyFailed(_) => ErrorKind::VerifyFailed,
             Error::Untrusted(_) => ErrorKind::Untrusted,

@@ -9,6 +9,8 @@ use rand_chacha::ChaCha8Rng;
 
 use super::*;
 use crate::device::DeviceKind;
+use crate::pack::{parse_toc, toc_tail_len};
+use crate::store::{pack_path, PackFetcher, StoreRead};
 use crate::sync::{ReadAt, WriteAt};
 use crate::{make, ChunkId, ChunkStore, ErrorKind, LocalStore, MakeOptions, NoProgress};
 
@@ -50,7 +52,26 @@ fn fixture() -> Fixture {
 }
 
 fn reader(f: &Fixture, options: ReaderOptions) -> ImageReader {
-    ImageReader::new(f.index.clone(), Arc::new(f.store.clone()), options)
+    let store = Arc::new(f.store.clone());
+    let chunks = PackFetcher::open(store, &f.index).unwrap();
+    ImageReader::new(f.index.clone(), Arc::new(chunks), options)
+}
+
+/// Flips a byte in the middle of the frame of chunk `id` in its pack.
+fn damage_frame(store: &LocalStore, id: &crate::ChunkId) {
+    for pack in store.list_packs().unwrap() {
+        let path = store.path_of(&pack_path(&pack));
+        let mut bytes = std::fs::read(&path).unwrap();
+        let size = bytes.len() as u64;
+        let tail = toc_tail_len(&bytes[bytes.len() - 8..], size, "p").unwrap();
+        let toc = parse_toc(&bytes[(size - tail) as usize..], size, "p").unwrap();
+        if let Some(e) = toc.iter().find(|e| e.id == *id) {
+            bytes[(e.offset + u64::from(e.clen) / 2) as usize] ^= 0x55;
+            std::fs::write(&path, bytes).unwrap();
+            return;
+        }
+    }
+    panic!("chunk {id} is in no pack");
 }
 
 #[test]
@@ -105,10 +126,7 @@ fn corrupt_chunk_fails_only_its_range_and_names_its_id() {
         .find(|c| !c.zero && c.offset > 0)
         .copied()
         .unwrap();
-    let path = f.store.path_of(&victim.id);
-    let mut bad = f.data[victim.offset as usize..victim.end() as usize].to_vec();
-    bad[10] ^= 1;
-    std::fs::write(&path, crate::chunk::compress(&bad)).unwrap();
+    damage_frame(&f.store, &victim.id);
     let r = reader(
         &f,
         ReaderOptions {
@@ -153,18 +171,23 @@ fn cache_stays_within_its_size_and_serves_repeats() {
 
 /// A store that counts the fetches of each chunk and wakes waiters after each.
 struct CountingStore {
-    inner: LocalStore,
+    inner: PackFetcher,
     fetched: Mutex<HashMap<ChunkId, u64>>,
     changed: Condvar,
 }
 
 impl CountingStore {
-    fn new(inner: LocalStore) -> Arc<CountingStore> {
+    fn new(f: &Fixture) -> Arc<CountingStore> {
         Arc::new(CountingStore {
-            inner,
+            inner: PackFetcher::open(Arc::new(f.store.clone()), &f.index).unwrap(),
             fetched: Mutex::new(HashMap::new()),
             changed: Condvar::new(),
         })
+    }
+
+    fn count(&self, id: ChunkId) {
+        *self.fetched.lock().unwrap().entry(id).or_default() += 1;
+        self.changed.notify_all();
     }
 
     fn counts(&self) -> HashMap<ChunkId, u64> {
@@ -195,17 +218,25 @@ impl ChunkStore for CountingStore {
     fn location(&self) -> String {
         self.inner.location()
     }
-    fn get_compressed(&self, id: &ChunkId) -> Result<Option<Vec<u8>>> {
-        let got = self.inner.get_compressed(id);
-        *self.fetched.lock().unwrap().entry(*id).or_default() += 1;
-        self.changed.notify_all();
+    fn fetch_verified(&self, entry: &crate::ChunkEntry) -> Result<crate::Fetched> {
+        let got = self.inner.fetch_verified(entry);
+        self.count(entry.id);
         got
     }
-    fn contains(&self, id: &ChunkId) -> Result<bool> {
-        self.inner.contains(id)
+    fn fetch_ordered<'a>(&'a self, entries: Vec<crate::ChunkEntry>) -> crate::FetchStream<'a> {
+        let ids: Vec<ChunkId> = entries.iter().map(|e| e.id).collect();
+        Box::new(
+            self.inner
+                .fetch_ordered(entries)
+                .zip(ids)
+                .map(move |(got, id)| {
+                    self.count(id);
+                    got
+                }),
+        )
     }
-    fn put_compressed(&self, id: &ChunkId, compressed: &[u8]) -> Result<bool> {
-        self.inner.put_compressed(id, compressed)
+    fn in_flight(&self) -> usize {
+        self.inner.in_flight()
     }
 }
 
@@ -226,7 +257,7 @@ fn stored_chunks(f: &Fixture, from: u64, to: u64) -> Vec<ChunkId> {
 #[test]
 fn prefetch_fetches_its_range_once_and_reads_then_hit_the_cache() {
     let f = fixture();
-    let store = CountingStore::new(f.store.clone());
+    let store = CountingStore::new(&f);
     // Read-ahead off: only `prefetch` can fetch anything before a read.
     let r = ImageReader::new(
         f.index.clone(),
@@ -263,7 +294,7 @@ fn prefetch_fetches_its_range_once_and_reads_then_hit_the_cache() {
 #[test]
 fn sequential_reads_queue_read_ahead() {
     let f = fixture();
-    let store = CountingStore::new(f.store.clone());
+    let store = CountingStore::new(&f);
     let r = ImageReader::new(f.index.clone(), store.clone(), ReaderOptions::default());
     let mut buf = vec![0u8; 4096];
     r.read_at(0, &mut buf).unwrap();
