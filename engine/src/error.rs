@@ -23,7 +23,7 @@ pub enum ErrorKind {
     InvalidIndex,
     /// Chunk bytes did not hash to the id the index names, or did not decompress.
     CorruptChunk,
-    /// A chunk is in no store or seed.
+    /// A chunk is in no store or seed, or the store file that should hold it is gone.
     MissingChunk,
     /// The caller asked for something impossible (bad parameters, target too small...).
     InvalidInput,
@@ -74,6 +74,12 @@ pub enum Error {
         /// The store (or stores) searched.
         origin: String,
     },
+    /// A store file (a pack, most often) that does not exist.
+    #[error("{origin} does not exist")]
+    MissingFile {
+        /// The file's path or URL.
+        origin: String,
+    },
     /// Bad parameters or an impossible request.
     #[error("{0}")]
     InvalidInput(String),
@@ -92,7 +98,7 @@ impl Error {
             Error::Io { .. } => ErrorKind::Io,
             Error::InvalidIndex { .. } => ErrorKind::InvalidIndex,
             Error::CorruptChunk { .. } => ErrorKind::CorruptChunk,
-            Error::MissingChunk { .. } => ErrorKind::MissingChunk,
+            Error::MissingChunk { .. } | Error::MissingFile { .. } => ErrorKind::MissingChunk,
             Error::InvalidInput(_) => ErrorKind::InvalidInput,
             Error::VerifyFailed(_) => ErrorKind::VerifyFailed,
             Error::Untrusted(_) => ErrorKind::Untrusted,

@@ -2,7 +2,10 @@
 //! verification of disk images.
 //!
 //! Data flows one way:
-//! - [`make()`]: source → [`Chunker`] → hash/compress workers → [`ChunkStore`] + [`Index`];
+//! - [`make()`]: source → [`Chunker`] → hash/compress workers → packs in a [`StoreWrite`]
+//!   store + the index's location file + [`Index`];
+//! - [`PackFetcher`]: a [`StoreRead`] store + an [`Index`] → a [`ChunkStore`] that fetches
+//!   the index's chunks with coalesced range requests, verified;
 //! - [`sync()`] / [`sync_with()`]: [`Index`] + target + seeds → scan → [`SyncPlan`] (pure,
 //!   printable) → ordered, journaled, verified writes in place → final check (`sync` module);
 //! - [`verify()`]: target → chunk hashes compared with the index;
@@ -10,21 +13,24 @@
 //!   cache and an optional copy-on-write [`Overlay`];
 //! - [`trust`]: root-hash pins, minisign signatures, dm-verity trees.
 //!
-//! Remote (HTTP, S3) stores implement [`ChunkStore`] in the `tessera-stores` crate.
+//! Remote (HTTP, S3) stores implement [`StoreRead`] (and S3 [`StoreWrite`]) in the
+//! `tessera-stores` crate.
 //!
 //! Every chunk that leaves a store passes through [`VerifiedChunk::verify`].
 //!
 //! ```no_run
 //! use std::path::Path;
-//! use tessera_engine::{make, sync, Index, LocalStore, MakeOptions, NoProgress};
+//! use std::sync::Arc;
+//! use tessera_engine::{make, sync, Index, LocalStore, MakeOptions, NoProgress, PackFetcher};
 //!
 //! # fn main() -> tessera_engine::Result<()> {
-//! let store = LocalStore::open("store", true)?;
-//! let (index, report) = make(Path::new("disk.img"), &store, Path::new("disk.tidx"),
+//! let store = Arc::new(LocalStore::open("store", true)?);
+//! let (index, report) = make(Path::new("disk.img"), &*store, Path::new("disk.tidx"),
 //!                            &MakeOptions::default(), &NoProgress)?;
 //! println!("{} chunks, root hash {}", report.chunk_count, report.root_hash);
 //! let index = Index::load(Path::new("disk.tidx"))?;
-//! sync(&index, Path::new("copy.img"), &store, &NoProgress)?;
+//! let chunks = PackFetcher::open(store, &index)?;
+//! sync(&index, Path::new("copy.img"), &chunks, &NoProgress)?;
 //! # Ok(()) }
 //! ```
 #![deny(missing_docs)]
@@ -37,6 +43,7 @@ mod fsutil;
 mod id;
 pub mod index;
 pub mod make;
+pub mod pack;
 pub mod progress;
 pub mod reader;
 pub mod store;
@@ -55,7 +62,10 @@ pub use index::{ChunkEntry, Index};
 pub use make::{make, MakeOptions, MakeReport};
 pub use progress::{NoProgress, Progress};
 pub use reader::{ImageReader, Overlay, ReaderOptions, ReaderStats};
-pub use store::{CacheOptions, CacheStore, ChunkStore, FetchStream, Fetched, LocalStore};
+pub use store::{
+    CacheOptions, CacheStore, ChunkStore, FetchStream, Fetched, LocalStore, PackFetcher, PackId,
+    StoreRead, StoreWrite,
+};
 pub use sync::{sync, sync_with, SeedSpec, SyncOptions, SyncPlan, SyncReport};
 pub use trust::{TrustPolicy, TrustReport, TrustedKey};
 pub use verify::{verify, verify_ok, VerifyReport};
