@@ -74,6 +74,14 @@ pub enum Error {
         /// The store (or stores) searched.
         origin: String,
     },
+    /// A store file (a pack's table of contents, a location file) that is malformed.
+    #[error("invalid store file {origin}: {reason}")]
+    CorruptStore {
+        /// The file's path or URL.
+        origin: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A store file (a pack, most often) that does not exist.
     #[error("{origin} does not exist")]
     MissingFile {
@@ -97,7 +105,7 @@ impl Error {
         match self {
             Error::Io { .. } => ErrorKind::Io,
             Error::InvalidIndex { .. } => ErrorKind::InvalidIndex,
-            Error::CorruptChunk { .. } => ErrorKind::CorruptChunk,
+            Error::CorruptChunk { .. } | Error::CorruptStore { .. } => ErrorKind::CorruptChunk,
             Error::MissingChunk { .. } | Error::MissingFile { .. } => ErrorKind::MissingChunk,
             Error::InvalidInput(_) => ErrorKind::InvalidInput,
             Error::VerifyFailed(_) => ErrorKind::VerifyFailed,

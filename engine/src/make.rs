@@ -1,17 +1,24 @@
-//! `make`: cut an image into chunks, store the new ones, write the index.
+//! `make`: cut an image into chunks, put the chunks the store lacks into new packs, write
+//! the index's location file and the index.
 //!
 //! One reader thread chunks the source (and hashes the whole image in the same pass) and
-//! feeds a bounded channel; worker threads hash, skip chunks the store already holds intact,
-//! compress and store; the calling thread puts results back in image order.
+//! feeds a bounded channel; worker threads hash each chunk and, for the first occurrence
+//! of each id, either find it in a pack of the store (every pack's table of contents is
+//! read first) or compress it; the calling thread puts results back in image order and
+//! appends new chunks to the open pack, in image order of first appearance. A pack is
+//! written when its frames reach [`PACK_TARGET`](crate::pack::PACK_TARGET), so at most one pack is held in memory.
 //!
-//! The index is published only when every chunk it names is in the store: a chunk is
-//! skipped only when [`ChunkStore::check_stored`] finds the store's own file good (a
-//! cache in front of the store does not count), and a damaged file there (empty,
-//! truncated, foreign, a link) is replaced atomically and counted in
-//! [`MakeReport::repaired_chunks`]. Memory is bounded by the
-//! channel depth times the maximum chunk size, whatever the image size.
+//! Deterministic: the same image and the same store give the same packs, location file
+//! and index. A chunk found in a pack is reused only when [`StoreRead::holds_chunk`](crate::store::StoreRead::holds_chunk) says
+//! the frame there is good (the local store reads and checks it); a damaged one is written
+//! again into the new pack and counted in [`MakeReport::repaired_chunks`]. A pack whose
+//! table of contents cannot be read is ignored (its chunks are written again).
+//!
+//! Order of publication: every pack, then the location file, then [`StoreWrite::flush`],
+//! then the index (atomically). An interrupted `make` leaves whole packs (written under a
+//! temporary name, then renamed) and no index naming them; the next `make` reuses them.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -23,8 +30,9 @@ use crate::chunker::{Chunker, ChunkerParams};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::index::{hex, Index, ZeroIds};
+use crate::pack::{parse_toc, toc_tail_len, Location, Locations, PackBuilder, PACK_TRAILER};
 use crate::progress::Progress;
-use crate::store::{ChunkStore, StoredChunk};
+use crate::store::{locations_path, pack_path, PackId, StoreWrite};
 use crate::ChunkId;
 
 /// Options for [`make`].
@@ -56,14 +64,18 @@ pub struct MakeReport {
     pub unique_chunks: u64,
     /// Chunks the store did not have, written by this run.
     pub new_chunks: u64,
-    /// Chunk files the store had but that were damaged (empty, truncated, foreign
-    /// content, not a regular file), replaced by this run.
+    /// Chunks listed in a pack of the store whose frame there was damaged, written again
+    /// by this run into a new pack.
     pub repaired_chunks: u64,
-    /// Compressed bytes written to the store by this run (new and repaired chunks).
+    /// Compressed bytes of the chunks written by this run (new and repaired).
     pub stored_bytes: u64,
     /// Uncompressed bytes of the chunks written by this run (new and repaired).
     pub new_bytes: u64,
-    /// Chunks of zeros (no store file).
+    /// Packs written by this run.
+    pub new_packs: u64,
+    /// Packs holding the index's chunks (new and reused).
+    pub packs: u64,
+    /// Chunks of zeros (not stored).
     pub zero_chunks: u64,
     /// BLAKE3 of the index file, hex.
     pub root_hash: String,
@@ -81,30 +93,70 @@ struct Done {
     id: ChunkId,
     len: u32,
     zero: bool,
-    stored: Option<Stored>,
+    /// For the first occurrence of an id: where its frame comes from.
+    claim: Option<Claim>,
 }
 
-/// A chunk file this run wrote.
-struct Stored {
-    compressed: u64,
-    raw: u64,
-    repaired: bool,
+/// Where the frame of a chunk comes from.
+enum Claim {
+    /// A pack of the store holds it intact: (pack, offset, frame length).
+    Reuse(PackId, u64, u32),
+    /// A new frame for the open pack; `repaired` when a pack listed it damaged.
+    New { frame: Vec<u8>, repaired: bool },
 }
 
-/// Chunks `source` (file or block device), puts its new chunks into `store`, and writes
-/// the index to `index_out` (atomically, after the store is flushed).
+/// Where a chunk is in the packs already in the store: pack, offset, frame length.
+type Known = HashMap<ChunkId, (PackId, u64, u32)>;
+
+/// Reads the table of contents of every pack in `store`. A pack whose table cannot be
+/// parsed (cut short by a crash, damaged) is skipped: its chunks count as missing.
+fn known_chunks(store: &dyn StoreWrite) -> Result<Known> {
+    let mut known = Known::new();
+    for pack in store.list_packs()? {
+        let rel = pack_path(&pack);
+        let origin = format!("{}/{rel}", store.location().trim_end_matches('/'));
+        let Some(size) = store.file_size(&rel)? else {
+            continue; // Deleted since listed.
+        };
+        let toc = (|| {
+            let trailer = store.read_range(
+                &rel,
+                size.saturating_sub(PACK_TRAILER),
+                PACK_TRAILER.min(size),
+            )?;
+            let tail = toc_tail_len(&trailer, size, &origin)?;
+            let bytes = store.read_range(&rel, size - tail, tail)?;
+            parse_toc(&bytes, size, &origin)
+        })();
+        match toc {
+            Ok(toc) => {
+                for e in toc {
+                    known.entry(e.id).or_insert((pack, e.offset, e.clen));
+                }
+            }
+            Err(Error::CorruptStore { .. } | Error::MissingFile { .. }) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(known)
+}
+
+/// Chunks `source` (file or block device), puts the chunks `store` lacks into new packs,
+/// writes the index's location file, flushes the store, and writes the index to
+/// `index_out` (atomically).
 ///
 /// # Errors
 /// I/O errors on the source, store or index path.
 pub fn make(
     source: &Path,
-    store: &dyn ChunkStore,
+    store: &dyn StoreWrite,
     index_out: &Path,
     opts: &MakeOptions,
     progress: &dyn Progress,
 ) -> Result<(Index, MakeReport)> {
     let device = Device::open_read(source)?;
     let image_size = device.size();
+    let known = known_chunks(store)?;
     progress.start("chunking", image_size);
     let workers = opts.workers.max(1);
     let (cut_tx, cut_rx) = bounded::<Cut>(workers * 2);
@@ -112,7 +164,7 @@ pub fn make(
     let claimed = Mutex::new(HashSet::<ChunkId>::new());
     let params = opts.params;
 
-    let (image_hash, records, report) = std::thread::scope(|s| -> Result<_> {
+    let (image_hash, records, placed, mut report) = std::thread::scope(|s| -> Result<_> {
         let reader = s.spawn(move || -> Result<[u8; 32]> {
             // Read through a `Take` so a growing file never yields more than its size.
             let mut chunker = Chunker::new(std::io::Read::take(device.file(), image_size), params);
@@ -155,11 +207,11 @@ pub fn make(
         for _ in 0..workers {
             let cut_rx = cut_rx.clone();
             let done_tx = done_tx.clone();
-            let claimed = &claimed;
+            let (claimed, known) = (&claimed, &known);
             s.spawn(move || {
                 let mut zeros = ZeroIds::default();
                 for cut in cut_rx {
-                    let result = process(cut, store, claimed, &mut zeros, progress);
+                    let result = process(cut, store, known, claimed, &mut zeros, progress);
                     let failed = result.is_err();
                     if done_tx.send(result).is_err() || failed {
                         break;
@@ -170,20 +222,10 @@ pub fn make(
         drop(cut_rx);
         drop(done_tx);
 
+        let mut writer = PackWriter::new(store);
         let mut pending = BTreeMap::new();
+        let mut claims = HashMap::new();
         let mut records = Vec::new();
-        let mut report = MakeReport {
-            image_size,
-            chunk_count: 0,
-            unique_chunks: 0,
-            new_chunks: 0,
-            repaired_chunks: 0,
-            stored_bytes: 0,
-            new_bytes: 0,
-            zero_chunks: 0,
-            root_hash: String::new(),
-            image_hash: String::new(),
-        };
         let mut first_error = None;
         for done in done_rx {
             let done = match done {
@@ -193,21 +235,27 @@ pub fn make(
                     break;
                 }
             };
-            if done.zero {
-                report.zero_chunks += 1;
+            if let Some(claim) = done.claim {
+                claims.insert(done.id, claim);
             }
-            if let Some(stored) = done.stored {
-                if stored.repaired {
-                    report.repaired_chunks += 1;
-                } else {
-                    report.new_chunks += 1;
+            pending.insert(done.seq, (done.id, done.len, done.zero));
+            // In image order; a first occurrence waits until its claim has arrived (the
+            // worker that claimed the id may have had a later occurrence).
+            while let Some(&(id, len, zero)) = pending.get(&(records.len() as u64)) {
+                if !zero && !writer.placed(&id) {
+                    let Some(claim) = claims.remove(&id) else {
+                        break;
+                    };
+                    if let Err(e) = writer.place(id, len, claim) {
+                        first_error.get_or_insert(e);
+                        break;
+                    }
                 }
-                report.stored_bytes += stored.compressed;
-                report.new_bytes += stored.raw;
+                pending.remove(&(records.len() as u64));
+                records.push((id, len));
             }
-            pending.insert(done.seq, (done.id, done.len));
-            while let Some(entry) = pending.remove(&(records.len() as u64)) {
-                records.push(entry);
+            if first_error.is_some() {
+                break;
             }
         }
         // Dropping the receiver (loop ended) unblocks workers; the reader stops on send error.
@@ -216,23 +264,170 @@ pub fn make(
             return Err(e);
         }
         let image_hash = reader_result?;
-        report.unique_chunks = claimed.lock().expect("claimed set").len() as u64;
-        Ok((image_hash, records, report))
+        if !pending.is_empty() {
+            return Err(Error::InvalidInput(format!(
+                "make: {} chunks of {} were never placed in a pack",
+                pending.len(),
+                source.display()
+            )));
+        }
+        let (placed, report) = writer.finish(image_size)?;
+        Ok((image_hash, records, placed, report))
     })?;
 
     let index = Index::new(params, image_hash, records)?;
+    report.unique_chunks = placed.records.len() as u64;
+    report.zero_chunks = index.chunks().iter().filter(|e| e.zero).count() as u64;
+    let root = index.root_hash();
+    let locations = Locations {
+        root,
+        packs: placed.packs,
+        records: placed.records,
+    };
+    store.put_file(&locations_path(&root), &locations.to_bytes())?;
     store.flush()?;
     index.save(index_out)?;
-    let mut report = report;
     report.chunk_count = index.chunks().len() as u64;
-    report.root_hash = hex(&index.root_hash());
+    report.root_hash = hex(&root);
     report.image_hash = hex(&index.image_hash());
     Ok((index, report))
 }
 
+/// The packs and records of the location file being built.
+struct Placed {
+    packs: Vec<PackId>,
+    records: Vec<Location>,
+}
+
+/// Places chunks in image order: reused ones where they are, new ones in the open pack.
+struct PackWriter<'a> {
+    store: &'a dyn StoreWrite,
+    /// Chunk id -> its record number.
+    seen: HashMap<ChunkId, usize>,
+    /// Packs by number; `None` for the open pack, whose id is known when it is finished.
+    packs: Vec<Option<PackId>>,
+    numbers: HashMap<PackId, u32>,
+    records: Vec<Location>,
+    open: PackBuilder,
+    /// The number of the open pack, once it has a frame.
+    open_number: Option<u32>,
+    report: MakeReport,
+}
+
+impl<'a> PackWriter<'a> {
+    fn new(store: &'a dyn StoreWrite) -> Self {
+        PackWriter {
+            store,
+            seen: HashMap::new(),
+            packs: Vec::new(),
+            numbers: HashMap::new(),
+            records: Vec::new(),
+            open: PackBuilder::new(),
+            open_number: None,
+            report: MakeReport {
+                image_size: 0,
+                chunk_count: 0,
+                unique_chunks: 0,
+                new_chunks: 0,
+                repaired_chunks: 0,
+                stored_bytes: 0,
+                new_bytes: 0,
+                new_packs: 0,
+                packs: 0,
+                zero_chunks: 0,
+                root_hash: String::new(),
+                image_hash: String::new(),
+            },
+        }
+    }
+
+    fn placed(&self, id: &ChunkId) -> bool {
+        self.seen.contains_key(id)
+    }
+
+    fn place(&mut self, id: ChunkId, len: u32, claim: Claim) -> Result<()> {
+        let record = match claim {
+            Claim::Reuse(pack, offset, clen) => {
+                let number = match self.numbers.get(&pack) {
+                    Some(&n) => n,
+                    None => {
+                        let n = self.packs.len() as u32;
+                        self.packs.push(Some(pack));
+                        self.numbers.insert(pack, n);
+                        n
+                    }
+                };
+                Location {
+                    pack: number,
+                    offset,
+                    clen,
+                }
+            }
+            Claim::New { frame, repaired } => {
+                let number = *self.open_number.get_or_insert_with(|| {
+                    self.packs.push(None);
+                    self.packs.len() as u32 - 1
+                });
+                let offset = self.open.push(id, &frame, len);
+                if repaired {
+                    self.report.repaired_chunks += 1;
+                } else {
+                    self.report.new_chunks += 1;
+                }
+                self.report.stored_bytes += frame.len() as u64;
+                self.report.new_bytes += u64::from(len);
+                let record = Location {
+                    pack: number,
+                    offset,
+                    clen: frame.len() as u32,
+                };
+                if self.open.is_full() {
+                    self.close()?;
+                }
+                record
+            }
+        };
+        self.seen.insert(id, self.records.len());
+        self.records.push(record);
+        Ok(())
+    }
+
+    /// Finishes and stores the open pack.
+    fn close(&mut self) -> Result<()> {
+        let Some(number) = self.open_number.take() else {
+            return Ok(());
+        };
+        let pack = std::mem::take(&mut self.open).finish();
+        self.store.put_pack(&pack.id, &pack.bytes)?;
+        self.report.new_packs += 1;
+        self.packs[number as usize] = Some(pack.id);
+        self.numbers.insert(pack.id, number);
+        Ok(())
+    }
+
+    fn finish(mut self, image_size: u64) -> Result<(Placed, MakeReport)> {
+        self.close()?;
+        let packs = self
+            .packs
+            .into_iter()
+            .map(|p| p.expect("every pack is closed"))
+            .collect::<Vec<_>>();
+        self.report.image_size = image_size;
+        self.report.packs = packs.len() as u64;
+        Ok((
+            Placed {
+                packs,
+                records: self.records,
+            },
+            self.report,
+        ))
+    }
+}
+
 fn process(
     cut: Cut,
-    store: &dyn ChunkStore,
+    store: &dyn StoreWrite,
+    known: &Known,
     claimed: &Mutex<HashSet<ChunkId>>,
     zeros: &mut ZeroIds,
     progress: &dyn Progress,
@@ -241,28 +436,18 @@ fn process(
     let id = ChunkId::of(&cut.data);
     progress.advance(u64::from(len));
     let zero = zeros.get(len) == id;
-    let mut stored = None;
-    // One worker per distinct chunk; skip compression for chunks the store holds intact.
+    let mut claim = None;
+    // One worker per distinct chunk: reuse it from a pack, or compress it.
     if !zero && claimed.lock().expect("claimed set").insert(id) {
-        let written = match store.check_stored(&id, &cut.data)? {
-            StoredChunk::Present => None,
-            StoredChunk::Missing => {
-                let compressed = compress(&cut.data);
-                // False: another writer stored it meanwhile (atomically, so it is whole).
-                store
-                    .put_compressed(&id, &compressed)?
-                    .then_some((compressed, false))
+        let found = known.get(&id);
+        claim = Some(match found {
+            Some(&(pack, offset, clen)) if store.holds_chunk(&pack, offset, clen, &cut.data)? => {
+                Claim::Reuse(pack, offset, clen)
             }
-            StoredChunk::Damaged(_) => {
-                let compressed = compress(&cut.data);
-                store.replace_compressed(&id, &compressed)?;
-                Some((compressed, true))
-            }
-        };
-        stored = written.map(|(compressed, repaired)| Stored {
-            compressed: compressed.len() as u64,
-            raw: u64::from(len),
-            repaired,
+            _ => Claim::New {
+                frame: compress(&cut.data),
+                repaired: found.is_some(),
+            },
         });
     }
     Ok(Done {
@@ -270,7 +455,7 @@ fn process(
         id,
         len,
         zero,
-        stored,
+        claim,
     })
 }
 
@@ -279,63 +464,191 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::pack::PACK_TARGET;
     use crate::progress::NoProgress;
-    use crate::store::{CacheOptions, CacheStore, LocalStore};
+    use crate::store::{ChunkStore, LocalStore, PackFetcher, StoreRead};
 
-    /// 2 MiB of pseudo-random bytes with a run of zeros.
-    fn image(dir: &Path) -> std::path::PathBuf {
-        let mut bytes = vec![0u8; 2 << 20];
+    /// `size` bytes of pseudo-random bytes with a run of zeros in the middle.
+    fn image(dir: &Path, name: &str, size: usize, seed: &[u8]) -> std::path::PathBuf {
+        let mut bytes = vec![0u8; size];
         blake3::Hasher::new()
-            .update(b"make tests")
+            .update(seed)
             .finalize_xof()
             .fill(&mut bytes);
-        bytes[1 << 20..(1 << 20) + 300_000].fill(0);
-        let path = dir.join("image");
+        bytes[size / 2..size / 2 + 300_000].fill(0);
+        let path = dir.join(name);
         std::fs::write(&path, bytes).unwrap();
         path
     }
 
-    fn opts() -> MakeOptions {
+    fn opts(workers: usize) -> MakeOptions {
         MakeOptions {
             params: ChunkerParams::default(),
-            workers: 3,
+            workers,
         }
     }
 
+    fn tree(root: &Path) -> Vec<(String, Vec<u8>)> {
+        let mut out = Vec::new();
+        for dir in ["packs", "locations"] {
+            let mut stack = vec![root.join(dir)];
+            while let Some(d) = stack.pop() {
+                for e in std::fs::read_dir(&d).unwrap() {
+                    let p = e.unwrap().path();
+                    if p.is_dir() {
+                        stack.push(p);
+                    } else {
+                        let rel = p.strip_prefix(root).unwrap().display().to_string();
+                        out.push((rel, std::fs::read(&p).unwrap()));
+                    }
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
     #[test]
-    fn a_warm_cache_is_never_taken_for_the_store() {
+    fn packs_location_files_and_indexes_are_deterministic() {
         let dir = tempfile::tempdir().unwrap();
-        let img = image(dir.path());
-        let first = Arc::new(LocalStore::open(dir.path().join("a"), true).unwrap());
-        let (index, _) = make(
-            &img,
-            &*first,
+        let img = image(dir.path(), "img", 3 << 20, b"det");
+        let mut trees = Vec::new();
+        for (i, workers) in [1, 4, 7].into_iter().enumerate() {
+            let store = LocalStore::open(dir.path().join(format!("s{i}")), true).unwrap();
+            let out = dir.path().join(format!("{i}.tidx"));
+            let (_, report) = make(&img, &store, &out, &opts(workers), &NoProgress).unwrap();
+            assert_eq!(report.new_packs, 1);
+            assert_eq!(report.new_chunks, report.unique_chunks);
+            trees.push((tree(store.root()), std::fs::read(&out).unwrap()));
+        }
+        assert!(
+            trees.windows(2).all(|w| w[0] == w[1]),
+            "same bytes everywhere"
+        );
+        assert_eq!(trees[0].0.len(), 2, "one pack, one location file");
+    }
+
+    #[test]
+    fn a_second_make_reuses_every_chunk_and_fetches_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = image(dir.path(), "a", 2 << 20, b"a");
+        let store = Arc::new(LocalStore::open(dir.path().join("s"), true).unwrap());
+        let (first, r1) = make(
+            &a,
+            &*store,
             &dir.path().join("a.tidx"),
-            &opts(),
+            &opts(3),
             &NoProgress,
         )
         .unwrap();
-        // Warm a cache with every chunk, fetched through it from the first store.
-        let cache_dir = dir.path().join("cache");
-        let warm = CacheStore::open(&cache_dir, first, &CacheOptions::default()).unwrap();
-        for e in index.chunks().iter().filter(|e| !e.zero) {
-            warm.fetch(e).unwrap();
-        }
-        // Make again into an empty store with that cache in front.
-        let second = Arc::new(LocalStore::open(dir.path().join("b"), true).unwrap());
-        let cached =
-            CacheStore::open(&cache_dir, second.clone(), &CacheOptions::default()).unwrap();
-        let (index, report) = make(
-            &img,
-            &cached,
+        let (again, r2) = make(
+            &a,
+            &*store,
             &dir.path().join("b.tidx"),
-            &opts(),
+            &opts(3),
             &NoProgress,
         )
         .unwrap();
-        assert_eq!(report.new_chunks, report.unique_chunks);
-        for e in index.chunks().iter().filter(|e| !e.zero) {
-            second.fetch(e).unwrap();
+        assert_eq!(first.root_hash(), again.root_hash());
+        assert_eq!((r2.new_chunks, r2.new_packs, r2.stored_bytes), (0, 0, 0));
+        assert_eq!(r2.packs, 1);
+        // Another image sharing its first half: only the second half is new.
+        let mut b = std::fs::read(&a).unwrap();
+        let half = b.len() / 2;
+        blake3::Hasher::new()
+            .update(b"b")
+            .finalize_xof()
+            .fill(&mut b[half..]);
+        std::fs::write(dir.path().join("b"), &b).unwrap();
+        let (idx_b, r3) = make(
+            &dir.path().join("b"),
+            &*store,
+            &dir.path().join("c.tidx"),
+            &opts(3),
+            &NoProgress,
+        )
+        .unwrap();
+        assert!(
+            r3.new_chunks > 0 && r3.new_chunks < r3.unique_chunks,
+            "{r3:?}"
+        );
+        assert_eq!((r3.new_packs, r3.packs), (1, 2));
+        assert!(r1.stored_bytes > r3.stored_bytes);
+        let fetcher = PackFetcher::open(store.clone(), &idx_b).unwrap();
+        let wanted: Vec<_> = idx_b.chunks().iter().filter(|e| !e.zero).copied().collect();
+        let mut seen = HashSet::new();
+        let wanted: Vec<_> = wanted.into_iter().filter(|e| seen.insert(e.id)).collect();
+        let n = fetcher
+            .fetch_ordered(wanted.clone())
+            .zip(&wanted)
+            .map(|(f, e)| assert_eq!(f.unwrap().chunk.id(), e.id))
+            .count();
+        assert_eq!(n, wanted.len());
+    }
+
+    #[test]
+    fn packs_are_bounded_and_damaged_frames_are_written_again() {
+        let dir = tempfile::tempdir().unwrap();
+        // Incompressible: 2 packs of at most PACK_TARGET frame bytes (plus one frame).
+        let img = image(
+            dir.path(),
+            "img",
+            (PACK_TARGET + (8 << 20)) as usize,
+            b"big",
+        );
+        let store = LocalStore::open(dir.path().join("s"), true).unwrap();
+        let (_, report) = make(
+            &img,
+            &store,
+            &dir.path().join("a.tidx"),
+            &opts(2),
+            &NoProgress,
+        )
+        .unwrap();
+        assert_eq!(report.new_packs, 2, "{report:?}");
+        let packs = store.list_packs().unwrap();
+        for p in &packs {
+            let bytes = std::fs::read(store.path_of(&pack_path(p))).unwrap();
+            let size = bytes.len() as u64;
+            let tail = toc_tail_len(&bytes[bytes.len() - 8..], size, "p").unwrap();
+            let toc = parse_toc(&bytes[(size - tail) as usize..], size, "p").unwrap();
+            let frames: u64 = toc.iter().map(|e| u64::from(e.clen)).sum();
+            let last = u64::from(toc.last().unwrap().clen);
+            assert!(
+                frames - last < PACK_TARGET,
+                "closed once it reached the target"
+            );
         }
+        // Damage one frame of the first pack: the next make writes that chunk again.
+        let victim = store.path_of(&pack_path(&packs[0]));
+        let mut bytes = std::fs::read(&victim).unwrap();
+        bytes[100] ^= 0xff;
+        std::fs::write(&victim, &bytes).unwrap();
+        let (_, again) = make(
+            &img,
+            &store,
+            &dir.path().join("b.tidx"),
+            &opts(2),
+            &NoProgress,
+        )
+        .unwrap();
+        assert_eq!(
+            (again.repaired_chunks, again.new_chunks),
+            (1, 0),
+            "{again:?}"
+        );
+        assert_eq!(again.new_packs, 1);
+        // A pack cut short (a crash before rename cannot do this, a bad disk can) is
+        // ignored: its chunks are written again.
+        std::fs::write(&victim, &bytes[..bytes.len() / 2]).unwrap();
+        let (_, third) = make(
+            &img,
+            &store,
+            &dir.path().join("c.tidx"),
+            &opts(2),
+            &NoProgress,
+        )
+        .unwrap();
+        assert!(third.new_chunks > 0, "{third:?}");
     }
 }

@@ -1,7 +1,7 @@
 //! A local, size-bounded cache in front of another (usually remote) store.
 //!
-//! The cache is a [`LocalStore`] directory holding chunk files exactly as the remote
-//! serves them. Only chunks that passed verification are written to it, and every hit is
+//! The cache is a directory holding one file per chunk (`chunks/XX/ID.zst`, the chunk's
+//! zstd frame exactly as the store served it). Only chunks that passed verification are written to it, and every hit is
 //! verified again on its way out, so a damaged cache file costs a re-fetch, never a wrong
 //! byte. Each hit bumps the file's modification time; when the directory grows past its
 //! bound, the least recently used files are deleted until it is back under 90 % of it.
@@ -39,7 +39,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use super::{ChunkStore, FetchStream, Fetched, LocalStore, StoredChunk};
+use super::{ChunkStore, FetchStream, Fetched};
 use crate::chunk::decompress_verified;
 use crate::error::{Error, Result};
 use crate::index::ChunkEntry;
@@ -62,7 +62,7 @@ impl Default for CacheOptions {
 
 /// A local cache directory in front of another store. See the module documentation.
 pub struct CacheStore {
-    local: LocalStore,
+    root: PathBuf,
     remote: Arc<dyn ChunkStore>,
     max_bytes: u64,
     /// Estimated bytes of chunk files in the directory.
@@ -80,6 +80,12 @@ const TEMP_TAG: &str = ".cache-tmp.";
 /// Cache files larger than this are not read: no chunk compresses to more than its
 /// 16 MiB maximum plus zstd's small overhead.
 const MAX_CACHE_FILE: u64 = 17 << 20;
+
+/// The relative path of a chunk's cache file: `chunks/<first 2 hex>/<hex>.zst`.
+fn chunk_path(id: &ChunkId) -> String {
+    let hex = id.to_string();
+    format!("chunks/{}/{hex}.zst", &hex[..2])
+}
 
 /// Whether `path` is a directory itself, not a symbolic link to one.
 fn real_dir(path: &Path) -> bool {
@@ -117,10 +123,11 @@ impl CacheStore {
         remote: Arc<dyn ChunkStore>,
         opts: &CacheOptions,
     ) -> Result<CacheStore> {
-        let local = LocalStore::open(dir, true)?;
-        let used = scan(local.root())?.iter().map(|f| f.len).sum();
+        let root = dir.into();
+        fs::create_dir_all(&root).map_err(|e| Error::io("creating cache", &root, e))?;
+        let used = scan(&root)?.iter().map(|f| f.len).sum();
         Ok(CacheStore {
-            local,
+            root,
             remote,
             max_bytes: opts.max_bytes,
             used: AtomicU64::new(used),
@@ -131,7 +138,17 @@ impl CacheStore {
 
     /// The cache directory.
     pub fn dir(&self) -> &Path {
-        self.local.root()
+        &self.root
+    }
+
+    /// The path of the cache file of `id`: `DIR/chunks/XX/ID.zst`.
+    fn path_of(&self, id: &ChunkId) -> PathBuf {
+        self.root.join(chunk_path(id))
+    }
+
+    /// Whether the cache has a file for `id` (not checked).
+    fn has(&self, id: &ChunkId) -> bool {
+        fs::symlink_metadata(self.path_of(id)).is_ok()
     }
 
     /// The store behind the cache.
@@ -141,14 +158,19 @@ impl CacheStore {
 
     /// A verified hit, or `None` (a damaged cache file is deleted and counts as a miss).
     fn hit(&self, entry: &ChunkEntry) -> Option<Fetched> {
-        let path = self.local.path_of(&entry.id);
+        let path = self.path_of(&entry.id);
         let (file, compressed) = self.read(&entry.id).ok()??;
         let origin = path.display().to_string();
         match decompress_verified(entry.id, &compressed, entry.len, &origin) {
             Ok(chunk) => {
                 // LRU: a hit makes the file young again. Best effort.
                 let _ = file.set_modified(SystemTime::now());
-                Some(Fetched { chunk, compressed })
+                Some(Fetched {
+                    chunk,
+                    compressed,
+                    downloaded: 0,
+                    requests: 0,
+                })
             }
             Err(_) => {
                 let _ = fs::remove_file(&path);
@@ -160,7 +182,7 @@ impl CacheStore {
     /// The cache file of `id` and its bytes; `None` when there is none. Never through a
     /// symbolic link.
     fn read(&self, id: &ChunkId) -> Result<Option<(File, Vec<u8>)>> {
-        let path = self.local.path_of(id);
+        let path = self.path_of(id);
         if !path.parent().is_some_and(|d| self.owned_fan(d)) {
             return Ok(None);
         }
@@ -198,7 +220,7 @@ impl CacheStore {
     /// Writes a chunk file: a temporary file of a random name (`O_EXCL|O_NOFOLLOW`),
     /// renamed into place unless the chunk file exists. Returns whether it was written.
     fn insert(&self, id: &ChunkId, compressed: &[u8]) -> io::Result<bool> {
-        let path = self.local.path_of(id);
+        let path = self.path_of(id);
         let fan = path.parent().expect("chunk paths have a parent");
         if fs::symlink_metadata(fan).is_err() {
             fs::create_dir_all(fan)?;
@@ -262,7 +284,7 @@ impl CacheStore {
         }
         let _guard = self.evict_lock.lock().expect("evict lock");
         let result = (|| {
-            let mut files = scan(self.local.root())?;
+            let mut files = scan(&self.root)?;
             let mut total: u64 = files.iter().map(|f| f.len).sum();
             let low = self.max_bytes / 10 * 9;
             if total > self.max_bytes {
@@ -296,35 +318,6 @@ impl ChunkStore for CacheStore {
         self.remote.location()
     }
 
-    fn get_compressed(&self, id: &ChunkId) -> Result<Option<Vec<u8>>> {
-        // Unverified bytes are never cached: only `fetch_*` (which knows the length) fills it.
-        match self.read(id)? {
-            Some((_, bytes)) => Ok(Some(bytes)),
-            None => self.remote.get_compressed(id),
-        }
-    }
-
-    // Writers ask whether the store has a chunk: a cache hit is not the store's file.
-    fn contains(&self, id: &ChunkId) -> Result<bool> {
-        self.remote.contains(id)
-    }
-
-    fn check_stored(&self, id: &ChunkId, data: &[u8]) -> Result<StoredChunk> {
-        self.remote.check_stored(id, data)
-    }
-
-    fn put_compressed(&self, id: &ChunkId, compressed: &[u8]) -> Result<bool> {
-        self.remote.put_compressed(id, compressed)
-    }
-
-    fn replace_compressed(&self, id: &ChunkId, compressed: &[u8]) -> Result<()> {
-        self.remote.replace_compressed(id, compressed)
-    }
-
-    fn flush(&self) -> Result<()> {
-        self.remote.flush()
-    }
-
     fn fetch_verified(&self, entry: &ChunkEntry) -> Result<Fetched> {
         if let Some(hit) = self.hit(entry) {
             return Ok(hit);
@@ -337,10 +330,7 @@ impl ChunkStore for CacheStore {
     fn fetch_ordered<'a>(&'a self, entries: Vec<ChunkEntry>) -> FetchStream<'a> {
         // Misses go to the remote's pipelined stream, in the same relative order; hits
         // are read here as the consumer reaches them.
-        let cached: Vec<bool> = entries
-            .iter()
-            .map(|e| self.local.contains(&e.id).unwrap_or(false))
-            .collect();
+        let cached: Vec<bool> = entries.iter().map(|e| self.has(&e.id)).collect();
         let misses: Vec<ChunkEntry> = entries
             .iter()
             .zip(&cached)
@@ -436,33 +426,41 @@ fn scan(root: &Path) -> Result<Vec<CachedFile>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chunk::compress;
-    use crate::store::chunk_path;
+    use crate::chunk::{compress, VerifiedChunk};
+    use std::collections::HashMap;
     use std::sync::atomic::AtomicUsize;
 
-    /// A store that counts fetches from a local directory.
+    /// A store that serves chunks from memory and counts fetches.
+    #[derive(Default)]
     struct Counting {
-        inner: LocalStore,
+        chunks: Mutex<HashMap<ChunkId, Vec<u8>>>,
         fetches: AtomicUsize,
     }
 
     impl ChunkStore for Counting {
         fn location(&self) -> String {
-            self.inner.location()
+            "memory".into()
         }
-        fn get_compressed(&self, id: &ChunkId) -> Result<Option<Vec<u8>>> {
+        fn fetch_verified(&self, entry: &ChunkEntry) -> Result<Fetched> {
             self.fetches.fetch_add(1, Ordering::Relaxed);
-            self.inner.get_compressed(id)
+            let data = self.chunks.lock().unwrap()[&entry.id].clone();
+            let compressed = compress(&data);
+            Ok(Fetched {
+                chunk: VerifiedChunk::verify(entry.id, data, "memory")?,
+                downloaded: compressed.len() as u64,
+                compressed,
+                requests: 1,
+            })
         }
-        fn contains(&self, id: &ChunkId) -> Result<bool> {
-            self.inner.contains(id)
+        fn fetch_ordered<'a>(&'a self, entries: Vec<ChunkEntry>) -> FetchStream<'a> {
+            Box::new(entries.into_iter().map(|e| self.fetch_verified(&e)))
         }
-        fn put_compressed(&self, id: &ChunkId, c: &[u8]) -> Result<bool> {
-            self.inner.put_compressed(id, c)
+        fn in_flight(&self) -> usize {
+            1
         }
     }
 
-    fn entries(remote: &LocalStore, n: usize, size: usize) -> Vec<ChunkEntry> {
+    fn entries(remote: &Counting, n: usize, size: usize) -> Vec<ChunkEntry> {
         (0..n)
             .map(|i| {
                 // Incompressible-ish bytes so that file sizes are predictable.
@@ -474,7 +472,7 @@ mod tests {
                     })
                     .collect();
                 let id = ChunkId::of(&data);
-                remote.put_compressed(&id, &compress(&data)).unwrap();
+                remote.chunks.lock().unwrap().insert(id, data);
                 ChunkEntry {
                     id,
                     offset: (i * size) as u64,
@@ -488,12 +486,8 @@ mod tests {
     #[test]
     fn hits_are_served_locally_and_verified() {
         let dir = tempfile::tempdir().unwrap();
-        let remote = LocalStore::open(dir.path().join("remote"), true).unwrap();
-        let es = entries(&remote, 4, 5000);
-        let counting = Arc::new(Counting {
-            inner: remote,
-            fetches: AtomicUsize::new(0),
-        });
+        let counting = Arc::new(Counting::default());
+        let es = entries(&counting, 4, 5000);
         let cache = CacheStore::open(
             dir.path().join("cache"),
             counting.clone(),
@@ -523,9 +517,9 @@ mod tests {
     #[test]
     fn evicts_least_recently_used_past_the_bound() {
         let dir = tempfile::tempdir().unwrap();
-        let remote = LocalStore::open(dir.path().join("remote"), true).unwrap();
+        let remote = Counting::default();
         let es = entries(&remote, 10, 20_000);
-        let one = remote.get_compressed(&es[0].id).unwrap().unwrap().len() as u64;
+        let one = remote.fetch_verified(&es[0]).unwrap().compressed.len() as u64;
         let remote: Arc<dyn ChunkStore> = Arc::new(remote);
         let cache = CacheStore::open(
             dir.path().join("cache"),
@@ -544,9 +538,9 @@ mod tests {
         let files = scan(cache.dir()).unwrap();
         let total: u64 = files.iter().map(|f| f.len).sum();
         assert!(total <= one * 5, "{total} > {}", one * 5);
-        assert!(cache.local.contains(&es[0].id).unwrap(), "hot chunk kept");
-        assert!(cache.local.contains(&es[9].id).unwrap(), "newest kept");
-        assert!(!cache.local.contains(&es[1].id).unwrap(), "oldest evicted");
+        assert!(cache.has(&es[0].id), "hot chunk kept");
+        assert!(cache.has(&es[9].id), "newest kept");
+        assert!(!cache.has(&es[1].id), "oldest evicted");
     }
 
     fn cache_over(
@@ -554,12 +548,8 @@ mod tests {
         n: usize,
         max_bytes: u64,
     ) -> (Arc<Counting>, CacheStore, Vec<ChunkEntry>) {
-        let remote = LocalStore::open(dir.join("remote"), true).unwrap();
-        let es = entries(&remote, n, 5000);
-        let counting = Arc::new(Counting {
-            inner: remote,
-            fetches: AtomicUsize::new(0),
-        });
+        let counting = Arc::new(Counting::default());
+        let es = entries(&counting, n, 5000);
         let cache = CacheStore::open(
             dir.join("cache"),
             counting.clone(),

@@ -1,52 +1,34 @@
-//! A chunk store in a local directory.
+//! A store in a local directory: packs and location files read with positioned reads.
 //!
 //! # Writing safely
-//! Chunk files are written relative to open directory handles: the `chunks` directory
-//! and each fan-out directory below it are opened with `O_NOFOLLOW | O_DIRECTORY`, so a
+//! Files are written relative to open directory handles: each directory below the store's
+//! root (`packs`, `packs/xx`, `locations`) is opened with `O_NOFOLLOW | O_DIRECTORY`, so a
 //! symbolic link planted in place of one is refused with an error instead of being
-//! written through (the store's own root, named by the user, may be a link). Each chunk
-//! is written to a new temporary file (random name, `O_EXCL | O_NOFOLLOW`), then renamed
-//! into place: a planted file or link is never opened for writing.
+//! written through (the store's own root, named by the user, may be a link). Each file is
+//! written to a new temporary file (random `.`-prefixed name, `O_EXCL | O_NOFOLLOW`), then
+//! renamed into place: a planted file or link is never opened for writing, and readers
+//! see no partial file. Readers and [`StoreRead::list_packs`] ignore `.`-prefixed names.
 //!
-//! Before `make` skips a chunk because its file exists, [`ChunkStore::check_stored`]
-//! reads the file and checks it completely (it must decompress to exactly the chunk's
-//! bytes); an empty, truncated or foreign file, or a link, is replaced by an atomic
-//! rename over it.
+//! A pack already present under its id is kept when it holds exactly the new bytes, and
+//! replaced atomically otherwise (a damaged pack is repaired by the next `make` that
+//! writes the same pack).
 
 use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
-use super::{chunk_path, ChunkStore, StoredChunk};
+use super::{pack_id_from_path, pack_path, PackId, StoreRead, StoreWrite};
 use crate::chunk::frame_holds;
 use crate::error::{Error, Result};
 use crate::fsutil::create_temp_in;
-use crate::ChunkId;
 
-/// Chunk files below a directory. Writes are atomic (temporary file + rename) and never
-/// replace an existing chunk file, unless [`ChunkStore::check_stored`] found it damaged.
+/// Packs and location files below a directory.
 #[derive(Debug, Clone)]
 pub struct LocalStore {
     root: PathBuf,
-    dirs: Arc<Mutex<WriteDirs>>,
 }
-
-/// Directory handles for writing, opened on first use.
-#[derive(Debug)]
-struct WriteDirs {
-    /// `ROOT/chunks`, opened without following a link.
-    chunks: Option<Arc<File>>,
-    /// Fan-out directories known to exist (by first id byte): creating a directory costs
-    /// as much as a chunk file on ext4, so each is created at most once per process.
-    made: [bool; 256],
-}
-
-/// Chunk files larger than this are refused before reading: no valid chunk compresses
-/// to more than its 16 MiB maximum plus zstd's small overhead.
-const MAX_CHUNK_FILE: u64 = 17 * 1024 * 1024;
 
 /// Opening a directory handle that must not be a link.
 const DIR_FLAGS: libc::c_int = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW;
@@ -60,27 +42,16 @@ impl LocalStore {
         let root = root.into();
         if create {
             fs::create_dir_all(&root).map_err(|e| Error::io("creating store", &root, e))?;
-        } else {
-            let meta = fs::metadata(&root).map_err(|e| Error::io("opening store", &root, e))?;
-            if !meta.is_dir() {
-                return Err(Error::io(
-                    "opening store",
-                    &root,
-                    io::Error::new(io::ErrorKind::InvalidInput, "not a directory"),
-                ));
-            }
         }
-        let store = LocalStore {
-            root,
-            dirs: Arc::new(Mutex::new(WriteDirs {
-                chunks: None,
-                made: [false; 256],
-            })),
-        };
-        if create {
-            store.chunks_dir()?;
+        let meta = fs::metadata(&root).map_err(|e| Error::io("opening store", &root, e))?;
+        if !meta.is_dir() {
+            return Err(Error::io(
+                "opening store",
+                &root,
+                io::Error::new(io::ErrorKind::InvalidInput, "not a directory"),
+            ));
         }
-        Ok(store)
+        Ok(LocalStore { root })
     }
 
     /// The store directory.
@@ -88,80 +59,61 @@ impl LocalStore {
         &self.root
     }
 
-    /// Absolute path of a chunk's file.
-    pub fn path_of(&self, id: &ChunkId) -> PathBuf {
-        self.root.join(chunk_path(id))
+    /// The absolute path of store-relative file `rel`.
+    pub fn path_of(&self, rel: &str) -> PathBuf {
+        self.root.join(rel)
     }
 
-    /// The `chunks` directory, created if missing, opened without following a link.
-    fn chunks_dir(&self) -> Result<Arc<File>> {
-        let mut dirs = self.dirs.lock().expect("store dirs");
-        if let Some(d) = &dirs.chunks {
-            return Ok(Arc::clone(d));
-        }
-        let root = File::open(&self.root).map_err(|e| Error::io("opening store", &self.root, e))?;
-        let name = OsStr::new("chunks");
-        let path = self.root.join(name);
-        match crate::sys::mkdir_at(&root, name, 0o777) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(Error::io("creating store directory", path, e)),
-        }
-        let dir =
-            crate::sys::open_at(&root, name, DIR_FLAGS, 0).map_err(|e| dir_error(&path, e))?;
-        let dir = Arc::new(dir);
-        dirs.chunks = Some(Arc::clone(&dir));
-        Ok(dir)
-    }
-
-    /// The fan-out directory of `id` (created when `create`), opened without following a
-    /// link; `None` when it does not exist and `create` is off.
-    fn fan_dir(&self, id: &ChunkId, create: bool) -> Result<Option<File>> {
-        let chunks = self.chunks_dir()?;
-        let hex = id.to_string();
-        let name = OsStr::new(&hex[..2]);
-        let path = self.root.join("chunks").join(name);
-        let fan = usize::from(id.as_bytes()[0]);
-        if create && !self.dirs.lock().expect("store dirs").made[fan] {
-            match crate::sys::mkdir_at(&chunks, name, 0o777) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(Error::io("creating store directory", path, e)),
+    /// Opens (creating it when `create`) the directory `rel_dir` below the root, one
+    /// component at a time, never following a link; `None` if it does not exist and
+    /// `create` is off.
+    fn dir(&self, rel_dir: &str, create: bool) -> Result<Option<File>> {
+        let mut dir =
+            File::open(&self.root).map_err(|e| Error::io("opening store", &self.root, e))?;
+        let mut path = self.root.clone();
+        for part in rel_dir.split('/') {
+            let name = OsStr::new(part);
+            path.push(part);
+            if create {
+                match crate::sys::mkdir_at(&dir, name, 0o777) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(Error::io("creating store directory", path, e)),
+                }
             }
-            self.dirs.lock().expect("store dirs").made[fan] = true;
+            dir = match crate::sys::open_at(&dir, name, DIR_FLAGS, 0) {
+                Ok(d) => d,
+                Err(e) if !create && e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(dir_error(&path, e)),
+            };
         }
-        match crate::sys::open_at(&chunks, name, DIR_FLAGS, 0) {
-            Ok(d) => Ok(Some(d)),
-            Err(e) if !create && e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(dir_error(&path, e)),
-        }
+        Ok(Some(dir))
     }
 
-    /// Writes `compressed` as the file of `id`: a new temporary file, then a rename that
-    /// replaces an existing file only when `replace` is set. Returns false when the file
-    /// existed (and `replace` is off).
-    fn write_chunk(&self, id: &ChunkId, compressed: &[u8], replace: bool) -> Result<bool> {
-        let path = self.path_of(id);
-        // `fan_dir` with `create` gives a directory or an error; `None` cannot happen.
-        let dir = self.fan_dir(id, true)?.ok_or_else(|| {
+    /// Writes `bytes` as store-relative `rel` through a new temporary file and a rename
+    /// (replacing an existing file when `replace`); false when the file existed and
+    /// `replace` is off.
+    fn write(&self, rel: &str, bytes: &[u8], replace: bool) -> Result<bool> {
+        let path = self.path_of(rel);
+        let (rel_dir, name) = rel.rsplit_once('/').ok_or_else(|| {
+            Error::InvalidInput(format!("store file name {rel} has no directory"))
+        })?;
+        let dir = self.dir(rel_dir, true)?.ok_or_else(|| {
             Error::io(
                 "opening store directory",
                 &path,
                 io::ErrorKind::NotFound.into(),
             )
         })?;
-        let hex = id.to_string();
-        let name = format!("{hex}.zst");
-        let name = OsStr::new(&name);
+        let name = OsStr::new(name);
         let (tmp, mut f) =
-            create_temp_in(&dir, name).map_err(|e| Error::io("creating chunk file", &path, e))?;
+            create_temp_in(&dir, name).map_err(|e| Error::io("creating", &path, e))?;
         let written = (|| {
-            f.write_all(compressed)?;
-            // Start writeback now so `flush` overlaps with chunking instead of paying for
-            // the whole store at the end; a hint only, so its error is ignored.
+            f.write_all(bytes)?;
+            // Start writeback now so `flush` overlaps with chunking; a hint only.
             let _ = crate::sys::start_writeback(&f);
-            // No fsync per chunk: `flush` syncs the whole filesystem once before the
-            // index is published.
+            // No fsync per file: `flush` syncs the whole filesystem once before the index
+            // is published.
             crate::sys::rename_at(&dir, &tmp, name, replace)
         })();
         match written {
@@ -171,10 +123,40 @@ impl LocalStore {
                 if e.kind() == io::ErrorKind::AlreadyExists && !replace {
                     Ok(false)
                 } else {
-                    Err(Error::io("writing chunk file", &path, e))
+                    Err(Error::io("writing", &path, e))
                 }
             }
         }
+    }
+
+    /// Opens store-relative `rel` for reading (`None` if absent); a link, a FIFO or
+    /// another non-regular file is refused.
+    fn open_file(&self, rel: &str) -> Result<Option<(File, u64)>> {
+        let path = self.path_of(rel);
+        let (rel_dir, name) = rel.rsplit_once('/').ok_or_else(|| {
+            Error::InvalidInput(format!("store file name {rel} has no directory"))
+        })?;
+        let Some(dir) = self.dir(rel_dir, false)? else {
+            return Ok(None);
+        };
+        // O_NONBLOCK: a FIFO planted there must not block the open.
+        let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK;
+        let file = match crate::sys::open_at(&dir, OsStr::new(name), flags, 0) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io("opening", path, e)),
+        };
+        let meta = file
+            .metadata()
+            .map_err(|e| Error::io("inspecting", &path, e))?;
+        if !meta.is_file() {
+            return Err(Error::io(
+                "opening",
+                path,
+                io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"),
+            ));
+        }
+        Ok(Some((file, meta.len())))
     }
 }
 
@@ -182,101 +164,156 @@ impl LocalStore {
 fn dir_error(path: &Path, e: io::Error) -> Error {
     match e.raw_os_error() {
         Some(libc::ELOOP | libc::ENOTDIR) => Error::InvalidInput(format!(
-            "store directory {} is a symbolic link or not a directory; tessera does not write \
-             chunk files through links (make it a real directory)",
+            "store directory {} is a symbolic link or not a directory; tessera does not \
+             read or write store files through links (make it a real directory)",
             path.display()
         )),
         _ => Error::io("opening store directory", path, e),
     }
 }
 
-impl ChunkStore for LocalStore {
+impl StoreRead for LocalStore {
     fn location(&self) -> String {
         self.root.display().to_string()
     }
 
-    fn get_compressed(&self, id: &ChunkId) -> Result<Option<Vec<u8>>> {
-        let path = self.path_of(id);
-        let file = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Error::io("opening chunk file", path, e)),
+    fn read_file(&self, rel: &str, limit: u64) -> Result<Option<Vec<u8>>> {
+        let path = self.path_of(rel);
+        let Some((file, len)) = self.open_file(rel)? else {
+            return Ok(None);
         };
-        // `Take` hides the file's size from `read_to_end`: reserve it, or the buffer grows
-        // from 32 bytes by doubling (a dozen reads per chunk file).
-        let len_hint = file
-            .metadata()
-            .map_or(0, |m| m.len().min(MAX_CHUNK_FILE + 1));
-        let mut buf = Vec::with_capacity(len_hint as usize + 1);
-        file.take(MAX_CHUNK_FILE + 1)
+        if len > limit {
+            return Err(Error::io(
+                "reading",
+                path,
+                io::Error::new(
+                    io::ErrorKind::FileTooLarge,
+                    format!("{len} bytes, more than the {limit} allowed"),
+                ),
+            ));
+        }
+        let mut buf = Vec::with_capacity(len as usize + 1);
+        file.take(limit + 1)
             .read_to_end(&mut buf)
-            .map_err(|e| Error::io("reading chunk file", &path, e))?;
-        if buf.len() as u64 > MAX_CHUNK_FILE {
-            return Err(Error::CorruptChunk {
-                id: *id,
-                origin: path.display().to_string(),
-                reason: format!("chunk file is larger than {MAX_CHUNK_FILE} bytes"),
-            });
+            .map_err(|e| Error::io("reading", &path, e))?;
+        if buf.len() as u64 > limit {
+            return Err(Error::io(
+                "reading",
+                path,
+                io::Error::new(io::ErrorKind::FileTooLarge, "grew past its limit"),
+            ));
         }
         Ok(Some(buf))
     }
 
-    fn contains(&self, id: &ChunkId) -> Result<bool> {
-        let path = self.path_of(id);
-        match fs::symlink_metadata(&path) {
-            Ok(_) => Ok(true),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(Error::io("checking chunk file", path, e)),
+    fn read_range(&self, rel: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let path = self.path_of(rel);
+        let Some((file, size)) = self.open_file(rel)? else {
+            return Err(Error::MissingFile {
+                origin: path.display().to_string(),
+            });
+        };
+        let end = offset.checked_add(len).filter(|&e| e <= size);
+        if end.is_none() {
+            return Err(Error::io(
+                "reading",
+                path,
+                io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("{len} bytes at offset {offset} wanted, the file has {size}"),
+                ),
+            ));
         }
+        let mut buf = vec![0u8; len as usize];
+        file.read_exact_at(&mut buf, offset).map_err(|e| {
+            Error::io(
+                "reading",
+                &path,
+                io::Error::new(e.kind(), format!("{len} bytes at offset {offset}: {e}")),
+            )
+        })?;
+        Ok(buf)
     }
 
-    fn check_stored(&self, id: &ChunkId, data: &[u8]) -> Result<StoredChunk> {
-        let path = self.path_of(id);
-        let Some(dir) = self.fan_dir(id, false)? else {
-            return Ok(StoredChunk::Missing);
+    fn file_size(&self, rel: &str) -> Result<Option<u64>> {
+        Ok(self.open_file(rel)?.map(|(_, len)| len))
+    }
+
+    fn list_packs(&self) -> Result<Vec<PackId>> {
+        let Some(packs) = self.dir("packs", false)? else {
+            return Ok(Vec::new());
         };
-        let name = format!("{id}.zst");
-        // O_NONBLOCK: a FIFO planted there must not block the open (it is then refused
-        // as not a regular file); it changes nothing for regular files.
-        let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK;
-        let file = match crate::sys::open_at(&dir, OsStr::new(&name), flags, 0) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(StoredChunk::Missing),
-            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
-                return Ok(StoredChunk::Damaged("a symbolic link".into()))
+        drop(packs);
+        let dir = self.root.join("packs");
+        let mut out = Vec::new();
+        let entries = fs::read_dir(&dir).map_err(|e| Error::io("listing", &dir, e))?;
+        for fan in entries {
+            let fan = fan.map_err(|e| Error::io("listing", &dir, e))?;
+            let Some(fan_name) = fan.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            if fan_name.len() != 2 || fan_name.starts_with('.') {
+                continue;
             }
-            Err(e) => return Err(Error::io("opening chunk file", path, e)),
+            let Some(fan_dir) = self.dir(&format!("packs/{fan_name}"), false)? else {
+                continue;
+            };
+            drop(fan_dir);
+            let fan_path = fan.path();
+            let files = fs::read_dir(&fan_path).map_err(|e| Error::io("listing", &fan_path, e))?;
+            for f in files {
+                let f = f.map_err(|e| Error::io("listing", &fan_path, e))?;
+                if let Some(name) = f.file_name().to_str() {
+                    if let Some(id) = pack_id_from_path(&format!("packs/{fan_name}/{name}")) {
+                        out.push(id);
+                    }
+                }
+            }
+        }
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    fn holds_chunk(&self, id: &PackId, offset: u64, clen: u32, data: &[u8]) -> Result<bool> {
+        let rel = pack_path(id);
+        let Some((file, size)) = self.open_file(&rel)? else {
+            return Ok(false);
         };
-        let meta = file
-            .metadata()
-            .map_err(|e| Error::io("inspecting chunk file", &path, e))?;
-        if !meta.is_file() {
-            return Ok(StoredChunk::Damaged("not a regular file".into()));
+        if offset
+            .checked_add(u64::from(clen))
+            .is_none_or(|end| end > size)
+        {
+            return Ok(false);
         }
-        if meta.len() == 0 {
-            return Ok(StoredChunk::Damaged("empty".into()));
+        let mut buf = vec![0u8; clen as usize];
+        file.read_exact_at(&mut buf, offset)
+            .map_err(|e| Error::io("reading", self.path_of(&rel), e))?;
+        Ok(frame_holds(&buf, data).is_ok())
+    }
+}
+
+impl StoreWrite for LocalStore {
+    fn put_pack(&self, id: &PackId, bytes: &[u8]) -> Result<()> {
+        let rel = pack_path(id);
+        if self.write(&rel, bytes, false)? {
+            return Ok(());
         }
-        if meta.len() > MAX_CHUNK_FILE {
-            return Ok(StoredChunk::Damaged(format!(
-                "{} bytes, more than any chunk file",
-                meta.len()
-            )));
+        // A pack of that name exists: keep it if it is these bytes, else replace it.
+        let same = match self.open_file(&rel) {
+            Ok(Some((file, len))) if len == bytes.len() as u64 => {
+                let mut have = vec![0u8; bytes.len()];
+                file.read_exact_at(&mut have, 0).is_ok() && have == bytes
+            }
+            _ => false,
+        };
+        if !same {
+            self.write(&rel, bytes, true)?;
         }
-        let mut buf = vec![0u8; meta.len() as usize];
-        file.read_exact_at(&mut buf, 0)
-            .map_err(|e| Error::io("reading chunk file", &path, e))?;
-        match frame_holds(&buf, data) {
-            Ok(()) => Ok(StoredChunk::Present),
-            Err(reason) => Ok(StoredChunk::Damaged(reason)),
-        }
+        Ok(())
     }
 
-    fn put_compressed(&self, id: &ChunkId, compressed: &[u8]) -> Result<bool> {
-        self.write_chunk(id, compressed, false)
-    }
-
-    fn replace_compressed(&self, id: &ChunkId, compressed: &[u8]) -> Result<()> {
-        self.write_chunk(id, compressed, true).map(|_| ())
+    fn put_file(&self, rel: &str, bytes: &[u8]) -> Result<()> {
+        self.write(rel, bytes, true).map(|_| ())
     }
 
     fn flush(&self) -> Result<()> {
@@ -287,52 +324,60 @@ impl ChunkStore for LocalStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chunk::compress;
+    use crate::store::locations_path;
 
-    fn stored(store: &LocalStore, data: &[u8]) -> (ChunkId, PathBuf) {
-        let id = ChunkId::of(data);
-        assert!(store.put_compressed(&id, &compress(data)).unwrap());
-        (id, store.path_of(&id))
+    #[test]
+    fn files_round_trip_and_ranges_are_exact() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path().join("s"), true).unwrap();
+        assert!(store.list_packs().unwrap().is_empty());
+        let bytes: Vec<u8> = (0..=255u8).cycle().take(10_000).collect();
+        let id = PackId::of(&bytes);
+        store.put_pack(&id, &bytes).unwrap();
+        store.put_pack(&id, &bytes).unwrap();
+        assert_eq!(store.list_packs().unwrap(), vec![id]);
+        let rel = pack_path(&id);
+        assert_eq!(store.file_size(&rel).unwrap(), Some(10_000));
+        assert_eq!(store.read_range(&rel, 100, 50).unwrap(), &bytes[100..150]);
+        assert_eq!(store.read_range(&rel, 9_990, 10).unwrap(), &bytes[9_990..]);
+        for (off, len) in [(9_991, 10), (u64::MAX, 2), (0, 10_001)] {
+            let err = store.read_range(&rel, off, len).unwrap_err();
+            assert!(err.to_string().contains(&rel), "{err}");
+        }
+        let missing = pack_path(&PackId([0; 32]));
+        let err = store.read_range(&missing, 0, 1).unwrap_err();
+        assert!(matches!(err, Error::MissingFile { .. }), "{err}");
+        assert_eq!(store.file_size(&missing).unwrap(), None);
+        let loc = locations_path(&[1; 32]);
+        assert_eq!(store.read_file(&loc, 100).unwrap(), None);
+        store.put_file(&loc, b"one").unwrap();
+        store.put_file(&loc, b"two!").unwrap();
+        assert_eq!(store.read_file(&loc, 100).unwrap().unwrap(), b"two!");
+        assert!(store.read_file(&loc, 3).is_err(), "past its limit");
+        // Temporary and foreign files are not packs.
+        let fan = store.path_of(&rel);
+        let fan = fan.parent().unwrap();
+        fs::write(fan.join(format!(".{id}.tpack.tmp.0123456789abcdef")), b"x").unwrap();
+        fs::write(fan.join("README"), b"x").unwrap();
+        assert_eq!(store.list_packs().unwrap(), vec![id]);
     }
 
     #[test]
-    fn check_stored_reads_the_whole_file() {
+    fn a_damaged_pack_is_replaced_by_the_same_pack_written_again() {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalStore::open(dir.path().join("s"), true).unwrap();
-        let data = vec![7u8; 5000];
-        let id = ChunkId::of(&data);
-        assert_eq!(
-            store.check_stored(&id, &data).unwrap(),
-            StoredChunk::Missing
-        );
-        let (_, path) = stored(&store, &data);
-        assert_eq!(
-            store.check_stored(&id, &data).unwrap(),
-            StoredChunk::Present
-        );
-        let good = fs::read(&path).unwrap();
-        let damaged = |bytes: &[u8]| {
-            fs::write(&path, bytes).unwrap();
-            store.check_stored(&id, &data).unwrap()
-        };
-        let other = compress(&[8u8; 5000]);
-        for bad in [&b""[..], &good[..good.len() - 1], b"not zstd", &other[..]] {
-            assert!(matches!(damaged(bad), StoredChunk::Damaged(_)), "{bad:?}");
-        }
-        // A FIFO must not block the check.
-        fs::remove_file(&path).unwrap();
-        let made = std::process::Command::new("mkfifo").arg(&path).status();
-        assert!(made.unwrap().success(), "mkfifo {}", path.display());
-        assert_eq!(
-            store.check_stored(&id, &data).unwrap(),
-            StoredChunk::Damaged("not a regular file".into())
-        );
-        store.replace_compressed(&id, &good).unwrap();
-        assert_eq!(
-            store.check_stored(&id, &data).unwrap(),
-            StoredChunk::Present
-        );
-        assert_eq!(fs::read(&path).unwrap(), good);
+        let bytes = vec![5u8; 4096];
+        let id = PackId::of(&bytes);
+        store.put_pack(&id, &bytes).unwrap();
+        let path = store.path_of(&pack_path(&id));
+        fs::write(&path, &bytes[..100]).unwrap();
+        store.put_pack(&id, &bytes).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), bytes);
+        let mut flipped = bytes.clone();
+        flipped[7] ^= 1;
+        fs::write(&path, &flipped).unwrap();
+        store.put_pack(&id, &bytes).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), bytes);
     }
 
     #[test]
@@ -341,42 +386,64 @@ mod tests {
         let victim = dir.path().join("victim");
         fs::write(&victim, b"precious").unwrap();
         let store = LocalStore::open(dir.path().join("s"), true).unwrap();
-        let data = vec![3u8; 2000];
-        let id = ChunkId::of(&data);
-        let path = store.path_of(&id);
+        let bytes = vec![3u8; 2000];
+        let id = PackId::of(&bytes);
+        let path = store.path_of(&pack_path(&id));
         let fan = path.parent().unwrap();
         fs::create_dir_all(fan).unwrap();
-        // Every name the old `.NAME.tmp.PID.N` scheme could pick soon in this process.
+        // Every name a predictable `.NAME.tmp.PID.N` scheme could pick soon.
         for n in 0..4096 {
-            let planted = fan.join(format!(".{id}.zst.tmp.{}.{n}", std::process::id()));
+            let planted = fan.join(format!(".{id}.tpack.tmp.{}.{n}", std::process::id()));
             std::os::unix::fs::symlink(&victim, planted).unwrap();
         }
-        assert!(store.put_compressed(&id, &compress(&data)).unwrap());
-        assert!(
-            fs::read(&victim).unwrap() == b"precious",
+        store.put_pack(&id, &bytes).unwrap();
+        assert_eq!(
+            fs::read(&victim).unwrap(),
+            b"precious",
             "the victim was written"
         );
-        assert_eq!(
-            store.check_stored(&id, &data).unwrap(),
-            StoredChunk::Present
-        );
         assert!(fs::symlink_metadata(&path).unwrap().is_file());
+        assert_eq!(fs::read(&path).unwrap(), bytes);
     }
 
     #[test]
-    fn writes_never_go_through_a_linked_fan_out_directory() {
+    fn store_directories_that_are_links_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let elsewhere = dir.path().join("elsewhere");
         fs::create_dir(&elsewhere).unwrap();
         let store = LocalStore::open(dir.path().join("s"), true).unwrap();
-        let data = vec![9u8; 100];
-        let id = ChunkId::of(&data);
-        let fan = store.path_of(&id).parent().unwrap().to_path_buf();
-        std::os::unix::fs::symlink(&elsewhere, &fan).unwrap();
-        let err = store.put_compressed(&id, &compress(&data)).unwrap_err();
+        let bytes = vec![9u8; 100];
+        let id = PackId::of(&bytes);
+        let fan = store.path_of(&pack_path(&id));
+        let fan = fan.parent().unwrap();
+        fs::create_dir_all(fan.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, fan).unwrap();
+        let err = store.put_pack(&id, &bytes).unwrap_err();
         assert!(err.to_string().contains("symbolic link"), "{err}");
-        let err = store.check_stored(&id, &data).unwrap_err();
+        std::os::unix::fs::symlink(&elsewhere, store.path_of("locations")).unwrap();
+        let err = store.put_file(&locations_path(&[0; 32]), b"x").unwrap_err();
         assert!(err.to_string().contains("symbolic link"), "{err}");
         assert_eq!(fs::read_dir(&elsewhere).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn holds_chunk_checks_the_frame() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path().join("s"), true).unwrap();
+        let data = vec![4u8; 3000];
+        let frame = crate::chunk::compress(&data);
+        let mut bytes = vec![0u8; 10];
+        bytes.extend_from_slice(&frame);
+        let id = PackId::of(&bytes);
+        store.put_pack(&id, &bytes).unwrap();
+        let clen = frame.len() as u32;
+        assert!(store.holds_chunk(&id, 10, clen, &data).unwrap());
+        assert!(!store.holds_chunk(&id, 9, clen, &data).unwrap());
+        assert!(!store.holds_chunk(&id, 10, clen + 1, &data).unwrap());
+        assert!(!store.holds_chunk(&id, u64::MAX, clen, &data).unwrap());
+        assert!(!store.holds_chunk(&id, 10, clen, &data[1..]).unwrap());
+        assert!(!store
+            .holds_chunk(&PackId([0; 32]), 10, clen, &data)
+            .unwrap());
     }
 }

@@ -25,7 +25,7 @@ use crate::chunk::VerifiedChunk;
 use crate::error::{Error, Result};
 use crate::index::{ChunkEntry, Index};
 use crate::progress::Progress;
-use crate::store::{chunk_path, ChunkStore, Fetched};
+use crate::store::{ChunkStore, Fetched};
 use crate::verify::check_chunks_with;
 use crate::ChunkId;
 
@@ -39,6 +39,7 @@ pub(crate) struct Counters {
     pub moved: AtomicU64,
     pub fetched: AtomicU64,
     pub downloaded: AtomicU64,
+    pub requests: AtomicU64,
     pub chunks_fetched: AtomicU64,
     pub duplicated: AtomicU64,
     pub zero: AtomicU64,
@@ -169,7 +170,8 @@ impl<'a> Executor<'a> {
     /// Counts a fetched chunk (once, however many places it is written to).
     fn count_fetch(&self, fetched: Fetched) -> VerifiedChunk {
         add(&self.counters.fetched, fetched.chunk.data().len() as u64);
-        add(&self.counters.downloaded, fetched.compressed.len() as u64);
+        add(&self.counters.downloaded, fetched.downloaded);
+        add(&self.counters.requests, fetched.requests);
         add(&self.counters.chunks_fetched, 1);
         fetched.chunk
     }
@@ -243,9 +245,8 @@ impl<'a> Executor<'a> {
             Err(Error::MissingChunk { .. }) => Err(Error::MissingChunk {
                 id,
                 origin: format!(
-                    "{}/{} and every other source ({})",
+                    "{} and every other source ({})",
                     self.store.location(),
-                    chunk_path(&id),
                     tried.join("; ")
                 ),
             }),

@@ -120,8 +120,11 @@ pub struct SyncReport {
     pub bytes_moved: u64,
     /// Uncompressed bytes fetched from the store.
     pub bytes_fetched: u64,
-    /// Compressed bytes read from the store.
+    /// Bytes read from the store: chunk frames, the gaps between frames that coalesced
+    /// requests read through, and attempts that failed verification.
     pub bytes_downloaded: u64,
+    /// Requests made to the store (one per coalesced range request, plus refetches).
+    pub requests: u64,
     /// Chunks fetched from the store.
     pub chunks_fetched: u64,
     /// Bytes written as further copies of a chunk obtained once for several places.
@@ -559,6 +562,7 @@ fn execute(
         bytes_moved: get(&c.moved),
         bytes_fetched: get(&c.fetched),
         bytes_downloaded: get(&c.downloaded),
+        requests: get(&c.requests),
         chunks_fetched: get(&c.chunks_fetched),
         bytes_duplicated: get(&c.duplicated),
         bytes_zero: get(&c.zero),

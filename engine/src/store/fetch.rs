@@ -1,0 +1,412 @@
+//! [`PackFetcher`]: the verified chunks of one index, fetched from a store's packs with
+//! coalesced range requests.
+//!
+//! Opening one reads the index's location file (`locations/<root>.tloc`), so it knows the
+//! pack, offset and frame length of every distinct chunk. [`ChunkStore::fetch_ordered`]
+//! then plans requests with [`crate::pack::plan_requests`] (frames of one pack whose gap
+//! is at most [`MAX_GAP`] merged into requests of at most [`MAX_REQUEST`]), runs up to
+//! [`StoreRead::in_flight`] of them at once on its own threads, splits each answer into
+//! frames and verifies each chunk there (decompressed bounded to the index's length, then
+//! hashed against its id), and yields the chunks in the order asked. Bytes held ahead of
+//! the consumer (requests running plus chunks not yet taken) stay under a 64 MiB window.
+//!
+//! A chunk that fails verification is fetched again on its own, up to
+//! [`StoreRead::retries`] times, before its error is yielded: a hostile or damaged
+//! location file or pack can make a fetch fail, never deliver wrong bytes.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+
+use super::{locations_path, pack_path, ChunkStore, FetchStream, Fetched, PackId, StoreRead};
+use crate::chunk::decompress_verified;
+use crate::error::{Error, Result};
+use crate::index::{ChunkEntry, Index};
+use crate::pack::{plan_requests, Location, Locations, Request, Want};
+use crate::ChunkId;
+
+/// Largest gap between two wanted frames of a pack that one request reads through
+/// (the gap's bytes are downloaded and dropped).
+pub const MAX_GAP: u64 = 256 << 10;
+/// Largest coalesced request, in bytes (a frame larger than this gets a request alone).
+pub const MAX_REQUEST: u64 = 8 << 20;
+/// Bytes held ahead of the consumer of [`ChunkStore::fetch_ordered`] (requests running
+/// plus verified chunks waiting), beyond the request the consumer waits for.
+const WINDOW: u64 = 64 << 20;
+/// Frame bytes of consecutive wanted chunks that one round of coalescing considers
+/// together: a request never covers chunks needed further apart than this.
+const SEGMENT: u64 = 16 << 20;
+
+/// Fetches the verified chunks of one index from the packs of a store.
+pub struct PackFetcher {
+    shared: Arc<Shared>,
+    pool: Pool,
+}
+
+struct Shared {
+    store: Arc<dyn StoreRead>,
+    packs: Vec<PackId>,
+    places: HashMap<ChunkId, Location>,
+    location: String,
+}
+
+impl std::fmt::Debug for PackFetcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackFetcher")
+            .field("store", &self.shared.location)
+            .field("packs", &self.shared.packs.len())
+            .finish()
+    }
+}
+
+impl PackFetcher {
+    /// Reads and checks the location file of `index` in `store`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] when the store has no location file for the index (it was
+    /// not made into this store), [`Error::CorruptStore`] when the file is malformed or
+    /// describes another index, I/O or transport errors.
+    pub fn open(store: Arc<dyn StoreRead>, index: &Index) -> Result<PackFetcher> {
+        let root = index.root_hash();
+        let rel = locations_path(&root);
+        let location = store.location();
+        let mut distinct = Vec::new();
+        let mut seen = HashSet::new();
+        for e in index.chunks().iter().filter(|e| !e.zero) {
+            if seen.insert(e.id) {
+                distinct.push(e.id);
+            }
+        }
+        drop(seen);
+        // Header, pack ids (at most one per record that names it) and zstd's worst case.
+        let limit = 4096 + distinct.len() as u64 * 64;
+        let bytes = store.read_file(&rel, limit)?.ok_or_else(|| {
+            Error::InvalidInput(format!(
+                "store {location} has no location data for index {} ({rel}): was the index \
+                 made into this store?",
+                ChunkId(root)
+            ))
+        })?;
+        let locs = Locations::parse(&bytes, &root, distinct.len(), &join(&location, &rel))?;
+        let places = distinct.into_iter().zip(locs.records).collect();
+        let threads = store.in_flight().max(2);
+        Ok(PackFetcher {
+            shared: Arc::new(Shared {
+                store,
+                packs: locs.packs,
+                places,
+                location,
+            }),
+            pool: Pool::new(threads, "tessera-fetch"),
+        })
+    }
+}
+
+/// `base/rel`, without doubling a slash.
+fn join(base: &str, rel: &str) -> String {
+    format!("{}/{rel}", base.trim_end_matches('/'))
+}
+
+impl Shared {
+    fn place(&self, entry: &ChunkEntry) -> Result<(Location, String)> {
+        let place = self
+            .places
+            .get(&entry.id)
+            .ok_or_else(|| Error::MissingChunk {
+                id: entry.id,
+                origin: format!(
+                    "the location data of this index in {} (the index does not name it)",
+                    self.location
+                ),
+            })?;
+        Ok((*place, pack_path(&self.packs[place.pack as usize])))
+    }
+
+    fn origin(&self, rel: &str, offset: u64) -> String {
+        format!("{} (offset {offset})", join(&self.location, rel))
+    }
+
+    /// The error for a chunk whose pack does not exist.
+    fn missing(&self, entry: &ChunkEntry, rel: &str) -> Error {
+        Error::MissingChunk {
+            id: entry.id,
+            origin: format!("{}, which does not exist", join(&self.location, rel)),
+        }
+    }
+
+    /// One chunk on its own: one range request, verified, fetched again on corruption.
+    fn fetch_one(&self, entry: &ChunkEntry) -> Result<Fetched> {
+        let (place, rel) = self.place(entry)?;
+        let origin = self.origin(&rel, place.offset);
+        let mut downloaded = 0;
+        let mut requests = 0;
+        let mut attempt = 0;
+        loop {
+            requests += 1;
+            let frame = match self
+                .store
+                .read_range(&rel, place.offset, u64::from(place.clen))
+            {
+                Ok(f) => f,
+                Err(Error::MissingFile { .. }) => return Err(self.missing(entry, &rel)),
+                Err(e) => return Err(e),
+            };
+            downloaded += frame.len() as u64;
+            match decompress_verified(entry.id, &frame, entry.len, &origin) {
+                Ok(chunk) => {
+                    return Ok(Fetched {
+                        chunk,
+                        compressed: frame,
+                        downloaded,
+                        requests,
+                    })
+                }
+                Err(e) if attempt >= self.store.retries() => return Err(e),
+                Err(_) => attempt += 1,
+            }
+        }
+    }
+
+    /// Runs one coalesced request and splits it into verified chunks, by want.
+    fn run(&self, req: &Request, entries: &[ChunkEntry]) -> Vec<Result<Fetched>> {
+        let rel = pack_path(&self.packs[req.pack as usize]);
+        let bytes = match self.store.read_range(&rel, req.offset, req.len) {
+            Ok(b) => b,
+            Err(Error::MissingFile { .. }) => {
+                return entries.iter().map(|e| Err(self.missing(e, &rel))).collect()
+            }
+            // Each chunk on its own: its own error, or its bytes after all.
+            Err(_) => return entries.iter().map(|e| self.fetch_one(e)).collect(),
+        };
+        let frames: u64 = entries
+            .iter()
+            .filter_map(|e| self.places.get(&e.id))
+            .map(|p| u64::from(p.clen))
+            .sum();
+        let mut gap = req.len.saturating_sub(frames);
+        let mut first = true;
+        entries
+            .iter()
+            .map(|e| {
+                let (place, _) = self.place(e)?;
+                let origin = self.origin(&rel, place.offset);
+                let start = place.offset - req.offset;
+                let frame = usize::try_from(start)
+                    .ok()
+                    .and_then(|s| bytes.get(s..s.checked_add(place.clen as usize)?));
+                let verified = frame
+                    .ok_or_else(|| Error::CorruptChunk {
+                        id: e.id,
+                        origin: origin.clone(),
+                        reason: "frame lies outside the bytes read".into(),
+                    })
+                    .and_then(|f| decompress_verified(e.id, f, e.len, &origin).map(|c| (c, f)));
+                let share = std::mem::take(&mut gap) + u64::from(place.clen);
+                let requests = u64::from(std::mem::take(&mut first));
+                match verified {
+                    Ok((chunk, frame)) => Ok(Fetched {
+                        chunk,
+                        compressed: frame.to_vec(),
+                        downloaded: share,
+                        requests,
+                    }),
+                    Err(e_first) if self.store.retries() == 0 => Err(e_first),
+                    Err(_) => self.fetch_one(e).map(|mut f| {
+                        f.downloaded += share;
+                        f.requests += requests;
+                        f
+                    }),
+                }
+            })
+            .collect()
+    }
+}
+
+impl ChunkStore for PackFetcher {
+    fn location(&self) -> String {
+        self.shared.location.clone()
+    }
+
+    fn fetch_verified(&self, entry: &ChunkEntry) -> Result<Fetched> {
+        self.shared.fetch_one(entry)
+    }
+
+    fn fetch_ordered<'a>(&'a self, entries: Vec<ChunkEntry>) -> FetchStream<'a> {
+        let mut ready = HashMap::new();
+        let mut located = Vec::new();
+        let mut wants = Vec::new();
+        for (i, e) in entries.iter().enumerate() {
+            match self.shared.place(e) {
+                Ok((place, _)) => {
+                    located.push(i);
+                    wants.push(Want {
+                        pack: place.pack,
+                        offset: place.offset,
+                        clen: place.clen,
+                    });
+                }
+                Err(err) => {
+                    ready.insert(i, (Err(err), 0));
+                }
+            }
+        }
+        let queue: VecDeque<Request> = plan_requests(&wants, MAX_GAP, MAX_REQUEST, SEGMENT)
+            .into_iter()
+            .map(|mut r| {
+                for w in &mut r.wants {
+                    *w = located[*w];
+                }
+                r
+            })
+            .collect();
+        Box::new(Ordered {
+            fetcher: self,
+            entries,
+            next: 0,
+            ready,
+            held: 0,
+            queue,
+            running: VecDeque::new(),
+            cancelled: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    fn in_flight(&self) -> usize {
+        self.shared.store.in_flight()
+    }
+}
+
+/// Results of one request: (position in the caller's list, result).
+type Batch = Vec<(usize, Result<Fetched>)>;
+
+struct Ordered<'a> {
+    fetcher: &'a PackFetcher,
+    entries: Vec<ChunkEntry>,
+    next: usize,
+    /// Results not yet taken, with the bytes each holds.
+    ready: HashMap<usize, (Result<Fetched>, u64)>,
+    /// Bytes of running requests plus results not yet taken.
+    held: u64,
+    queue: VecDeque<Request>,
+    running: VecDeque<(u64, Receiver<Batch>)>,
+    cancelled: Arc<AtomicBool>,
+}
+
+impl Ordered<'_> {
+    fn start(&mut self) {
+        while self.running.len() < self.fetcher.pool.threads {
+            let Some(head) = self.queue.front() else {
+                break;
+            };
+            if !self.running.is_empty() && self.held + head.len > WINDOW {
+                break;
+            }
+            let req = self.queue.pop_front().expect("queue has a head");
+            let wanted: Vec<ChunkEntry> = req.wants.iter().map(|&i| self.entries[i]).collect();
+            let (tx, rx) = bounded(1);
+            let shared = Arc::clone(&self.fetcher.shared);
+            let cancelled = Arc::clone(&self.cancelled);
+            let len = req.len;
+            self.fetcher.pool.spawn(move || {
+                if cancelled.load(Ordering::Relaxed) {
+                    return;
+                }
+                let results = shared.run(&req, &wanted);
+                let _ = tx.send(req.wants.into_iter().zip(results).collect());
+            });
+            self.held += len;
+            self.running.push_back((len, rx));
+        }
+    }
+}
+
+impl Iterator for Ordered<'_> {
+    type Item = Result<Fetched>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.next >= self.entries.len() {
+            return None;
+        }
+        loop {
+            if let Some((result, bytes)) = self.ready.remove(&self.next) {
+                self.held -= bytes;
+                self.next += 1;
+                return Some(result);
+            }
+            self.start();
+            let Some((len, rx)) = self.running.pop_front() else {
+                // Every entry is in a request or ready: unreachable, but never hang.
+                let id = self.entries[self.next].id;
+                self.next += 1;
+                return Some(Err(Error::InvalidInput(format!(
+                    "chunk {id} was in no planned request"
+                ))));
+            };
+            self.held -= len;
+            let batch = rx.recv().unwrap_or_default();
+            for (i, result) in batch {
+                let bytes = result
+                    .as_ref()
+                    .map_or(0, |f| (f.compressed.len() + f.chunk.data().len()) as u64);
+                self.held += bytes;
+                self.ready.insert(i, (result, bytes));
+            }
+            if !self.ready.contains_key(&self.next) && self.running.is_empty() {
+                if self.queue.is_empty() {
+                    // A fetch thread died before answering.
+                    let id = self.entries[self.next].id;
+                    self.next += 1;
+                    return Some(Err(Error::InvalidInput(format!(
+                        "a fetch thread died while fetching chunk {id}"
+                    ))));
+                }
+            }
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let n = self.entries.len() - self.next;
+        (n, Some(n))
+    }
+}
+
+impl Drop for Ordered<'_> {
+    fn drop(&mut self) {
+        // Requests not started yet see this and are skipped.
+        self.cancelled.store(true, Ordering::Relaxed);
+    }
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Worker threads that run blocking jobs; they end when the pool is dropped.
+struct Pool {
+    tx: Sender<Job>,
+    threads: usize,
+}
+
+impl Pool {
+    fn new(threads: usize, name: &str) -> Pool {
+        let threads = threads.max(1);
+        let (tx, rx) = unbounded::<Job>();
+        for i in 0..threads {
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name(format!("{name}-{i}"))
+                .spawn(move || {
+                    for job in rx {
+                        job();
+                    }
+                })
+                .expect("spawning a fetch thread");
+        }
+        Pool { tx, threads }
+    }
+
+    fn spawn(&self, job: impl FnOnce() + Send + 'static) {
+        // The threads only stop when `tx` is dropped, so sending cannot fail.
+        let _ = self.tx.send(Box::new(job));
+    }
+}
