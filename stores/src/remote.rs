@@ -44,7 +44,7 @@ enum Naming {
     Http { base: String },
     /// The key `PREFIX` + `REL` in a bucket, presigned per request.
     S3 {
-        bucket: Bucket,
+        bucket: Box<Bucket>,
         credentials: Option<Credentials>,
         /// Empty or ending in `/`.
         prefix: String,
@@ -91,7 +91,7 @@ impl RemoteStore {
                     format!("{}/", path.key)
                 };
                 Naming::S3 {
-                    bucket,
+                    bucket: Box::new(bucket),
                     credentials,
                     prefix,
                 }
@@ -287,7 +287,10 @@ impl StoreRead for RemoteStore {
         check_rel(&self.location(), rel)?;
         let n = &self.inner.naming;
         let shown = n.shown(rel);
-        let fresh = len > 0 && self.inner.refetch(rel, offset, offset.saturating_add(len - 1));
+        let fresh = len > 0
+            && self
+                .inner
+                .refetch(rel, offset, offset.saturating_add(len - 1));
         self.inner
             .transport
             .get_range(&shown, &n.get_url(rel), offset, len, fresh)?
@@ -418,7 +421,195 @@ impl Drop for RemoteStore {
 
 #[cfg(test)]
 mod tests {
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
     use super::*;
+
+    /// How the fake server answers a ranged GET of its file.
+    #[derive(Clone, Copy)]
+    enum Mode {
+        Honest,
+        IgnoreRange,
+        ShiftRange,
+        /// 206, the right Content-Range, a Content-Length and body 10 bytes longer.
+        Pad,
+        /// 206, the right Content-Range, a Content-Length, half the body, then close.
+        Truncate,
+        NoContentRange,
+    }
+
+    /// A web server with one file, `FILE` at `/s/packs/ab/f.tpack`; everything else is
+    /// 404. Returns the store URL and the number of requests seen.
+    fn server(mode: Mode) -> (String, Arc<AtomicUsize>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen = Arc::new(AtomicUsize::new(0));
+        let count = seen.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                count.fetch_add(1, Ordering::SeqCst);
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => head.extend_from_slice(&buf[..k]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                let _ = conn.write_all(&answer(mode, &head));
+            }
+        });
+        (format!("http://127.0.0.1:{port}/s"), seen)
+    }
+
+    const FILE: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
+
+    fn answer(mode: Mode, head: &str) -> Vec<u8> {
+        let first = head.lines().next().unwrap_or("");
+        if !first.contains(" /s/packs/ab/f.tpack ") {
+            return b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                .to_vec();
+        }
+        let n = FILE.len();
+        if first.starts_with("head ") {
+            return format!("HTTP/1.1 200 OK\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n")
+                .into_bytes();
+        }
+        let range = head.lines().find_map(|l| l.strip_prefix("range: bytes="));
+        let (a, b) = match range.and_then(|r| r.trim().split_once('-')) {
+            Some((a, b)) if !matches!(mode, Mode::IgnoreRange) => {
+                (a.parse::<usize>().unwrap(), b.parse::<usize>().unwrap())
+            }
+            _ => {
+                let mut out =
+                    format!("HTTP/1.1 200 OK\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n")
+                        .into_bytes();
+                out.extend_from_slice(FILE);
+                return out;
+            }
+        };
+        let (shown_a, shown_b) = match mode {
+            Mode::ShiftRange => (a + 1, b + 1),
+            _ => (a, b),
+        };
+        let body = &FILE[shown_a..=shown_b.min(n - 1)];
+        let content_range = match mode {
+            Mode::NoContentRange => String::new(),
+            _ => format!("Content-Range: bytes {shown_a}-{shown_b}/{n}\r\n"),
+        };
+        let (declared, sent): (usize, Vec<u8>) = match mode {
+            Mode::Pad => (body.len() + 10, [body, &[b'!'; 10][..]].concat()),
+            Mode::Truncate => (body.len(), body[..body.len() / 2].to_vec()),
+            _ => (body.len(), body.to_vec()),
+        };
+        let mut out = format!(
+            "HTTP/1.1 206 Partial Content\r\n{content_range}Content-Length: {declared}\r\n\
+             Connection: close\r\n\r\n"
+        )
+        .into_bytes();
+        out.extend_from_slice(&sent);
+        out
+    }
+
+    fn open(url: &str) -> RemoteStore {
+        let opts = StoreOptions {
+            retries: 2,
+            backoff: Duration::from_millis(1),
+            ..StoreOptions::default()
+        };
+        RemoteStore::open(url, &opts).unwrap()
+    }
+
+    /// The error and its sources, as `{:#}` would print them.
+    fn chain(e: &Error) -> String {
+        let mut msg = e.to_string();
+        let mut source = std::error::Error::source(e);
+        while let Some(s) = source {
+            msg = format!("{msg}: {s}");
+            source = s.source();
+        }
+        msg
+    }
+
+    const PACK: &str = "packs/ab/f.tpack";
+
+    #[test]
+    fn a_range_is_read_exactly() {
+        let (url, _) = server(Mode::Honest);
+        let store = open(&url);
+        assert_eq!(store.read_range(PACK, 10, 5).unwrap(), b"abcde");
+        assert_eq!(store.read_range(PACK, 0, 62).unwrap(), FILE);
+        assert_eq!(store.read_range(PACK, 3, 0).unwrap(), b"");
+        assert_eq!(store.file_size(PACK).unwrap(), Some(62));
+        assert_eq!(store.file_size("packs/ab/g.tpack").unwrap(), None);
+        assert_eq!(store.read_file(PACK, 62).unwrap().unwrap(), FILE);
+        assert_eq!(store.read_file("locations/x.tloc", 62).unwrap(), None);
+        let e = store.read_file(PACK, 61).unwrap_err();
+        assert!(
+            chain(&e).contains("more than the 61 bytes allowed"),
+            "{}",
+            chain(&e)
+        );
+        match store.read_range("packs/ab/g.tpack", 0, 5) {
+            Err(Error::MissingFile { origin }) => {
+                assert_eq!(origin, format!("{url}/packs/ab/g.tpack"))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A server that ignores `Range` is refused at its first answer, without retries and
+    /// without reading the whole file, unless the file is exactly the range asked.
+    #[test]
+    fn a_server_ignoring_range_is_refused_at_once() {
+        let (url, seen) = server(Mode::IgnoreRange);
+        let store = open(&url);
+        let e = store.read_range(PACK, 10, 5).unwrap_err();
+        let msg = chain(&e);
+        assert!(msg.contains(&format!("{url}/{PACK}")), "{msg}");
+        assert!(
+            msg.contains(
+                "asked for bytes 10-14, the server answered 200 with the whole file (62 bytes)"
+            ) && msg.contains("must support HTTP Range requests"),
+            "{msg}"
+        );
+        assert_eq!(seen.load(Ordering::SeqCst), 1, "not retried");
+        // The whole file is the range asked: fine.
+        assert_eq!(store.read_range(PACK, 0, 62).unwrap(), FILE);
+    }
+
+    #[test]
+    fn a_content_range_other_than_asked_is_refused() {
+        for mode in [Mode::ShiftRange, Mode::NoContentRange] {
+            let (url, seen) = server(mode);
+            let e = open(&url).read_range(PACK, 10, 5).unwrap_err();
+            let msg = chain(&e);
+            assert!(msg.contains(&format!("{url}/{PACK}")), "{msg}");
+            assert!(msg.contains("bytes 10-14"), "{msg}");
+            assert_eq!(seen.load(Ordering::SeqCst), 1, "not retried: {msg}");
+        }
+    }
+
+    #[test]
+    fn a_range_body_is_bounded_and_a_short_one_retried() {
+        let (url, _) = server(Mode::Pad);
+        let msg = chain(&open(&url).read_range(PACK, 10, 5).unwrap_err());
+        assert!(
+            msg.contains("the body is 15 bytes, more than the 5 bytes allowed"),
+            "{msg}"
+        );
+        let (url, seen) = server(Mode::Truncate);
+        let msg = chain(&open(&url).read_range(PACK, 10, 6).unwrap_err());
+        assert!(
+            msg.contains(&format!("{url}/{PACK}")) && msg.contains("gave up after 3 attempts"),
+            "{msg}"
+        );
+        assert_eq!(seen.load(Ordering::SeqCst), 3);
+    }
 
     #[test]
     fn store_relative_names_stay_inside_the_store() {
@@ -457,10 +648,19 @@ mod tests {
         let store = RemoteStore::open("http://127.0.0.1:9/s/", &StoreOptions::default()).unwrap();
         assert_eq!(store.location(), "http://127.0.0.1:9/s");
         let e = store.list_packs().unwrap_err().to_string();
-        assert!(e.contains("http://127.0.0.1:9/s") && e.contains("cannot be listed"), "{e}");
-        let e = store.put_pack(&PackId([1; 32]), b"x").unwrap_err().to_string();
+        assert!(
+            e.contains("http://127.0.0.1:9/s") && e.contains("cannot be listed"),
+            "{e}"
+        );
+        let e = store
+            .put_pack(&PackId([1; 32]), b"x")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("read-only"), "{e}");
-        let e = store.put_file("locations/x.tloc", b"x").unwrap_err().to_string();
+        let e = store
+            .put_file("locations/x.tloc", b"x")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("read-only"), "{e}");
     }
 }

@@ -88,13 +88,8 @@ impl Transport {
         }
     }
 
-    /// Attempts beyond the first.
-    pub(crate) fn retries(&self) -> u32 {
-        self.retries
-    }
-
     /// Sleeps before retry number `attempt` (1-based).
-    pub(crate) fn pause(&self, attempt: u32) {
+    fn pause(&self, attempt: u32) {
         let base = self
             .backoff
             .saturating_mul(1u32 << attempt.saturating_sub(1).min(16))
