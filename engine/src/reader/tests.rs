@@ -5,6 +5,8 @@ use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::*;
+use crate::pack::{parse_toc, toc_tail_len};
+use crate::store::{pack_path, PackFetcher, StoreRead};
 use crate::{make, ErrorKind, LocalStore, MakeOptions, NoProgress};
 
 /// 3 MiB of random bytes with 1 MiB of zeros in the middle.
@@ -45,7 +47,26 @@ fn fixture() -> Fixture {
 }
 
 fn reader(f: &Fixture, options: ReaderOptions) -> ImageReader {
-    ImageReader::new(f.index.clone(), Arc::new(f.store.clone()), options)
+    let store = Arc::new(f.store.clone());
+    let chunks = PackFetcher::open(store, &f.index).unwrap();
+    ImageReader::new(f.index.clone(), Arc::new(chunks), options)
+}
+
+/// Flips a byte in the middle of the frame of chunk `id` in its pack.
+fn damage_frame(store: &LocalStore, id: &crate::ChunkId) {
+    for pack in store.list_packs().unwrap() {
+        let path = store.path_of(&pack_path(&pack));
+        let mut bytes = std::fs::read(&path).unwrap();
+        let size = bytes.len() as u64;
+        let tail = toc_tail_len(&bytes[bytes.len() - 8..], size, "p").unwrap();
+        let toc = parse_toc(&bytes[(size - tail) as usize..], size, "p").unwrap();
+        if let Some(e) = toc.iter().find(|e| e.id == *id) {
+            bytes[(e.offset + u64::from(e.clen) / 2) as usize] ^= 0x55;
+            std::fs::write(&path, bytes).unwrap();
+            return;
+        }
+    }
+    panic!("chunk {id} is in no pack");
 }
 
 #[test]
@@ -100,10 +121,7 @@ fn corrupt_chunk_fails_only_its_range_and_names_its_id() {
         .find(|c| !c.zero && c.offset > 0)
         .copied()
         .unwrap();
-    let path = f.store.path_of(&victim.id);
-    let mut bad = f.data[victim.offset as usize..victim.end() as usize].to_vec();
-    bad[10] ^= 1;
-    std::fs::write(&path, crate::chunk::compress(&bad)).unwrap();
+    damage_frame(&f.store, &victim.id);
     let r = reader(
         &f,
         ReaderOptions {

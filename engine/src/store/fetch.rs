@@ -353,15 +353,16 @@ impl Iterator for Ordered<'_> {
                 self.held += bytes;
                 self.ready.insert(i, (result, bytes));
             }
-            if !self.ready.contains_key(&self.next) && self.running.is_empty() {
-                if self.queue.is_empty() {
-                    // A fetch thread died before answering.
-                    let id = self.entries[self.next].id;
-                    self.next += 1;
-                    return Some(Err(Error::InvalidInput(format!(
-                        "a fetch thread died while fetching chunk {id}"
-                    ))));
-                }
+            if !self.ready.contains_key(&self.next)
+                && self.running.is_empty()
+                && self.queue.is_empty()
+            {
+                // A fetch thread died before answering.
+                let id = self.entries[self.next].id;
+                self.next += 1;
+                return Some(Err(Error::InvalidInput(format!(
+                    "a fetch thread died while fetching chunk {id}"
+                ))));
             }
         }
     }
@@ -408,5 +409,201 @@ impl Pool {
     fn spawn(&self, job: impl FnOnce() + Send + 'static) {
         // The threads only stop when `tx` is dropped, so sending cannot fail.
         let _ = self.tx.send(Box::new(job));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU32;
+
+    use super::*;
+    use crate::chunk::compress;
+    use crate::chunker::ChunkerParams;
+    use crate::pack::PackBuilder;
+    use crate::store::{LocalStore, StoreWrite};
+
+    fn data(i: usize) -> Vec<u8> {
+        let mut d = vec![0u8; 3000 + i * 10];
+        blake3::Hasher::new()
+            .update(&i.to_le_bytes())
+            .finalize_xof()
+            .fill(&mut d);
+        d
+    }
+
+    /// An index of `n` chunks written in one pack (in index order) with its location file.
+    fn fixture(dir: &std::path::Path, n: usize) -> (Arc<LocalStore>, Index, PackId) {
+        let store = Arc::new(LocalStore::open(dir.join("s"), true).unwrap());
+        let mut b = PackBuilder::new();
+        let mut records = Vec::new();
+        let mut places = Vec::new();
+        for i in 0..n {
+            let d = data(i);
+            let id = ChunkId::of(&d);
+            let frame = compress(&d);
+            let offset = b.push(id, &frame, d.len() as u32);
+            records.push((id, d.len() as u32));
+            places.push(Location {
+                pack: 0,
+                offset,
+                clen: frame.len() as u32,
+            });
+        }
+        let pack = b.finish();
+        store.put_pack(&pack.id, &pack.bytes).unwrap();
+        let index = Index::new(ChunkerParams::default(), [0; 32], records).unwrap();
+        let locs = Locations {
+            root: index.root_hash(),
+            packs: vec![pack.id],
+            records: places,
+        };
+        store
+            .put_file(&locations_path(&index.root_hash()), &locs.to_bytes())
+            .unwrap();
+        (store, index, pack.id)
+    }
+
+    /// A store whose first `bad` range answers have a byte flipped.
+    struct Flaky {
+        inner: Arc<LocalStore>,
+        bad: AtomicU32,
+        retries: u32,
+    }
+
+    impl StoreRead for Flaky {
+        fn location(&self) -> String {
+            self.inner.location()
+        }
+        fn read_file(&self, rel: &str, limit: u64) -> Result<Option<Vec<u8>>> {
+            self.inner.read_file(rel, limit)
+        }
+        fn read_range(&self, rel: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+            let mut b = self.inner.read_range(rel, offset, len)?;
+            let left = self.bad.load(Ordering::SeqCst);
+            if left > 0 {
+                self.bad.store(left - 1, Ordering::SeqCst);
+                let mid = b.len() / 2;
+                b[mid] ^= 0x40;
+            }
+            Ok(b)
+        }
+        fn file_size(&self, rel: &str) -> Result<Option<u64>> {
+            self.inner.file_size(rel)
+        }
+        fn list_packs(&self) -> Result<Vec<PackId>> {
+            self.inner.list_packs()
+        }
+        fn retries(&self) -> u32 {
+            self.retries
+        }
+    }
+
+    #[test]
+    fn neighbours_are_coalesced_and_gaps_counted_as_downloaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, index, _) = fixture(dir.path(), 40);
+        let f = PackFetcher::open(store, &index).unwrap();
+        let all: Vec<ChunkEntry> = index.chunks().to_vec();
+        let frames: u64 = all
+            .iter()
+            .map(|e| u64::from(f.shared.places[&e.id].clen))
+            .sum();
+        let got: Vec<Fetched> = f.fetch_ordered(all.clone()).map(|r| r.unwrap()).collect();
+        assert_eq!(
+            got.iter().map(|g| g.chunk.id()).collect::<Vec<_>>(),
+            all.iter().map(|e| e.id).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            got.iter().map(|g| g.requests).sum::<u64>(),
+            1,
+            "one request"
+        );
+        assert_eq!(got.iter().map(|g| g.downloaded).sum::<u64>(), frames);
+        // Every other chunk, asked in reverse: still one request, gaps downloaded too.
+        let some: Vec<ChunkEntry> = all.iter().step_by(2).rev().copied().collect();
+        let got: Vec<Fetched> = f.fetch_ordered(some.clone()).map(|r| r.unwrap()).collect();
+        assert_eq!(
+            got.iter().map(|g| g.chunk.id()).collect::<Vec<_>>(),
+            some.iter().map(|e| e.id).collect::<Vec<_>>(),
+            "yielded in the order asked"
+        );
+        assert_eq!(got.iter().map(|g| g.requests).sum::<u64>(), 1);
+        let first = f.shared.places[&all[0].id];
+        let last = f.shared.places[&all[38].id];
+        let span = last.offset + u64::from(last.clen) - first.offset;
+        assert_eq!(got.iter().map(|g| g.downloaded).sum::<u64>(), span);
+        // One chunk alone.
+        let one = f.fetch_verified(&all[7]).unwrap();
+        assert_eq!((one.requests, one.chunk.data()), (1, &data(7)[..]));
+    }
+
+    #[test]
+    fn a_corrupt_answer_is_fetched_again_up_to_the_retries() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, index, pack) = fixture(dir.path(), 10);
+        let all: Vec<ChunkEntry> = index.chunks().to_vec();
+        let flaky = Arc::new(Flaky {
+            inner: store.clone(),
+            bad: AtomicU32::new(2),
+            retries: 2,
+        });
+        let f = PackFetcher::open(flaky.clone(), &index).unwrap();
+        let got: Vec<Fetched> = f.fetch_ordered(all.clone()).map(|r| r.unwrap()).collect();
+        assert_eq!(got.len(), 10);
+        // The coalesced answer was bad for one chunk; its refetch was bad once more.
+        assert_eq!(got.iter().map(|g| g.requests).sum::<u64>(), 3);
+        // Without retries the error names the chunk, the pack and the offset.
+        let f = PackFetcher::open(
+            Arc::new(Flaky {
+                inner: store,
+                bad: AtomicU32::new(1),
+                retries: 0,
+            }),
+            &index,
+        )
+        .unwrap();
+        let err = f.fetch_verified(&all[3]).unwrap_err();
+        let msg = err.to_string();
+        assert_eq!(err.kind(), crate::ErrorKind::CorruptChunk);
+        assert!(
+            msg.contains(&all[3].id.to_string())
+                && msg.contains(&pack_path(&pack))
+                && msg.contains("offset"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn missing_packs_and_location_files_are_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, index, pack) = fixture(dir.path(), 5);
+        let f = PackFetcher::open(store.clone(), &index).unwrap();
+        std::fs::remove_file(store.path_of(&pack_path(&pack))).unwrap();
+        let all: Vec<ChunkEntry> = index.chunks().to_vec();
+        for (r, e) in f.fetch_ordered(all.clone()).zip(&all) {
+            let err = r.unwrap_err();
+            assert_eq!(err.kind(), crate::ErrorKind::MissingChunk);
+            let msg = err.to_string();
+            assert!(
+                msg.contains(&e.id.to_string()) && msg.contains(&pack_path(&pack)),
+                "{msg}"
+            );
+        }
+        std::fs::remove_file(store.path_of(&locations_path(&index.root_hash()))).unwrap();
+        let err = PackFetcher::open(store, &index).unwrap_err().to_string();
+        assert!(
+            err.contains("has no location data for index")
+                && err.contains(&locations_path(&index.root_hash())),
+            "{err}"
+        );
+        // A chunk the index does not name.
+        let other = ChunkEntry {
+            id: ChunkId::of(b"other"),
+            offset: 0,
+            len: 5,
+            zero: false,
+        };
+        let err = f.fetch_verified(&other).unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::MissingChunk);
     }
 }

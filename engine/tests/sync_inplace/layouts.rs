@@ -34,7 +34,7 @@ fn sync_pair(pair: Pair) {
     let r = sync_with(
         &index,
         &target,
-        &store,
+        &fetcher(&store, &index),
         &SyncOptions::default(),
         &NoProgress,
     )
@@ -85,7 +85,7 @@ fn sync_pair(pair: Pair) {
     let again = sync_with(
         &index,
         &target,
-        &store,
+        &fetcher(&store, &index),
         &SyncOptions::default(),
         &NoProgress,
     )
@@ -266,7 +266,14 @@ fn seed_index_claims_are_hash_checked_and_fall_back() {
         }],
         ..SyncOptions::default()
     };
-    let r = sync_with(&index, &target, &store, &opts, &NoProgress).unwrap();
+    let r = sync_with(
+        &index,
+        &target,
+        &fetcher(&store, &index),
+        &opts,
+        &NoProgress,
+    )
+    .unwrap();
     assert_eq!(fs::read(&target).unwrap(), new);
     assert!(r.fallbacks > 0 && r.bytes_from_seeds > 500_000, "{r:?}");
 }
@@ -333,7 +340,7 @@ fn dry_run_changes_nothing_and_matches_the_run() {
         dry_run: true,
         ..SyncOptions::default()
     };
-    let plan = sync_with(&index, &target, &store, &dry, &NoProgress).unwrap();
+    let plan = sync_with(&index, &target, &fetcher(&store, &index), &dry, &NoProgress).unwrap();
     assert!(plan.dry_run && plan.bytes_downloaded == 0);
     assert_eq!(fs::read(&target).unwrap(), before);
     assert_eq!(
@@ -343,7 +350,14 @@ fn dry_run_changes_nothing_and_matches_the_run() {
     );
     // A dry run of a missing target creates nothing.
     let missing = dir.path().join("missing.img");
-    let p = sync_with(&index, &missing, &store, &dry, &NoProgress).unwrap();
+    let p = sync_with(
+        &index,
+        &missing,
+        &fetcher(&store, &index),
+        &dry,
+        &NoProgress,
+    )
+    .unwrap();
     assert!(!missing.exists());
     assert_eq!(
         p.bytes_fetched,
@@ -358,7 +372,7 @@ fn dry_run_changes_nothing_and_matches_the_run() {
     let run = sync_with(
         &index,
         &target,
-        &store,
+        &fetcher(&store, &index),
         &SyncOptions::default(),
         &NoProgress,
     )
@@ -387,7 +401,7 @@ fn a_block_device_too_small_is_untouched_and_gets_no_journal() {
         journal: Some(&mut journal),
         ..io(&target, vec![], 1 << 20)
     };
-    let err = sync_io(&index, sio, &store, &NoProgress).unwrap_err();
+    let err = sync_io(&index, sio, &fetcher(&store, &index), &NoProgress).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidInput);
     assert_eq!(
         err.to_string(),
@@ -415,7 +429,14 @@ fn the_target_given_as_a_seed_is_not_a_second_copy() {
         }],
         ..SyncOptions::default()
     };
-    let r = sync_with(&index, &target, &store, &opts, &NoProgress).unwrap();
+    let r = sync_with(
+        &index,
+        &target,
+        &fetcher(&store, &index),
+        &opts,
+        &NoProgress,
+    )
+    .unwrap();
     assert_eq!(fs::read(&target).unwrap(), new);
     assert_eq!(r.bytes_from_seeds, 0, "{r:?}");
     assert!(r.bytes_moved > 900_000, "{r:?}");

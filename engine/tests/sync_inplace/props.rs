@@ -16,7 +16,7 @@ use tessera_engine::chunk::compress;
 use tessera_engine::sync::{
     apply, plan, Holder, Holdings, InPlace, Location, SeedIo, Source, SyncIo,
 };
-use tessera_engine::{ChunkId, ChunkStore, ChunkerParams, DeviceKind, Index, NoProgress};
+use tessera_engine::{ChunkId, ChunkerParams, DeviceKind, Index, NoProgress};
 
 use crate::util::*;
 
@@ -231,9 +231,7 @@ fn run_counting(layout: Layout) -> Result<(Index, MemStore), TestCaseError> {
     // Execute it.
     let store = MemStore::default();
     for c in index.chunks().iter().filter(|c| !c.zero) {
-        store
-            .put_compressed(&c.id, &compress(&new[c.offset as usize..c.end() as usize]))
-            .unwrap();
+        store.insert(c.id, compress(&new[c.offset as usize..c.end() as usize]));
     }
     let kind = if layout.block_device {
         DeviceKind::BlockDevice

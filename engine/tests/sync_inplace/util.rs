@@ -6,13 +6,16 @@ use std::collections::HashMap;
 use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use rand::{RngCore, SeedableRng};
+use tessera_engine::chunk::decompress_verified;
+use tessera_engine::pack::{parse_toc, toc_tail_len};
+use tessera_engine::store::{pack_id_from_path, pack_path, PackId};
 use tessera_engine::sync::{ReadAt, WriteAt};
 use tessera_engine::{
-    make, ChunkId, ChunkStore, ChunkerParams, DeviceKind, Error, Index, MakeOptions, NoProgress,
-    Result,
+    make, ChunkEntry, ChunkId, ChunkStore, ChunkerParams, DeviceKind, Error, FetchStream, Fetched,
+    Index, LocalStore, MakeOptions, NoProgress, PackFetcher, Result, StoreRead, StoreWrite,
 };
 
 /// Small chunks, so that test images of a few MiB have hundreds of them.
@@ -27,9 +30,13 @@ pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     v
 }
 
-/// A store in memory that counts what is fetched from it.
+/// A store in memory: `make` writes packs into it ([`StoreWrite`]), and sync fetches
+/// chunks from it directly by id ([`ChunkStore`], serving the frames of its packs),
+/// counting what is fetched.
 #[derive(Default)]
 pub struct MemStore {
+    files: Mutex<HashMap<String, Vec<u8>>>,
+    /// Frames of the chunks of every pack put, by id, with their chunk lengths.
     chunks: Mutex<HashMap<ChunkId, Vec<u8>>>,
     /// Compressed bytes served.
     pub served: AtomicU64,
@@ -53,30 +60,85 @@ impl MemStore {
     }
 }
 
+impl StoreRead for MemStore {
+    fn location(&self) -> String {
+        "mem-store".into()
+    }
+    fn read_file(&self, rel: &str, _limit: u64) -> Result<Option<Vec<u8>>> {
+        Ok(self.files.lock().unwrap().get(rel).cloned())
+    }
+    fn read_range(&self, rel: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let files = self.files.lock().unwrap();
+        let f = files
+            .get(rel)
+            .ok_or_else(|| Error::MissingFile { origin: rel.into() })?;
+        Ok(f.get(offset as usize..(offset + len) as usize)
+            .ok_or_else(|| out_of_range(rel))?
+            .to_vec())
+    }
+    fn file_size(&self, rel: &str) -> Result<Option<u64>> {
+        Ok(self.files.lock().unwrap().get(rel).map(|f| f.len() as u64))
+    }
+    fn list_packs(&self) -> Result<Vec<PackId>> {
+        let files = self.files.lock().unwrap();
+        Ok(files.keys().filter_map(|k| pack_id_from_path(k)).collect())
+    }
+}
+
+impl StoreWrite for MemStore {
+    fn put_pack(&self, id: &PackId, bytes: &[u8]) -> Result<()> {
+        let size = bytes.len() as u64;
+        let tail = toc_tail_len(&bytes[bytes.len() - 8..], size, "mem")?;
+        for e in parse_toc(&bytes[(size - tail) as usize..], size, "mem")? {
+            let frame = &bytes[e.offset as usize..(e.offset + u64::from(e.clen)) as usize];
+            self.insert(e.id, frame.to_vec());
+        }
+        self.put_file(&pack_path(id), bytes)
+    }
+    fn put_file(&self, rel: &str, bytes: &[u8]) -> Result<()> {
+        self.files
+            .lock()
+            .unwrap()
+            .insert(rel.into(), bytes.to_vec());
+        Ok(())
+    }
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
 impl ChunkStore for MemStore {
     fn location(&self) -> String {
         "mem-store".into()
     }
-    fn get_compressed(&self, id: &ChunkId) -> Result<Option<Vec<u8>>> {
-        let got = self.chunks.lock().unwrap().get(id).cloned();
-        if let Some(c) = &got {
-            self.served.fetch_add(c.len() as u64, Ordering::Relaxed);
-            *self.fetches.lock().unwrap().entry(*id).or_default() += 1;
-        }
-        Ok(got)
+    fn fetch_verified(&self, entry: &ChunkEntry) -> Result<Fetched> {
+        let got = self.chunks.lock().unwrap().get(&entry.id).cloned();
+        let compressed = got.ok_or_else(|| Error::MissingChunk {
+            id: entry.id,
+            origin: "mem-store".into(),
+        })?;
+        self.served
+            .fetch_add(compressed.len() as u64, Ordering::Relaxed);
+        *self.fetches.lock().unwrap().entry(entry.id).or_default() += 1;
+        let chunk = decompress_verified(entry.id, &compressed, entry.len, "mem-store")?;
+        Ok(Fetched {
+            chunk,
+            downloaded: compressed.len() as u64,
+            compressed,
+            requests: 1,
+        })
     }
-    fn contains(&self, id: &ChunkId) -> Result<bool> {
-        Ok(self.chunks.lock().unwrap().contains_key(id))
+    fn fetch_ordered<'a>(&'a self, entries: Vec<ChunkEntry>) -> FetchStream<'a> {
+        Box::new(entries.into_iter().map(|e| self.fetch_verified(&e)))
     }
-    fn put_compressed(&self, id: &ChunkId, compressed: &[u8]) -> Result<bool> {
-        let mut c = self.chunks.lock().unwrap();
-        Ok(c.insert(*id, compressed.to_vec()).is_none())
+    fn in_flight(&self) -> usize {
+        1
     }
 }
 
 /// Makes the index of `image` with `params`, putting its chunks in `store` (the real
 /// `make`, through a temporary file).
-pub fn make_index(image: &[u8], params: ChunkerParams, store: &dyn ChunkStore) -> Index {
+pub fn make_index(image: &[u8], params: ChunkerParams, store: &dyn StoreWrite) -> Index {
     let dir = tempfile::TempDir::new().unwrap();
     let src = dir.path().join("image");
     std::fs::write(&src, image).unwrap();
@@ -90,6 +152,11 @@ pub fn make_index(image: &[u8], params: ChunkerParams, store: &dyn ChunkStore) -
     )
     .unwrap()
     .0
+}
+
+/// The chunks of `index` in a local store, fetched from its packs.
+pub fn fetcher(store: &LocalStore, index: &Index) -> PackFetcher {
+    PackFetcher::open(Arc::new(store.clone()), index).unwrap()
 }
 
 /// Writes `bytes` to `path`, then grows the file with zeros to at least `min_len`.
