@@ -340,7 +340,7 @@ impl StoreRead for RemoteStore {
 }
 
 impl StoreWrite for RemoteStore {
-    /// Queues the upload (at most [`UPLOADS_AHEAD`] wait at once, so memory stays
+    /// Queues the upload (at most one waits at once, so memory stays
     /// bounded) and returns; [`StoreWrite::flush`] waits for it. A pack is named by its
     /// bytes, so uploading one that is there already replaces it with the same bytes.
     fn put_pack(&self, id: &PackId, bytes: &[u8]) -> Result<()> {
