@@ -119,12 +119,6 @@ impl RemoteStore {
         matches!(self.inner.naming, Naming::S3 { .. })
     }
 
-    /// The URL (HTTP) or `s3://` name of the store-relative file `rel`, as messages show
-    /// it.
-    pub fn url_of(&self, rel: &str) -> String {
-        self.inner.naming.shown(rel)
-    }
-
     /// Creates the bucket of an S3 store (for tests and first set-ups; needs
     /// credentials).
     ///
