@@ -50,18 +50,6 @@ pub(crate) fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// Starts writeback of all dirty pages of `file` without waiting for it
-/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`), so a later `syncfs` finds little left to do.
-/// A hint: callers may ignore its error.
-pub(crate) fn start_writeback(file: &File) -> io::Result<()> {
-    // SAFETY: sync_file_range takes plain integers; the fd is owned by `file` and open.
-    let rc = unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// Flushes the whole filesystem holding `path` (one call instead of an fsync per file).
 pub(crate) fn syncfs(path: &Path) -> io::Result<()> {
     let dir = File::open(path)?;

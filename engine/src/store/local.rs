@@ -76,7 +76,11 @@ impl LocalStore {
             path.push(part);
             if create {
                 match crate::sys::mkdir_at(&dir, name, 0o777) {
-                    Ok(()) => {}
+                    // A new directory is durable in its parent before anything goes in it
+                    // (a file system may lose an unsynced directory entry at a power cut).
+                    Ok(()) => dir
+                        .sync_all()
+                        .map_err(|e| Error::io("syncing store directory", &path, e))?,
                     Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
                     Err(e) => return Err(Error::io("creating store directory", path, e)),
                 }
@@ -110,11 +114,12 @@ impl LocalStore {
             create_temp_in(&dir, name).map_err(|e| Error::io("creating", &path, e))?;
         let written = (|| {
             f.write_all(bytes)?;
-            // Start writeback now so `flush` overlaps with chunking; a hint only.
-            let _ = crate::sys::start_writeback(&f);
-            // No fsync per file: `flush` syncs the whole filesystem once before the index
-            // is published.
-            crate::sys::rename_at(&dir, &tmp, name, replace)
+            // Packs and location files are few and large: each is made durable under its
+            // name here, on every file system (`syncfs` in `flush` does not reach a FUSE
+            // file system's own storage): data, then the rename, then the directory.
+            f.sync_all()?;
+            crate::sys::rename_at(&dir, &tmp, name, replace)?;
+            dir.sync_all()
         })();
         match written {
             Ok(()) => Ok(true),
