@@ -1,13 +1,14 @@
-//! Fault injection between `sync` and nginx: resets, 500s, stalls past the timeout,
-//! truncated and corrupted bodies, and the server going away mid-sync. A sync either
-//! completes with the exact image or fails with a clear error, and no byte that failed
-//! verification ever reaches the target.
+//! Fault injection between `sync` and nginx serving a packed store: resets, 500s, stalls
+//! past the timeout, truncated and corrupted range answers, and the server going away
+//! mid-sync. A sync either completes with the exact image or fails with a clear error,
+//! and no byte that failed verification ever reaches the target.
 
 mod remote_support;
 mod util;
 
 use std::fs;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +19,6 @@ use util::*;
 struct Setup {
     dir: TempDir,
     image: Vec<u8>,
-    store: PathBuf,
     index: PathBuf,
     nginx: Nginx,
 }
@@ -35,21 +35,22 @@ fn setup(len: usize, seed: u64) -> Setup {
     Setup {
         dir,
         image,
-        store,
         index,
         nginx,
     }
 }
 
-fn chunk_count(store: &std::path::Path) -> u64 {
-    fs::read_dir(store.join("chunks"))
-        .unwrap()
-        .map(|d| fs::read_dir(d.unwrap().path()).unwrap().count() as u64)
-        .sum()
+fn is_pack(path: &str) -> bool {
+    path.contains("/packs/")
 }
 
-fn is_chunk(path: &str) -> bool {
-    path.contains("/chunks/")
+/// Range GETs of packs a sync through `proxy` made.
+fn pack_gets(proxy: &Proxy) -> u64 {
+    proxy
+        .seen()
+        .iter()
+        .filter(|r| r.method == "GET" && is_pack(&r.path))
+        .count() as u64
 }
 
 /// Every byte of `target` is either the image's or zero (never unverified data).
@@ -67,7 +68,7 @@ fn transient_faults_are_retried_and_the_image_is_exact() {
     if skip_unless(nginx_available(), "nginx") {
         return;
     }
-    let s = setup(5_000_000, 10);
+    let s = setup(20_000_000, 10);
     let faults: [(&str, Fault); 5] = [
         ("reset", Fault::Reset),
         ("500", Fault::Status500),
@@ -76,9 +77,13 @@ fn transient_faults_are_retried_and_the_image_is_exact() {
         ("stall", Fault::Stall(Duration::from_millis(2500))),
     ];
     for (name, fault) in faults {
-        // Every third chunk request fails this way.
-        let plan: Arc<Plan> = Arc::new(move |n, _m: &str, p: &str| {
-            if is_chunk(p) && n % 3 == 1 {
+        // The first and every third pack request after it fail this way.
+        let packs = Arc::new(AtomicU64::new(0));
+        let injected = Arc::new(AtomicU64::new(0));
+        let (p, i) = (packs.clone(), injected.clone());
+        let plan: Arc<Plan> = Arc::new(move |_n, m: &str, path: &str| {
+            if m == "GET" && is_pack(path) && p.fetch_add(1, Ordering::SeqCst) % 3 == 0 {
+                i.fetch_add(1, Ordering::SeqCst);
                 fault
             } else {
                 Fault::Pass
@@ -99,8 +104,9 @@ fn transient_faults_are_retried_and_the_image_is_exact() {
         ]);
         assert_eq!(fs::read(&target).unwrap(), s.image, "after {name} faults");
         assert!(
-            proxy.requests() > chunk_count(&s.store),
-            "{name}: faults were injected"
+            injected.load(Ordering::SeqCst) >= 1,
+            "{name}: no fault injected: {:?}",
+            proxy.seen()
         );
     }
 }
@@ -111,12 +117,11 @@ fn a_chunk_corrupted_on_every_fetch_fails_with_its_id_and_url() {
         return;
     }
     let s = setup(3_000_000, 11);
-    let index = fs::read(&s.index).unwrap();
-    // The first chunk record starts at byte 80 of the index.
-    let id: String = index[80..112].iter().map(|b| format!("{b:02x}")).collect();
-    let needle = id.clone();
+    let ids = index_chunk_ids(&fs::read(&s.index).unwrap());
+    // Every answer from a pack has a byte flipped (in the middle of what was asked): the
+    // chunk there fails verification, is fetched again on its own, and fails again.
     let plan: Arc<Plan> = Arc::new(move |_n, _m: &str, p: &str| {
-        if p.contains(&needle) {
+        if is_pack(p) {
             Fault::Corrupt
         } else {
             Fault::Pass
@@ -133,8 +138,14 @@ fn a_chunk_corrupted_on_every_fetch_fails_with_its_id_and_url() {
         &"--retries",
         &"2",
     ]);
-    assert!(err.contains(&id) && err.contains(&proxy.url()), "{err}");
+    assert!(err.contains(&proxy.url()) && err.contains("/packs/"), "{err}");
     assert!(err.contains("corrupt"), "{err}");
+    assert!(
+        ids.iter().any(|id| err.contains(id.as_str())),
+        "the error names no chunk of the index: {err}"
+    );
+    // The refetches: the chunk alone, as many times as --retries allows.
+    assert!(pack_gets(&proxy) >= 3, "{:?}", proxy.seen());
     if let Ok(written) = fs::read(&target) {
         assert_only_image_or_zero(&written, &s.image);
     }
@@ -170,35 +181,52 @@ fn server_going_away_mid_sync_fails_clearly_and_the_rerun_completes() {
     if skip_unless(nginx_available(), "nginx") {
         return;
     }
-    let s = setup(8_000_000, 13);
-    let chunks = chunk_count(&s.store);
+    let s = setup(24_000_000, 13);
+    // What an undisturbed sync asks, one request at a time.
+    let honest = Proxy::start(s.nginx.addr(), Arc::new(|_, _: &str, _: &str| Fault::Pass));
+    let args = |proxy: &Proxy, target: &std::path::Path, cache: &std::path::Path| {
+        vec![
+            "sync".to_string(),
+            s.index.display().to_string(),
+            target.display().to_string(),
+            "--store".to_string(),
+            proxy.url(),
+            "--cache".to_string(),
+            cache.display().to_string(),
+            "--jobs".to_string(),
+            "1".to_string(),
+            "--json".to_string(),
+        ]
+    };
+    let full = json(&run_ok_strings(&args(
+        &honest,
+        &s.dir.path().join("honest.raw"),
+        &s.dir.path().join("honest-cache"),
+    )));
+    let full_bytes = full["bytes_downloaded"].as_u64().unwrap();
+    let requests = honest.requests();
+    assert!(
+        pack_gets(&honest) >= 2,
+        "want a sync of several range requests: {:?}",
+        honest.seen()
+    );
+    // Take the server away half way through.
     let proxy = Arc::new(Proxy::start(
         s.nginx.addr(),
         Arc::new(|_, _: &str, _: &str| Fault::Pass),
     ));
-    // Take the server away after a third of the chunks.
     let p2 = proxy.clone();
     proxy.set_plan(Arc::new(move |n, _: &str, _: &str| {
-        if n == chunks / 3 {
+        if n == requests / 2 {
             p2.set_down(true);
         }
         Fault::Delay(Duration::from_millis(5))
     }));
     let cache = s.dir.path().join("cache");
     let target = s.dir.path().join("out.raw");
-    let err = run_err(&[
-        &"sync",
-        &s.index,
-        &target,
-        &"--store",
-        &proxy.url(),
-        &"--cache",
-        &cache,
-        &"--retries",
-        &"2",
-        &"--jobs",
-        &"4",
-    ]);
+    let mut first = args(&proxy, &target, &cache);
+    first.extend(["--retries".to_string(), "2".to_string()]);
+    let err = run_err_strings(&first);
     assert!(err.contains(&proxy.url()), "{err}");
     if let Ok(written) = fs::read(&target) {
         assert_only_image_or_zero(&written, &s.image);
@@ -206,20 +234,21 @@ fn server_going_away_mid_sync_fails_clearly_and_the_rerun_completes() {
     // Back again: the same command completes, fetching only what the cache lacks.
     proxy.set_down(false);
     proxy.set_plan(Arc::new(|_, _: &str, _: &str| Fault::Pass));
-    let before = proxy.requests();
-    run_ok(&[
-        &"sync",
-        &s.index,
-        &target,
-        &"--store",
-        &proxy.url(),
-        &"--cache",
-        &cache,
-    ]);
+    let again = json(&run_ok_strings(&args(&proxy, &target, &cache)));
     assert_eq!(fs::read(&target).unwrap(), s.image);
-    let refetched = proxy.requests() - before;
+    let refetched = again["bytes_downloaded"].as_u64().unwrap();
     assert!(
-        refetched < chunks,
-        "re-run fetched {refetched} of {chunks} chunks"
+        refetched < full_bytes,
+        "re-run downloaded {refetched} of {full_bytes} bytes"
     );
+}
+
+fn run_ok_strings(args: &[String]) -> String {
+    let args: Vec<&dyn AsRef<std::ffi::OsStr>> = args.iter().map(|a| a as _).collect();
+    run_ok(&args)
+}
+
+fn run_err_strings(args: &[String]) -> String {
+    let args: Vec<&dyn AsRef<std::ffi::OsStr>> = args.iter().map(|a| a as _).collect();
+    run_err(&args)
 }

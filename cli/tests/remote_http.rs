@@ -1,11 +1,13 @@
-//! HTTP stores through the real binary, with nginx serving a store that `make` wrote:
-//! sync by URL (index too), the local cache, a missing chunk, a read-only store.
+//! HTTP stores through the real binary, with nginx serving a packed store that `make`
+//! wrote (packs read by `Range` requests): sync by URL (index too), the local cache, a
+//! missing pack, a server that ignores or misanswers `Range`, a read-only store.
 
 mod remote_support;
 mod util;
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use remote_support::*;
 use tempfile::TempDir;
@@ -37,15 +39,28 @@ fn publish(len: usize, seed: u64) -> Published {
     Published { dir, image, store }
 }
 
-fn chunk_files(store: &Path) -> Vec<PathBuf> {
+/// Every file below `dir` (a cache directory), whatever its layout.
+fn files_below(dir: &Path) -> Vec<PathBuf> {
     let mut out = vec![];
-    for d in fs::read_dir(store.join("chunks")).unwrap() {
-        for f in fs::read_dir(d.unwrap().path()).unwrap() {
-            out.push(f.unwrap().path());
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                out.push(p);
+            }
         }
     }
     out.sort();
     out
+}
+
+/// The distinct non-zero chunks of the published index.
+fn unique_chunks(p: &Published) -> u64 {
+    let info = json(&run_ok(&[&"info", &p.store.join("image.tidx"), &"--json"]));
+    info["unique_chunks"].as_u64().unwrap()
 }
 
 #[test]
@@ -55,17 +70,137 @@ fn sync_from_nginx_by_url_gives_the_exact_image() {
     }
     let p = publish(6_000_000, 1);
     let nginx = Nginx::start(&p.store);
+    let proxy = Proxy::start(nginx.addr(), Arc::new(|_, _: &str, _: &str| Fault::Pass));
     let target = p.dir.path().join("out.raw");
     let out = json(&run_ok(&[
         &"sync",
-        &format!("{}/image.tidx", nginx.url()),
+        &format!("{}/image.tidx", proxy.url()),
         &target,
         &"--store",
-        &format!("{}/", nginx.url()),
+        &format!("{}/", proxy.url()),
         &"--json",
     ]));
     assert_eq!(fs::read(&target).unwrap(), fs::read(&p.image).unwrap());
-    assert!(out["bytes_downloaded"].as_u64().unwrap() > 0, "{out}");
+    let downloaded = out["bytes_downloaded"].as_u64().unwrap();
+    assert!(downloaded > 0, "{out}");
+    // The packs are read by ranges, a few large ones: far fewer requests than chunks,
+    // each of them answered with only the bytes asked.
+    let seen = proxy.seen();
+    let ranges: Vec<_> = seen.iter().filter(|r| r.path.contains("/packs/")).collect();
+    let chunks = unique_chunks(&p);
+    assert!(
+        !ranges.is_empty() && ranges.len() as u64 * 4 < chunks,
+        "{} pack requests for {chunks} chunks: {seen:?}",
+        ranges.len()
+    );
+    for r in &ranges {
+        assert!(
+            r.method == "HEAD" || r.range.as_deref().is_some_and(|v| v.starts_with("bytes=")),
+            "a pack read without a range: {r:?}"
+        );
+    }
+    assert!(
+        downloaded <= pack_bytes(&p.store),
+        "{downloaded} bytes downloaded, the packs hold {}",
+        pack_bytes(&p.store)
+    );
+}
+
+/// A server (or a proxy on the way) that ignores `Range` would answer every chunk with
+/// its whole pack: refused at the first answer, naming the pack's URL and what the
+/// server must do, and nothing is written.
+#[test]
+fn a_server_that_ignores_range_is_refused_clearly() {
+    if skip_unless(nginx_available(), "nginx") {
+        return;
+    }
+    let p = publish(3_000_000, 10);
+    let nginx = Nginx::start(&p.store);
+    let pack_gets = |proxy: &Proxy| {
+        proxy
+            .seen()
+            .iter()
+            .filter(|r| r.method == "GET" && r.path.contains("/packs/"))
+            .count()
+    };
+    // What a sync asks of a server that honours ranges.
+    let honest = Proxy::start(nginx.addr(), Arc::new(|_, _: &str, _: &str| Fault::Pass));
+    run_ok(&[
+        &"sync",
+        &p.store.join("image.tidx"),
+        &p.dir.path().join("honest.raw"),
+        &"--store",
+        &honest.url(),
+    ]);
+    let proxy = Proxy::start(
+        nginx.addr(),
+        Arc::new(|_, _: &str, path: &str| {
+            if path.contains("/packs/") {
+                Fault::DropRange
+            } else {
+                Fault::Pass
+            }
+        }),
+    );
+    let target = p.dir.path().join("out.raw");
+    let err = run_err(&[
+        &"sync",
+        &p.store.join("image.tidx"),
+        &target,
+        &"--store",
+        &proxy.url(),
+        &"--retries",
+        &"0",
+    ]);
+    assert!(err.contains(&format!("{}/packs/", proxy.url())), "{err}");
+    assert!(
+        err.contains("answered 200 with the whole file")
+            && err.contains("must support HTTP Range requests"),
+        "{err}"
+    );
+    assert!(
+        pack_gets(&proxy) <= pack_gets(&honest),
+        "no more requests than an honest server gets: {:?}",
+        proxy.seen()
+    );
+    if let Ok(written) = fs::read(&target) {
+        assert!(
+            written.iter().all(|&b| b == 0),
+            "bytes written from a refused answer"
+        );
+    }
+}
+
+/// A 206 whose `Content-Range` is not the range asked is refused, naming both.
+#[test]
+fn a_content_range_that_does_not_match_is_refused() {
+    if skip_unless(nginx_available(), "nginx") {
+        return;
+    }
+    let p = publish(3_000_000, 11);
+    let nginx = Nginx::start(&p.store);
+    let proxy = Proxy::start(
+        nginx.addr(),
+        Arc::new(|_, m: &str, path: &str| {
+            if m == "GET" && path.contains("/packs/") {
+                Fault::ShiftRange
+            } else {
+                Fault::Pass
+            }
+        }),
+    );
+    let err = run_err(&[
+        &"sync",
+        &p.store.join("image.tidx"),
+        &p.dir.path().join("out.raw"),
+        &"--store",
+        &proxy.url(),
+    ]);
+    assert!(err.contains(&format!("{}/packs/", proxy.url())), "{err}");
+    assert!(
+        err.contains("the server answered Content-Range") && err.contains("asked for bytes"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -165,9 +300,8 @@ fn cache_fills_on_first_sync_and_serves_the_second_offline() {
         &cache,
     ]);
     assert_eq!(fs::read(&first).unwrap(), fs::read(&p.image).unwrap());
-    assert_eq!(
-        chunk_files(&cache).len(),
-        chunk_files(&p.store).len(),
+    assert!(
+        files_below(&cache).len() as u64 >= unique_chunks(&p),
         "every fetched chunk is cached"
     );
     drop(nginx);
@@ -219,7 +353,7 @@ fn cache_is_bounded_by_its_size() {
         &"2M",
     ]);
     assert_eq!(fs::read(&target).unwrap(), fs::read(&p.image).unwrap());
-    let cached: u64 = chunk_files(&cache)
+    let cached: u64 = files_below(&cache)
         .iter()
         .map(|f| f.metadata().unwrap().len())
         .sum();
@@ -268,7 +402,7 @@ fn concurrent_syncs_share_one_small_cache() {
         );
         assert!(fs::read(p.dir.path().join(format!("out{i}.raw"))).unwrap() == image);
     }
-    let cached: u64 = chunk_files(&cache)
+    let cached: u64 = files_below(&cache)
         .iter()
         .map(|f| f.metadata().unwrap().len())
         .sum();
@@ -278,18 +412,13 @@ fn concurrent_syncs_share_one_small_cache() {
 }
 
 #[test]
-fn missing_chunk_is_an_error_naming_the_chunk_and_its_url() {
+fn missing_pack_is_an_error_naming_its_url() {
     if skip_unless(nginx_available(), "nginx") {
         return;
     }
     let p = publish(3_000_000, 4);
-    let victim = chunk_files(&p.store)[0].clone();
-    let id = victim
-        .file_stem()
-        .unwrap()
-        .to_string_lossy()
-        .trim_end_matches(".zst")
-        .to_string();
+    let victim = pack_files(&p.store)[0].clone();
+    let rel = victim.strip_prefix(&p.store).unwrap().display().to_string();
     fs::remove_file(&victim).unwrap();
     let nginx = Nginx::start(&p.store);
     let err = run_err(&[
@@ -299,9 +428,33 @@ fn missing_chunk_is_an_error_naming_the_chunk_and_its_url() {
         &"--store",
         &nginx.url(),
     ]);
-    assert!(err.contains(&id), "{err}");
-    assert!(err.contains(&format!("{}/chunks/", nginx.url())), "{err}");
-    assert!(err.contains("missing"), "{err}");
+    assert!(
+        err.contains(&format!("{}/{rel} does not exist", nginx.url())),
+        "{err}"
+    );
+}
+
+/// An index made into another store has no location file here: a clear error naming
+/// the store and the file looked for.
+#[test]
+fn an_index_without_location_data_in_the_store_is_refused_clearly() {
+    if skip_unless(nginx_available(), "nginx") {
+        return;
+    }
+    let p = publish(1_000_000, 12);
+    let other = publish(1_000_000, 13);
+    let nginx = Nginx::start(&p.store);
+    let err = run_err(&[
+        &"sync",
+        &other.store.join("image.tidx"),
+        &p.dir.path().join("out.raw"),
+        &"--store",
+        &nginx.url(),
+    ]);
+    assert!(
+        err.contains(&nginx.url()) && err.contains("locations/") && err.contains(".tloc"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -320,8 +473,8 @@ fn index_url_errors_name_the_url() {
         &nginx.url(),
     ]);
     assert!(err.contains(&missing) && err.contains("404"), "{err}");
-    // A chunk file served as an index is refused as invalid.
-    let chunk = chunk_files(&p.store)[0]
+    // A pack file served as an index is refused as invalid.
+    let chunk = pack_files(&p.store)[0]
         .strip_prefix(&p.store)
         .unwrap()
         .display()

@@ -1,6 +1,7 @@
 //! S3 stores through the real binary, against moto's S3 server on loopback: `make` into a
-//! bucket (chunks in parallel, index last), `sync` from it with the index by s3:// URL,
-//! incremental uploads, and an index never published when an upload fails.
+//! bucket (a few pack PUTs, the location file, the index last), `sync` from it with the
+//! index by s3:// URL (ranged GETs), incremental uploads, and an index never published
+//! when an upload fails.
 
 mod remote_support;
 mod util;
@@ -165,11 +166,11 @@ fn a_failed_upload_leaves_no_index_behind() {
     }
     let moto = Moto::start();
     moto.create_bucket("bkt");
-    // Chunk uploads fail for good; everything else passes.
+    // Pack uploads fail for good; everything else passes.
     let proxy = Proxy::start(
         ([127, 0, 0, 1], moto.port).into(),
         Arc::new(|_, m: &str, p: &str| {
-            if m == "PUT" && p.contains("/chunks/") {
+            if m == "PUT" && p.contains("/packs/") {
                 Fault::Status500
             } else {
                 Fault::Pass
@@ -195,7 +196,7 @@ fn a_failed_upload_leaves_no_index_behind() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("500") && err.contains("s3://bkt/p/chunks/"),
+        err.contains("500") && err.contains("s3://bkt/p/packs/"),
         "{err}"
     );
     // No index was published.
@@ -215,4 +216,75 @@ fn a_failed_upload_leaves_no_index_behind() {
         err.contains("s3://bkt/p/i.tidx") && err.contains("404"),
         "{err}"
     );
+}
+
+/// A release into S3 costs one PUT per 64 MiB pack of new data plus a constant (the
+/// location file and the index), not one per chunk; the same release again uploads no
+/// pack at all.
+#[test]
+fn a_release_into_s3_makes_one_put_per_64_mib_of_new_data() {
+    if skip_unless(moto_available(), "moto_server (pip install 'moto[server]')") {
+        return;
+    }
+    let moto = Moto::start();
+    moto.create_bucket("rel");
+    let proxy = Proxy::start(
+        ([127, 0, 0, 1], moto.port).into(),
+        Arc::new(|_, _: &str, _: &str| Fault::Pass),
+    );
+    let dir = TempDir::new().unwrap();
+    // Random data: every byte is new, and just over one pack's worth.
+    let len = 70_000_000;
+    let image = random_bytes(len, 23);
+    let img = dir.path().join("big.raw");
+    fs::write(&img, &image).unwrap();
+    let make = |index: &str| {
+        ok(tessera_s3(
+            &proxy.url(),
+            &[
+                &"make",
+                &img,
+                &"--store",
+                &"s3://rel/store",
+                &"--index",
+                &index,
+            ],
+        ))
+    };
+    let puts = |from: usize| {
+        let seen = proxy.seen();
+        let puts: Vec<_> = seen[from..]
+            .iter()
+            .filter(|r| r.method == "PUT")
+            .cloned()
+            .collect();
+        let packs = puts.iter().filter(|r| r.path.contains("/packs/")).count();
+        (puts.len(), packs, puts)
+    };
+    make("s3://rel/store/v1.tidx");
+    let (all, packs, list) = puts(0);
+    let per_64_mib = (len as u64).div_ceil(64 << 20) as usize;
+    assert!(
+        (1..=per_64_mib).contains(&packs) && all <= packs + 2,
+        "{all} PUTs ({packs} of packs) for {len} new bytes: {list:?}"
+    );
+    let before = proxy.seen().len();
+    make("s3://rel/store/v1-again.tidx");
+    let (all, packs, list) = puts(before);
+    assert!(
+        packs == 0 && all <= 2,
+        "{all} PUTs ({packs} of packs) for no new data: {list:?}"
+    );
+    let target = dir.path().join("out.raw");
+    ok(tessera_s3(
+        &moto.endpoint(),
+        &[
+            &"sync",
+            &"s3://rel/store/v1-again.tidx",
+            &target,
+            &"--store",
+            &"s3://rel/store",
+        ],
+    ));
+    assert!(fs::read(&target).unwrap() == image, "synced bytes differ");
 }

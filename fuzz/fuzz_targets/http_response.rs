@@ -1,10 +1,11 @@
-//! HTTP store responses: whatever a server or CDN answers to a chunk request (any status
-//! line, headers, length, body), the HTTP store must return an error or a verified chunk,
-//! never panic or hang. The input is the raw response, served by a local TCP server to
-//! `HttpStore`'s real client; the chunk requested is 64 bytes of `x`, so a well-formed
-//! 200 answer with its zstd frame is the success path. Answers that redirect (to any
-//! scheme) or claim bodies past zstd's bound for 64 bytes must fail, not be followed
-//! out of http or read past the bound.
+//! HTTP store responses: whatever a server or CDN answers (any status line, headers,
+//! length, body), the remote store must return an error or exactly what was asked, never
+//! panic or hang. The input is the raw response, served by a local TCP server to
+//! `RemoteStore`'s real client, which asks for bytes 100..164 of a pack (a 206 with
+//! `Content-Range: bytes 100-163/N` and 64 bytes is the success path), then for the
+//! whole of a file of at most 64 bytes, then for a file's size. Answers that redirect (to
+//! any scheme), claim another range or bodies past the length asked must fail, not be
+//! followed out of http or read past the length.
 #![no_main]
 
 use std::io::{Read, Write};
@@ -13,9 +14,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
-use tessera_engine::index::ChunkEntry;
-use tessera_engine::{ChunkId, ChunkStore};
-use tessera_stores::{HttpStore, StoreOptions};
+use tessera_engine::StoreRead;
+use tessera_stores::{RemoteStore, StoreOptions};
 
 /// The response the server sends next, and its port.
 fn server() -> &'static (Arc<Mutex<Vec<u8>>>, u16) {
@@ -57,15 +57,14 @@ fuzz_target!(|data: &[u8]| {
         connect_timeout: Duration::from_secs(2),
         ..StoreOptions::default()
     };
-    let store = HttpStore::new(&format!("http://127.0.0.1:{port}/store"), &opts).expect("store");
-    let content = [b'x'; 64];
-    let entry = ChunkEntry {
-        id: ChunkId::of(&content),
-        offset: 0,
-        len: content.len() as u32,
-        zero: false,
-    };
-    if let Ok(chunk) = store.fetch(&entry) {
-        assert_eq!(chunk.data(), &content[..]);
+    let store =
+        RemoteStore::open(&format!("http://127.0.0.1:{port}/store"), &opts).expect("store");
+    let rel = format!("packs/ab/{}.tpack", "ab".repeat(32));
+    if let Ok(bytes) = store.read_range(&rel, 100, 64) {
+        assert_eq!(bytes.len(), 64);
     }
+    if let Ok(Some(bytes)) = store.read_file(&rel, 64) {
+        assert!(bytes.len() <= 64);
+    }
+    let _ = store.file_size(&rel);
 });

@@ -1,34 +1,31 @@
-//! Remote chunk stores for tessera: HTTP(S) servers and CDNs ([`HttpStore`]),
-//! S3-compatible object stores ([`S3Store`]), and [`open_store`], which turns a store
-//! spec (a path, a URL or `s3://bucket/prefix`) into a [`ChunkStore`], with an optional
-//! local cache ([`tessera_engine::CacheStore`]) in front.
+//! Remote stores for tessera: one [`RemoteStore`] for HTTP(S) servers, CDNs and
+//! S3-compatible buckets, and [`open_store`] / [`open_store_for_write`], which turn a
+//! store spec (a path, a URL or `s3://bucket/prefix`) into the engine's
+//! [`StoreRead`] / [`StoreWrite`].
 //!
-//! The engine is synchronous, so these clients are too: requests are made by `ureq` on
-//! blocking threads, one pool per store, no async runtime. Every store keeps
-//! [`StoreOptions::jobs`] requests in flight for [`ChunkStore::fetch_ordered`] and for
-//! uploads, reuses connections, and retries transient failures (see `transport`); chunk
-//! bytes are verified against their id before anything sees them, and fetched again when
-//! they do not match.
+//! A store is static files (packs and location files, see `docs/FORMAT.md`); the engine
+//! reads chunks from it with ranged reads (`tessera_engine::store::PackFetcher`) and keeps
+//! many requests in flight ([`StoreRead::in_flight`] is [`StoreOptions::jobs`]). The
+//! engine is synchronous, so these clients are too: requests are made by `ureq` on the
+//! caller's threads, no async runtime. Connections are reused, and transient failures
+//! retried (see `transport`).
 //!
 //! ```no_run
 //! use tessera_stores::{load_index, open_store, StoreOptions};
 //!
 //! # fn main() -> tessera_engine::Result<()> {
-//! let opts = StoreOptions { cache: Some("/var/cache/tessera".into()), ..Default::default() };
+//! let opts = StoreOptions::default();
 //! let store = open_store("https://cdn.example.com/store", &opts)?;
 //! let index = load_index("https://cdn.example.com/rootfs-2.0.tidx", &opts)?;
-//! let wanted: Vec<_> = index.chunks().iter().filter(|c| !c.zero).copied().collect();
-//! for fetched in store.fetch_ordered(wanted) {
-//!     let chunk = fetched?.chunk; // verified: its bytes hash to its id
-//!     # let _ = chunk;
-//! }
+//! let root = index.root_hash();
+//! let location = store.read_file(&tessera_engine::store::locations_path(&root), 1 << 30)?;
+//! # let _ = location;
 //! # Ok(()) }
 //! ```
 #![deny(missing_docs)]
 
-mod http;
 mod options;
-mod pipeline;
+mod remote;
 mod s3;
 mod transport;
 
@@ -36,10 +33,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-pub use http::HttpStore;
 pub use options::{S3Options, StoreOptions};
-pub use s3::S3Store;
-use tessera_engine::{CacheOptions, CacheStore, ChunkStore, Error, Index, LocalStore, Result};
+pub use remote::RemoteStore;
+use tessera_engine::store::{StoreRead, StoreWrite};
+use tessera_engine::{Error, Index, LocalStore, Result};
 
 /// What kind of place a spec names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,36 +60,33 @@ pub fn spec_kind(spec: &str) -> SpecKind {
     }
 }
 
-/// Opens the store named by `spec`: a directory path, `http(s)://host/path` (read-only),
-/// or `s3://bucket/prefix`; with [`StoreOptions::cache`] set, a [`CacheStore`] in front.
+/// Opens the store named by `spec` for reading: an existing directory, `http(s)://HOST/PATH`
+/// or `s3://BUCKET/PREFIX`. A cache goes in front of what reads chunks from it (a
+/// `PackFetcher`), not here.
 ///
 /// # Errors
-/// [`Error::InvalidInput`] for an `http(s)://` store with [`StoreOptions::create`] (writers
-/// need a directory or S3).
-/// [`Error::Io`] for a local directory that is missing (without `opts.create`) or cannot
-/// be created, [`Error::InvalidInput`] for a malformed URL.
-pub fn open_store(spec: &str, opts: &StoreOptions) -> Result<Arc<dyn ChunkStore>> {
-    let store: Arc<dyn ChunkStore> = match spec_kind(spec) {
-        SpecKind::Http if opts.create => {
-            return Err(Error::InvalidInput(format!(
-                "{spec} is an HTTP store, which is read-only: make into a local directory or \
-                 an s3:// store and serve that over HTTP"
-            )))
-        }
-        SpecKind::Http => Arc::new(HttpStore::new(spec, opts)?),
-        SpecKind::S3 => Arc::new(S3Store::new(spec, opts)?),
-        SpecKind::Local => Arc::new(LocalStore::open(spec, opts.create)?),
-    };
-    match &opts.cache {
-        Some(dir) => Ok(Arc::new(CacheStore::open(
-            dir.clone(),
-            store,
-            &CacheOptions {
-                max_bytes: opts.cache_size,
-            },
-        )?)),
-        None => Ok(store),
-    }
+/// [`Error::Io`] for a local directory that is missing, [`Error::InvalidInput`] for a
+/// malformed URL.
+pub fn open_store(spec: &str, opts: &StoreOptions) -> Result<Arc<dyn StoreRead>> {
+    Ok(match spec_kind(spec) {
+        SpecKind::Http | SpecKind::S3 => Arc::new(RemoteStore::open(spec, opts)?),
+        SpecKind::Local => Arc::new(LocalStore::open(spec, false)?),
+    })
+}
+
+/// Opens the store named by `spec` for `make`: a directory (created if missing) or
+/// `s3://BUCKET/PREFIX`.
+///
+/// # Errors
+/// [`Error::InvalidInput`] for an `http(s)://` store (read-only: make into a directory or
+/// S3 and serve that) or a malformed URL; [`Error::Io`] for a directory that cannot be
+/// created.
+pub fn open_store_for_write(spec: &str, opts: &StoreOptions) -> Result<Arc<dyn StoreWrite>> {
+    Ok(match spec_kind(spec) {
+        SpecKind::Http => return Err(remote::read_only(spec.trim_end_matches('/'))),
+        SpecKind::S3 => Arc::new(RemoteStore::open(spec, opts)?),
+        SpecKind::Local => Arc::new(LocalStore::open(spec, true)?),
+    })
 }
 
 /// Loads an index from a path, an `http(s)://` URL or `s3://bucket/key`, without trust
@@ -179,7 +173,7 @@ pub fn fetch_file(spec: &str, opts: &StoreOptions, limit: u64) -> Result<Option<
         SpecKind::Local => Err(Error::InvalidInput(format!("not a URL: {spec}"))),
         SpecKind::Http => {
             let t = transport::Transport::new(opts);
-            match t.get("fetching", spec, limit, false)? {
+            match t.get("fetching", spec, spec, limit)? {
                 transport::Got::Body(b) => Ok(Some(b)),
                 transport::Got::NotFound => Ok(None),
             }
@@ -197,8 +191,8 @@ fn not_found(spec: &str) -> Error {
 }
 
 /// Where `make` writes an index: a local path is written in place; an `s3://` key is
-/// written to a local staging file first (in a new directory only this user can enter) and uploaded by [`IndexDest::publish`], after the
-/// store was flushed, so no reader sees an index whose chunks are not all there.
+/// written to a local staging file first (in a new directory only this user can enter)
+/// and uploaded by [`IndexDest::publish`], after the store was flushed, so no reader sees an index whose chunks are not all there.
 #[derive(Debug)]
 pub struct IndexDest {
     spec: String,

@@ -1,25 +1,23 @@
 //! Settings shared by every remote store.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 /// How stores are opened and how their requests behave. Every field has a default that
 /// suits a CDN over a mediocre link; `StoreOptions::default()` is a good start.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
-    /// Create a local store directory if it is missing, and prepare remote stores for
-    /// writing (S3 lists the chunks it has once instead of asking per chunk). Default
-    /// false: only `make` sets it.
-    pub create: bool,
-    /// Requests in flight at once per store: the size of the fetch pool and of the
-    /// parallel upload queue. Default 32.
+    /// Requests worth keeping in flight at once per store ([`StoreRead::in_flight`]):
+    /// what the engine's fetch pool runs. Default 32.
+    ///
+    /// [`StoreRead::in_flight`]: tessera_engine::store::StoreRead::in_flight
     pub jobs: usize,
     /// A request gives up (and is retried) when no byte arrives for this long: a stalled
     /// connection. Default 30 s.
     pub timeout: Duration,
     /// The longest one request may take, from connecting to the last byte of the body,
     /// however steadily bytes arrive: a server trickling a byte at a time cannot hold a
-    /// request past it. Not retried (a retry would trickle the same way). Default 120 s.
+    /// request past it. Not retried (a retry would trickle the same way). It bounds the
+    /// upload of a pack (up to 64 MiB) too: raise it on a slow uplink. Default 120 s.
     pub deadline: Duration,
     /// Largest index accepted by URL, in bytes; a larger one (by its Content-Length or by
     /// what arrives) is refused before it is all read. Indexes and their signatures are
@@ -28,17 +26,15 @@ pub struct StoreOptions {
     pub max_index_size: u64,
     /// Time allowed to connect (TCP and TLS). Default 10 s.
     pub connect_timeout: Duration,
-    /// Further attempts after a connection error, a timeout, a 5xx/408/429 answer, a
-    /// truncated body or a chunk that fails verification. Default 5.
+    /// Further attempts after a connection error, a timeout, a 5xx/408/429 answer or a
+    /// truncated body; also the engine's further fetches of a chunk that fails
+    /// verification ([`StoreRead::retries`]). Default 5.
+    ///
+    /// [`StoreRead::retries`]: tessera_engine::store::StoreRead::retries
     pub retries: u32,
     /// First pause before a retry; it doubles each time, up to 5 s, with jitter.
     /// Default 100 ms.
     pub backoff: Duration,
-    /// A local cache directory in front of the store (see `tessera_engine::CacheStore`).
-    /// Default none.
-    pub cache: Option<PathBuf>,
-    /// Bound of the cache directory in bytes. Default 10 GiB.
-    pub cache_size: u64,
     /// S3 settings, used by `s3://` specs.
     pub s3: S3Options,
 }
@@ -46,7 +42,6 @@ pub struct StoreOptions {
 impl Default for StoreOptions {
     fn default() -> Self {
         StoreOptions {
-            create: false,
             jobs: 32,
             timeout: Duration::from_secs(30),
             deadline: Duration::from_secs(120),
@@ -54,8 +49,6 @@ impl Default for StoreOptions {
             connect_timeout: Duration::from_secs(10),
             retries: 5,
             backoff: Duration::from_millis(100),
-            cache: None,
-            cache_size: 10 << 30,
             s3: S3Options::default(),
         }
     }

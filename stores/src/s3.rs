@@ -1,61 +1,21 @@
-//! A store in an S3-compatible bucket: `s3://BUCKET/PREFIX` holds `PREFIX/chunks/...`.
+//! S3 request naming: `s3://BUCKET/PREFIX` specs, buckets and credentials, single
+//! objects (indexes) by key, and the hardened `ListObjectsV2` listing.
 //!
 //! Requests are presigned with SigV4 by `rusty-s3` (no I/O of its own) and sent by the
-//! same blocking transport as HTTP stores. Writes (from `make`) go to a queue drained by
-//! the store's threads, so uploads run in parallel while `make`'s workers keep chunking;
-//! [`ChunkStore::flush`] waits for the queue and reports the first failed upload, and
-//! `make` publishes the index only after it.
+//! same blocking transport as HTTP requests; the store itself is
+//! [`crate::RemoteStore`].
 
-use std::collections::HashSet;
-use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use rusty_s3::actions::ListObjectsV2;
 use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
-use tessera_engine::index::ChunkEntry;
-use tessera_engine::store::{chunk_path, ChunkStore, FetchStream, Fetched};
-use tessera_engine::{ChunkId, Error, Result};
+use tessera_engine::{Error, Result};
 
-use crate::http::{fetch_verified, MAX_CHUNK_FILE};
-use crate::pipeline::{ordered, Pool};
 use crate::transport::{remote_error, Got, Transport};
 use crate::{S3Options, StoreOptions};
 
 /// Signed URLs live this long; each request signs a fresh one.
-const SIGNED_FOR: Duration = Duration::from_secs(3600);
-
-/// A bucket (and key prefix) on S3 or an S3-compatible service.
-#[derive(Debug)]
-pub struct S3Store {
-    inner: Arc<Inner>,
-    pool: Pool,
-    uploads: Arc<Uploads>,
-}
-
-#[derive(Debug)]
-struct Inner {
-    bucket: Bucket,
-    credentials: Option<Credentials>,
-    /// Key prefix, empty or ending in `/`.
-    prefix: String,
-    transport: Transport,
-    /// Chunk ids known to be in the bucket (listed once for writers, plus uploads).
-    known: Mutex<Option<HashSet<ChunkId>>>,
-    writable: bool,
-}
-
-/// The upload queue's state.
-#[derive(Debug, Default)]
-struct Uploads {
-    state: Mutex<UploadState>,
-    changed: Condvar,
-}
-
-#[derive(Debug, Default)]
-struct UploadState {
-    pending: usize,
-    failed: Option<Error>,
-}
+pub(crate) const SIGNED_FOR: Duration = Duration::from_secs(3600);
 
 /// An `s3://bucket/key` spec split up.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,10 +82,7 @@ pub(crate) fn get_object(
         .get_object(creds.as_ref(), &path.key)
         .sign(SIGNED_FOR);
     let shown = format!("s3://{}/{}", path.bucket, path.key);
-    let transport = Transport::new(opts);
-    match transport.retrying("fetching", &shown, |_| {
-        transport.get_once(url.as_str(), limit, false)
-    })? {
+    match Transport::new(opts).get("fetching", &shown, url.as_str(), limit)? {
         Got::Body(b) => Ok(Some(b)),
         Got::NotFound => Ok(None),
     }
@@ -135,301 +92,98 @@ pub(crate) fn get_object(
 pub(crate) fn put_object(path: &S3Path, opts: &StoreOptions, body: &[u8]) -> Result<()> {
     let (bucket, creds) = bucket(&path.bucket, &opts.s3)?;
     let shown = format!("s3://{}/{}", path.bucket, path.key);
-    Transport::new(opts).put(
-        &shown,
-        || {
-            bucket
-                .put_object(creds.as_ref(), &path.key)
-                .sign(SIGNED_FOR)
-                .to_string()
-        },
-        body,
-    )
+    let url = bucket
+        .put_object(creds.as_ref(), &path.key)
+        .sign(SIGNED_FOR);
+    Transport::new(opts).put(&shown, url.as_str(), body)
 }
 
 /// Largest answer to one listing request.
 const MAX_LIST_PAGE: u64 = 8 << 20;
 
-impl S3Store {
-    /// The store at `s3://BUCKET/PREFIX`. With `opts.create`, the store is prepared for
-    /// `make`: the chunks it holds are listed once, on the first check.
-    ///
-    /// # Errors
-    /// [`Error::InvalidInput`] for a malformed spec or endpoint.
-    pub fn new(spec: &str, opts: &StoreOptions) -> Result<S3Store> {
-        let path = S3Path::parse(spec)?;
-        let (bucket, credentials) = bucket(&path.bucket, &opts.s3)?;
-        let prefix = if path.key.is_empty() {
-            String::new()
-        } else {
-            format!("{}/", path.key)
-        };
-        Ok(S3Store {
-            inner: Arc::new(Inner {
-                bucket,
-                credentials,
-                prefix,
-                transport: Transport::new(opts),
-                known: Mutex::new(None),
-                writable: opts.create,
-            }),
-            pool: Pool::new(opts.jobs, "tessera-s3"),
-            uploads: Arc::new(Uploads::default()),
-        })
-    }
-
-    /// Creates the bucket (for tests and first set-ups; needs credentials).
-    ///
-    /// # Errors
-    /// Transport errors, or the service's refusal.
-    pub fn create_bucket(&self) -> Result<()> {
-        let creds = self.inner.credentials.as_ref().ok_or_else(|| {
-            Error::InvalidInput(
-                "creating a bucket needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY".into(),
-            )
-        })?;
-        let shown = format!("s3://{}", self.inner.bucket.name());
-        self.inner.transport.put(
-            &shown,
-            || {
-                self.inner
-                    .bucket
-                    .create_bucket(creds)
-                    .sign(SIGNED_FOR)
-                    .to_string()
-            },
-            b"",
-        )
-    }
-}
-
-impl Inner {
-    fn key(&self, id: &ChunkId) -> String {
-        format!("{}{}", self.prefix, chunk_path(id))
-    }
-
-    fn shown(&self, id: &ChunkId) -> String {
-        format!("s3://{}/{}", self.bucket.name(), self.key(id))
-    }
-
-    fn get_url(&self, id: &ChunkId) -> String {
-        self.bucket
-            .get_object(self.credentials.as_ref(), &self.key(id))
-            .sign(SIGNED_FOR)
-            .to_string()
-    }
-
-    fn fetch(&self, entry: &ChunkEntry) -> Result<Fetched> {
-        fetch_verified(&self.transport, entry, &self.shown(&entry.id), &|_| {
-            self.get_url(&entry.id)
-        })
-    }
-
-    /// Lists every chunk under the prefix (1,000 keys per request). S3 lists keys in
-    /// ascending order, so a page that does not start past the previous page's last key,
-    /// or a repeated continuation token, is refused: a broken or hostile service cannot
-    /// keep the listing going round in circles.
-    fn list_chunks(&self) -> Result<HashSet<ChunkId>> {
-        let mut ids = HashSet::new();
-        let mut token: Option<String> = None;
-        let mut last_key: Option<String> = None;
-        let shown = format!("s3://{}/{}chunks/", self.bucket.name(), self.prefix);
-        loop {
-            let mut action = ListObjectsV2::new(&self.bucket, self.credentials.as_ref());
-            action.with_prefix(format!("{}chunks/", self.prefix));
-            if let Some(t) = &token {
-                action.with_continuation_token(t.clone());
+/// Lists every key under `prefix` (1,000 keys per request). S3 lists keys in ascending
+/// order, so a page that does not start past the previous page's last key, or a repeated
+/// continuation token, is refused: a broken or hostile service cannot keep the listing
+/// going round in circles. Keys not under `prefix` are refused too.
+pub(crate) fn list_keys(
+    transport: &Transport,
+    bucket: &Bucket,
+    credentials: Option<&Credentials>,
+    prefix: &str,
+) -> Result<Vec<String>> {
+    let mut keys = Vec::new();
+    let mut token: Option<String> = None;
+    let mut last_key: Option<String> = None;
+    let shown = format!("s3://{}/{prefix}", bucket.name());
+    loop {
+        let mut action = ListObjectsV2::new(bucket, credentials);
+        action.with_prefix(prefix.to_string());
+        if let Some(t) = &token {
+            action.with_continuation_token(t.clone());
+        }
+        let url = action.sign(SIGNED_FOR);
+        // A page of 1,000 keys is a few hundred KiB of XML.
+        let body = match transport.get("listing", &shown, url.as_str(), MAX_LIST_PAGE)? {
+            Got::Body(b) => b,
+            Got::NotFound => {
+                return Err(remote_error(
+                    "listing",
+                    &shown,
+                    "HTTP 404 (no such bucket?)".into(),
+                ))
             }
-            let url = action.sign(SIGNED_FOR);
-            // A page of 1,000 keys is a few hundred KiB of XML.
-            let body = match self.transport.retrying("listing", &shown, |_| {
-                self.transport.get_once(url.as_str(), MAX_LIST_PAGE, false)
-            })? {
-                Got::Body(b) => b,
-                Got::NotFound => {
-                    return Err(remote_error(
-                        "listing",
-                        &shown,
-                        "HTTP 404 (no such bucket?)".into(),
-                    ))
-                }
-            };
-            let text = String::from_utf8_lossy(&body);
-            let page = ListObjectsV2::parse_response(&text)
-                .map_err(|e| remote_error("listing", &shown, format!("unreadable answer: {e}")))?;
-            for obj in &page.contents {
-                if last_key.as_ref().is_some_and(|last| obj.key <= *last) {
+        };
+        let text = String::from_utf8_lossy(&body);
+        let page = ListObjectsV2::parse_response(&text)
+            .map_err(|e| remote_error("listing", &shown, format!("unreadable answer: {e}")))?;
+        for obj in &page.contents {
+            if last_key.as_ref().is_some_and(|last| obj.key <= *last) {
+                return Err(remote_error(
+                    "listing",
+                    &shown,
+                    format!(
+                        "key {:?} comes after {:?}: the listing does not advance",
+                        obj.key,
+                        last_key.unwrap_or_default()
+                    ),
+                ));
+            }
+            if !obj.key.starts_with(prefix) {
+                return Err(remote_error(
+                    "listing",
+                    &shown,
+                    format!("key {:?} is not under the prefix asked", obj.key),
+                ));
+            }
+            last_key = Some(obj.key.clone());
+            keys.push(obj.key.clone());
+        }
+        match page.next_continuation_token {
+            Some(t) if !t.is_empty() => {
+                if page.contents.is_empty() || token.as_ref() == Some(&t) {
                     return Err(remote_error(
                         "listing",
                         &shown,
                         format!(
-                            "key {:?} comes after {:?}: the listing does not advance",
-                            obj.key,
-                            last_key.unwrap_or_default()
+                            "continuation token {t:?} after a page of {} keys: the \
+                                 listing does not advance",
+                            page.contents.len()
                         ),
                     ));
                 }
-                last_key = Some(obj.key.clone());
-                let name = obj.key.rsplit('/').next().unwrap_or("");
-                if let Some(id) = name.strip_suffix(".zst").and_then(|h| h.parse().ok()) {
-                    ids.insert(id);
-                }
+                token = Some(t);
             }
-            match page.next_continuation_token {
-                Some(t) if !t.is_empty() => {
-                    if page.contents.is_empty() || token.as_ref() == Some(&t) {
-                        return Err(remote_error(
-                            "listing",
-                            &shown,
-                            format!(
-                                "continuation token {t:?} after a page of {} keys: the \
-                                 listing does not advance",
-                                page.contents.len()
-                            ),
-                        ));
-                    }
-                    token = Some(t);
-                }
-                _ => return Ok(ids),
-            }
+            _ => return Ok(keys),
         }
-    }
-
-    /// Whether the chunk is known present, listing the bucket on the first call.
-    fn known_contains(&self, id: &ChunkId) -> Result<bool> {
-        let mut known = self.known.lock().expect("known set");
-        if known.is_none() {
-            *known = Some(self.list_chunks()?);
-        }
-        Ok(known.as_ref().expect("listed").contains(id))
-    }
-}
-
-impl ChunkStore for S3Store {
-    fn location(&self) -> String {
-        format!(
-            "s3://{}/{}",
-            self.inner.bucket.name(),
-            self.inner.prefix.trim_end_matches('/')
-        )
-    }
-
-    fn get_compressed(&self, id: &ChunkId) -> Result<Option<Vec<u8>>> {
-        let url = self.inner.get_url(id);
-        let shown = self.inner.shown(id);
-        let t = &self.inner.transport;
-        match t.retrying("fetching", &shown, |_| {
-            t.get_once(&url, MAX_CHUNK_FILE, false)
-        })? {
-            Got::Body(b) => Ok(Some(b)),
-            Got::NotFound => Ok(None),
-        }
-    }
-
-    fn contains(&self, id: &ChunkId) -> Result<bool> {
-        if self.inner.writable {
-            return self.inner.known_contains(id);
-        }
-        let key = self.inner.key(id);
-        let url = self
-            .inner
-            .bucket
-            .head_object(self.inner.credentials.as_ref(), &key)
-            .sign(SIGNED_FOR);
-        self.inner.transport.exists(url.as_str())
-    }
-
-    fn put_compressed(&self, id: &ChunkId, compressed: &[u8]) -> Result<bool> {
-        if self.inner.known_contains(id)? {
-            return Ok(false);
-        }
-        {
-            let mut state = self.uploads.state.lock().expect("upload state");
-            if let Some(e) = &state.failed {
-                return Err(Error::InvalidInput(format!(
-                    "an earlier upload failed: {e}"
-                )));
-            }
-            // Backpressure: at most two uploads per thread queued, so memory stays bounded.
-            while state.pending >= self.pool.threads() * 2 {
-                state = self.uploads.changed.wait(state).expect("upload state");
-            }
-            state.pending += 1;
-        }
-        // Claimed now so that no other worker uploads it too; forgotten again on failure.
-        self.inner
-            .known
-            .lock()
-            .expect("known set")
-            .as_mut()
-            .expect("listed")
-            .insert(*id);
-        let (inner, uploads, id, body) = (
-            self.inner.clone(),
-            self.uploads.clone(),
-            *id,
-            compressed.to_vec(),
-        );
-        self.pool.spawn(move || {
-            let key = inner.key(&id);
-            let result = inner.transport.put(
-                &inner.shown(&id),
-                || {
-                    inner
-                        .bucket
-                        .put_object(inner.credentials.as_ref(), &key)
-                        .sign(SIGNED_FOR)
-                        .to_string()
-                },
-                &body,
-            );
-            if result.is_err() {
-                if let Some(k) = inner.known.lock().expect("known set").as_mut() {
-                    k.remove(&id);
-                }
-            }
-            let mut state = uploads.state.lock().expect("upload state");
-            state.pending -= 1;
-            if let Err(e) = result {
-                state.failed.get_or_insert(e);
-            }
-            uploads.changed.notify_all();
-        });
-        Ok(true)
-    }
-
-    fn flush(&self) -> Result<()> {
-        let mut state = self.uploads.state.lock().expect("upload state");
-        while state.pending > 0 {
-            state = self.uploads.changed.wait(state).expect("upload state");
-        }
-        match state.failed.take() {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
-    }
-
-    fn fetch_verified(&self, entry: &ChunkEntry) -> Result<Fetched> {
-        self.inner.fetch(entry)
-    }
-
-    fn fetch_ordered<'a>(&'a self, entries: Vec<ChunkEntry>) -> FetchStream<'a> {
-        let inner = self.inner.clone();
-        ordered(
-            &self.pool,
-            entries,
-            Arc::new(move |e: &ChunkEntry| inner.fetch(e)),
-        )
-    }
-
-    fn in_flight(&self) -> usize {
-        self.pool.threads()
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use tessera_engine::store::{PackId, StoreRead};
+
     use super::*;
+    use crate::RemoteStore;
 
     #[test]
     fn parses_specs() {
@@ -483,19 +237,18 @@ mod tests {
         format!(
             "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<ListBucketResult \
              xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\"><Name>b</Name>\
-             <Prefix>chunks/</Prefix><MaxKeys>1000</MaxKeys><IsTruncated>{truncated}</IsTruncated>\
+             <Prefix>packs/</Prefix><MaxKeys>1000</MaxKeys><IsTruncated>{truncated}</IsTruncated>\
              {contents}{next}</ListBucketResult>"
         )
     }
 
     fn key(i: u8) -> String {
-        let id = ChunkId::of(&[i]);
-        format!("chunks/{}/{id}.zst", &id.to_string()[..2])
+        let id = PackId([i; 32]);
+        format!("packs/{}/{id}.tpack", &id.to_string()[..2])
     }
 
-    fn listed(endpoint: String) -> Result<HashSet<ChunkId>> {
+    fn listed(endpoint: String) -> Result<Vec<PackId>> {
         let opts = StoreOptions {
-            create: true,
             retries: 0,
             s3: crate::S3Options {
                 endpoint: Some(endpoint),
@@ -504,7 +257,7 @@ mod tests {
             },
             ..StoreOptions::default()
         };
-        S3Store::new("s3://b", &opts).unwrap().inner.list_chunks()
+        RemoteStore::open("s3://b", &opts).unwrap().list_packs()
     }
 
     /// A service that keeps answering "there is more" without advancing (the same token,
@@ -517,17 +270,17 @@ mod tests {
             keys.sort();
             match n {
                 0 => listing(&keys, Some("t1")),
-                _ => listing(&["chunks/zz/readme.txt".to_string()], None),
+                _ => listing(&["packs/zz/readme.txt".to_string()], None),
             }
         }))
         .unwrap();
         assert_eq!(
-            ok.len(),
-            2,
-            "keys not named <id>.zst under chunks/xx/ are ignored"
+            ok,
+            vec![PackId([1; 32]), PackId([2; 32])],
+            "keys not named <id>.tpack under packs/xx/ are ignored"
         );
         type Page = Box<dyn Fn(usize) -> String + Send>;
-        let cases: [(&str, Page); 3] = [
+        let cases: [(&str, Page); 4] = [
             (
                 "same token",
                 Box::new(|n| listing(&[key(n as u8)], Some("again"))),
@@ -540,6 +293,10 @@ mod tests {
                 "empty pages",
                 Box::new(|n| listing(&[], Some(&format!("t{n}")))),
             ),
+            (
+                "keys outside the prefix",
+                Box::new(|_| listing(&["zz/x".to_string()], None)),
+            ),
         ];
         for (what, page) in cases {
             let e = listed(fake_s3(page)).unwrap_err();
@@ -550,7 +307,8 @@ mod tests {
                 source = s.source();
             }
             assert!(
-                msg.contains("s3://b/chunks/") && msg.contains("does not advance"),
+                msg.contains("s3://b/packs/")
+                    && (msg.contains("does not advance") || msg.contains("not under the prefix")),
                 "{what}: {msg}"
             );
         }

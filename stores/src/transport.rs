@@ -13,6 +13,12 @@
 //! retried: a server trickling bytes would trickle again). Bodies are bounded by the
 //! caller's limit, by Content-Length before reading and by what arrives while reading.
 //! Redirects are followed to http(s) URLs only, and never from https to plain http.
+//!
+//! Ranged GETs ([`Transport::get_range`]) send `Range: bytes=A-B` and accept only a 206
+//! whose `Content-Range` is exactly the range asked, with a body of exactly that length
+//! (cut off there). A server that ignores `Range` and answers 200 with the whole file is
+//! refused before its body is read (unless the file is exactly the range asked): a store
+//! of 64 MiB packs must never cost a whole pack per chunk.
 
 use std::io;
 use std::path::PathBuf;
@@ -37,7 +43,7 @@ pub(crate) enum Failure {
 
 /// What a GET found.
 pub(crate) enum Got {
-    /// 200 with the whole body.
+    /// The body: the whole file (200), or the range asked (206).
     Body(Vec<u8>),
     /// 404 or 410.
     NotFound,
@@ -82,13 +88,8 @@ impl Transport {
         }
     }
 
-    /// Attempts beyond the first.
-    pub(crate) fn retries(&self) -> u32 {
-        self.retries
-    }
-
     /// Sleeps before retry number `attempt` (1-based).
-    pub(crate) fn pause(&self, attempt: u32) {
+    fn pause(&self, attempt: u32) {
         let base = self
             .backoff
             .saturating_mul(1u32 << attempt.saturating_sub(1).min(16))
@@ -129,25 +130,27 @@ impl Transport {
         }
     }
 
-    /// GETs `url` with retries; bodies over `limit` bytes are refused. `fresh` asks
-    /// caches on the way (CDNs, proxies) to revalidate, for a re-fetch after bad bytes.
+    /// GETs `url` with retries; bodies over `limit` bytes are refused. `shown` is what
+    /// errors name (an S3 URL is signed; its signature is never shown).
     pub(crate) fn get(
         &self,
         what: &'static str,
+        shown: &str,
         url: &str,
         limit: u64,
-        fresh: bool,
     ) -> Result<Got, Error> {
-        self.retrying(what, url, |_| self.get_once(url, limit, fresh))
+        self.retrying(what, shown, |_| self.get_once(url, limit))
     }
 
-    /// Sends a GET (or a HEAD) to `url`, following up to [`MAX_REDIRECTS`] redirects
-    /// to http(s) URLs only, never from https to http, all within one deadline.
+    /// Sends a GET (or a HEAD) to `url` with the `range` header if given, following up to
+    /// [`MAX_REDIRECTS`] redirects to http(s) URLs only, never from https to http, all
+    /// within one deadline.
     fn call(
         &self,
         head: bool,
         url: &str,
         fresh: bool,
+        range: Option<&str>,
     ) -> Result<ureq::http::Response<ureq::Body>, Failure> {
         let started = Instant::now();
         let mut current = url.to_string();
@@ -172,6 +175,9 @@ impl Transport {
                     .build();
                 if fresh {
                     req = req.header("cache-control", "no-cache");
+                }
+                if let Some(r) = range {
+                    req = req.header("range", r);
                 }
                 req.call()
             }
@@ -202,19 +208,26 @@ impl Transport {
     }
 
     /// One GET.
-    pub(crate) fn get_once(&self, url: &str, limit: u64, fresh: bool) -> Result<Got, Failure> {
-        let mut resp = self.call(false, url, fresh)?;
+    pub(crate) fn get_once(&self, url: &str, limit: u64) -> Result<Got, Failure> {
+        let mut resp = self.call(false, url, false, None)?;
         let status = resp.status().as_u16();
         match status {
             200 => {}
             404 | 410 => return Ok(Got::NotFound),
             _ => return Err(status_failure(status, resp.status().canonical_reason())),
         }
-        let declared = resp
-            .headers()
-            .get("content-length")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
+        self.read_body(&mut resp, limit).map(Got::Body)
+    }
+
+    /// Reads a body of at most `limit` bytes, refusing a larger one by its Content-Length
+    /// before reading and by what arrives while reading; a body shorter than its
+    /// Content-Length is a truncation (retried).
+    fn read_body(
+        &self,
+        resp: &mut ureq::http::Response<ureq::Body>,
+        limit: u64,
+    ) -> Result<Vec<u8>, Failure> {
+        let declared = content_length(resp);
         if let Some(n) = declared.filter(|&n| n > limit) {
             return Err(Failure::TooLarge(format!(
                 "the body is {n} bytes, more than the {limit} bytes allowed"
@@ -241,32 +254,114 @@ impl Transport {
                 body.len()
             )));
         }
+        Ok(body)
+    }
+
+    /// GETs exactly `len` bytes at `offset` of `url` with retries (`None` for a 404).
+    /// `shown` is what errors name; `fresh` asks caches on the way (CDNs, proxies) to
+    /// revalidate, for a re-fetch after bad bytes.
+    pub(crate) fn get_range(
+        &self,
+        shown: &str,
+        url: &str,
+        offset: u64,
+        len: u64,
+        fresh: bool,
+    ) -> Result<Option<Vec<u8>>, Error> {
+        if len == 0 {
+            return Ok(Some(Vec::new()));
+        }
+        let Some(last) = offset.checked_add(len - 1) else {
+            return Err(Error::InvalidInput(format!(
+                "{shown}: a range of {len} bytes at offset {offset} is past any file"
+            )));
+        };
+        match self.retrying("fetching", shown, |_| {
+            self.get_range_once(url, offset, last, fresh)
+        })? {
+            Got::Body(b) => Ok(Some(b)),
+            Got::NotFound => Ok(None),
+        }
+    }
+
+    /// One ranged GET of bytes `first..=last`.
+    pub(crate) fn get_range_once(
+        &self,
+        url: &str,
+        first: u64,
+        last: u64,
+        fresh: bool,
+    ) -> Result<Got, Failure> {
+        let len = last - first + 1;
+        let mut resp = self.call(false, url, fresh, Some(&format!("bytes={first}-{last}")))?;
+        let status = resp.status().as_u16();
+        match status {
+            206 => {
+                let header = resp
+                    .headers()
+                    .get("content-range")
+                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+                let Some(header) = header else {
+                    return Err(Failure::Fatal(format!(
+                        "HTTP 206 without a Content-Range for bytes {first}-{last}"
+                    )));
+                };
+                if content_range(&header) != Some((first, last)) {
+                    return Err(Failure::Fatal(format!(
+                        "asked for bytes {first}-{last}, the server answered Content-Range \
+                         {header:?}"
+                    )));
+                }
+            }
+            // The whole file: right only when the file is exactly the range asked. Its
+            // body is not read otherwise.
+            200 if first == 0 && content_length(&resp) == Some(len) => {}
+            200 => {
+                return Err(Failure::Fatal(format!(
+                    "asked for bytes {first}-{last}, the server answered 200 with the whole \
+                     file{}: the server must support HTTP Range requests (nginx, Apache, \
+                     S3 and CDNs do; check that no proxy on the way strips them)",
+                    content_length(&resp).map_or(String::new(), |n| format!(" ({n} bytes)"))
+                )))
+            }
+            404 | 410 => return Ok(Got::NotFound),
+            416 => {
+                return Err(Failure::Fatal(format!(
+                    "asked for bytes {first}-{last}, past the end of the file (HTTP 416)"
+                )))
+            }
+            _ => return Err(status_failure(status, resp.status().canonical_reason())),
+        }
+        let body = self.read_body(&mut resp, len)?;
+        if body.len() as u64 != len {
+            return Err(Failure::Retry(format!(
+                "truncated body: {} of the {len} bytes asked",
+                body.len()
+            )));
+        }
         Ok(Got::Body(body))
     }
 
-    /// HEAD with retries: whether the object exists.
-    pub(crate) fn exists(&self, url: &str) -> Result<bool, Error> {
-        self.retrying("checking", url, |_| {
-            let resp = self.call(true, url, false)?;
+    /// HEAD with retries: the file's size, `None` for a 404.
+    pub(crate) fn size(&self, shown: &str, url: &str) -> Result<Option<u64>, Error> {
+        self.retrying("checking", shown, |_| {
+            let resp = self.call(true, url, false, None)?;
             match resp.status().as_u16() {
-                200 => Ok(true),
-                404 | 410 => Ok(false),
+                200 => content_length(&resp).map(Some).ok_or_else(|| {
+                    Failure::Fatal("HTTP 200 to a HEAD request without a Content-Length".into())
+                }),
+                404 | 410 => Ok(None),
                 s => Err(status_failure(s, resp.status().canonical_reason())),
             }
         })
     }
 
-    /// PUT with retries; `url` is computed per attempt (signed URLs).
-    pub(crate) fn put(
-        &self,
-        url_for_errors: &str,
-        url: impl Fn() -> String,
-        body: &[u8],
-    ) -> Result<(), Error> {
-        self.retrying("uploading", url_for_errors, |_| {
+    /// PUT with retries. `shown` is what errors name (`url` may be signed).
+    pub(crate) fn put(&self, shown: &str, url: &str, body: &[u8]) -> Result<(), Error> {
+        self.retrying("uploading", shown, |_| {
             let mut resp = self
                 .agent
-                .put(url())
+                .put(url)
                 .send(body)
                 .map_err(|e| self.classify(e))?;
             let status = resp.status().as_u16();
@@ -338,6 +433,34 @@ fn redirect_target(from: &str, location: &str) -> Result<String, String> {
     Ok(target)
 }
 
+/// A response's Content-Length, if it has a valid one.
+fn content_length(resp: &ureq::http::Response<ureq::Body>) -> Option<u64> {
+    resp.headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+}
+
+/// The first and last byte of a `Content-Range: bytes A-B/TOTAL` (or `/*`) header, `None`
+/// unless it is exactly that form with `A <= B < TOTAL`.
+fn content_range(header: &str) -> Option<(u64, u64)> {
+    let rest = header.trim().strip_prefix("bytes ")?;
+    let (range, total) = rest.split_once('/')?;
+    let (a, b) = range.split_once('-')?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|c| c.is_ascii_digit());
+    if !digits(a) || !digits(b) || !(total == "*" || digits(total)) {
+        return None;
+    }
+    let (a, b) = (a.parse::<u64>().ok()?, b.parse::<u64>().ok()?);
+    if a > b {
+        return None;
+    }
+    if total != "*" && total.parse::<u64>().ok()? <= b {
+        return None;
+    }
+    Some((a, b))
+}
+
 fn status_failure(status: u16, reason: Option<&str>) -> Failure {
     let msg = format!("HTTP {status} {}", reason.unwrap_or(""));
     let msg = msg.trim_end().to_string();
@@ -354,7 +477,26 @@ pub(crate) fn remote_error(what: &'static str, url: &str, msg: String) -> Error 
 
 #[cfg(test)]
 mod tests {
-    use super::redirect_target;
+    use super::{content_range, redirect_target};
+
+    #[test]
+    fn content_ranges_are_read_strictly() {
+        assert_eq!(content_range("bytes 0-99/1000"), Some((0, 99)));
+        assert_eq!(content_range("bytes 5-5/*"), Some((5, 5)));
+        for bad in [
+            "bytes 0-99/99",
+            "bytes 10-9/100",
+            "bytes -9/100",
+            "bytes 0-/100",
+            "bytes +1-9/100",
+            "items 0-9/100",
+            "bytes 0-9",
+            "bytes 0-99/1000, bytes 0-1/2",
+            "bytes 99999999999999999999-1/*",
+        ] {
+            assert_eq!(content_range(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn redirects_stay_on_http_and_never_leave_https() {

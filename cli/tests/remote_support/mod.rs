@@ -1,6 +1,6 @@
-//! Servers for the remote-store tests: nginx serving a store directory, moto's S3 server,
-//! and a fault-injecting HTTP proxy. Each listens on a free loopback port and is stopped
-//! when dropped.
+//! Servers for the remote-store tests: nginx serving a store directory (packs by `Range`
+//! requests), moto's S3 server, and a fault-injecting HTTP proxy that also logs what it
+//! was asked. Each listens on a free loopback port and is stopped when dropped.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -216,6 +216,21 @@ pub enum Fault {
     Pad { extra: usize, declared: bool },
     /// Answer `302 Found` with this Location.
     Redirect(&'static str),
+    /// Forward the request without its `Range` header: the server answers 200 with the
+    /// whole file, as a server or proxy that ignores ranges does.
+    DropRange,
+    /// Forward the request with its `Range` moved one byte on: the server answers 206
+    /// with a `Content-Range` that is not the one asked.
+    ShiftRange,
+}
+
+/// One request the proxy saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    /// The `Range` header's value, if any.
+    pub range: Option<String>,
 }
 
 /// Decides the fault of request number `n` (from 0) for `method` and `path`.
@@ -231,6 +246,7 @@ struct ProxyState {
     upstream: SocketAddr,
     plan: Mutex<Arc<Plan>>,
     requests: AtomicU64,
+    seen: Mutex<Vec<Seen>>,
     /// Every request gets its connection closed: the server went away.
     down: AtomicBool,
     stop: AtomicBool,
@@ -244,6 +260,7 @@ impl Proxy {
             upstream,
             plan: Mutex::new(plan),
             requests: AtomicU64::new(0),
+            seen: Mutex::new(Vec::new()),
             down: AtomicBool::new(false),
             stop: AtomicBool::new(false),
         });
@@ -270,6 +287,11 @@ impl Proxy {
     /// Requests seen so far.
     pub fn requests(&self) -> u64 {
         self.state.requests.load(Ordering::Relaxed)
+    }
+
+    /// Every request seen so far, in arrival order.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.state.seen.lock().unwrap().clone()
     }
 
     pub fn set_plan(&self, plan: Arc<Plan>) {
@@ -318,6 +340,16 @@ fn serve_client(client: TcpStream, st: &ProxyState) -> std::io::Result<()> {
         let mut parts = first.split_whitespace();
         let method = parts.next().unwrap_or("").to_string();
         let path = parts.next().unwrap_or("").to_string();
+        let range = head.iter().find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("range")
+                .then(|| value.trim().to_string())
+        });
+        st.seen.lock().unwrap().push(Seen {
+            method: method.clone(),
+            path: path.clone(),
+            range: range.clone(),
+        });
         let n = st.requests.fetch_add(1, Ordering::Relaxed);
         if st.down.load(Ordering::Relaxed) {
             let _ = client.shutdown(Shutdown::Both);
@@ -353,7 +385,12 @@ fn serve_client(client: TcpStream, st: &ProxyState) -> std::io::Result<()> {
         // Forward with one request per upstream connection.
         let mut up = TcpStream::connect(st.upstream)?;
         for line in &head {
-            up.write_all(line.as_bytes())?;
+            let is_range = line.to_ascii_lowercase().starts_with("range:");
+            match fault {
+                Fault::DropRange if is_range => {}
+                Fault::ShiftRange if is_range => up.write_all(shifted(line).as_bytes())?,
+                _ => up.write_all(line.as_bytes())?,
+            }
         }
         up.write_all(b"Connection: close\r\n\r\n")?;
         up.write_all(&body)?;
@@ -424,6 +461,48 @@ fn serve_client(client: TcpStream, st: &ProxyState) -> std::io::Result<()> {
         client.write_all(resp_head.as_bytes())?;
         client.write_all(&resp_body)?;
     }
+}
+
+/// `Range: bytes=A-B` moved one byte on.
+fn shifted(line: &str) -> String {
+    let value = line.split_once('=').map_or("", |(_, v)| v.trim());
+    let (a, b) = value.split_once('-').unwrap_or(("0", "0"));
+    let (a, b): (u64, u64) = (a.parse().unwrap_or(0), b.parse().unwrap_or(0));
+    format!("Range: bytes={}-{}\r\n", a + 1, b + 1)
+}
+
+/// The pack files of a store directory.
+pub fn pack_files(store: &Path) -> Vec<PathBuf> {
+    let mut out = vec![];
+    for d in std::fs::read_dir(store.join("packs")).unwrap() {
+        for f in std::fs::read_dir(d.unwrap().path()).unwrap() {
+            let f = f.unwrap().path();
+            if f.extension().is_some_and(|e| e == "tpack") {
+                out.push(f);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The total size of a store directory's packs.
+pub fn pack_bytes(store: &Path) -> u64 {
+    pack_files(store)
+        .iter()
+        .map(|f| f.metadata().unwrap().len())
+        .sum()
+}
+
+/// The chunk ids (hex) an index lists, in order (records of 36 bytes from offset 80).
+pub fn index_chunk_ids(index: &[u8]) -> Vec<String> {
+    let count = u64::from_le_bytes(index[72..80].try_into().unwrap()) as usize;
+    (0..count)
+        .map(|i| {
+            let at = 80 + 36 * i;
+            index[at..at + 32].iter().map(|b| format!("{b:02x}")).collect()
+        })
+        .collect()
 }
 
 /// Whether `nbdcopy` (libnbd-bin) is installed.
