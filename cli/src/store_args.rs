@@ -1,7 +1,8 @@
 //! `--store` and its companions, shared by every subcommand that reads or writes chunks.
 //!
 //! Flatten [`StoreArgs`] into a subcommand's arguments (`#[command(flatten)]`), then
-//! [`StoreArgs::open`] (readers) or [`StoreArgs::open_for_write`] (`make`), and
+//! [`StoreArgs::open`] and [`StoreArgs::chunks`] (readers: the verified chunks of one
+//! index, through the --cache) or [`StoreArgs::open_for_write`] (`make`), and
 //! [`StoreArgs::fetch_index`] for an index given as a path or URL.
 
 use std::path::{Path, PathBuf};
@@ -9,18 +10,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tessera_engine::ChunkStore;
+use tessera_engine::{
+    CacheOptions, CacheStore, ChunkStore, Index, PackFetcher, StoreRead, StoreWrite,
+};
 use tessera_stores::{IndexDest, IndexSource, S3Options, StoreOptions};
 
 /// Where chunks live, and how to reach them.
 #[derive(clap::Args, Debug, Clone)]
 pub struct StoreArgs {
-    /// Chunk store: a directory, http(s)://HOST/PATH (any web server or CDN, read-only),
-    /// or s3://BUCKET/PREFIX (credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY).
+    /// Pack store: a directory, http(s)://HOST/PATH (any web server or CDN that honours
+    /// Range requests, read-only), or s3://BUCKET/PREFIX (credentials from
+    /// AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY).
     #[arg(long, value_name = "DIR|URL")]
     pub store: String,
     /// Keep fetched chunks in this local directory, in front of the store; shared safely
     /// by concurrent processes, least recently used chunks evicted past --cache-limit.
+    /// For readers only (sync, serve): `make` refuses it.
     #[arg(long, value_name = "DIR")]
     pub cache: Option<PathBuf>,
     /// Bound of the --cache directory (K, M, G, T suffixes: powers of 1024).
@@ -57,7 +62,7 @@ impl StoreArgs {
     ///
     /// # Errors
     /// Out-of-range values.
-    pub fn options(&self, create: bool) -> anyhow::Result<StoreOptions> {
+    pub fn options(&self) -> anyhow::Result<StoreOptions> {
         anyhow::ensure!(self.jobs > 0, "--jobs must be at least 1");
         anyhow::ensure!(
             self.timeout.is_finite() && self.timeout > 0.0,
@@ -68,14 +73,11 @@ impl StoreArgs {
             "--deadline must be a positive number of seconds"
         );
         Ok(StoreOptions {
-            create,
             jobs: self.jobs,
             timeout: Duration::from_secs_f64(self.timeout),
             deadline: Duration::from_secs_f64(self.deadline),
             max_index_size: self.max_index_size,
             retries: self.retries,
-            cache: self.cache.clone(),
-            cache_size: parse_size(&self.cache_limit).context("--cache-limit")?,
             s3: S3Options {
                 endpoint: self.s3_endpoint.clone(),
                 region: self.s3_region.clone(),
@@ -89,17 +91,50 @@ impl StoreArgs {
     ///
     /// # Errors
     /// A missing directory, a malformed URL, bad options.
-    pub fn open(&self) -> anyhow::Result<Arc<dyn ChunkStore>> {
-        tessera_stores::open_store(&self.store, &self.options(false)?)
+    pub fn open(&self) -> anyhow::Result<Arc<dyn StoreRead>> {
+        tessera_stores::open_store(&self.store, &self.options()?)
             .with_context(|| format!("opening store {}", self.store))
     }
 
-    /// Opens the store for `make`: a local directory is created if missing.
+    /// The verified chunks of `index` from `store` (opened by [`StoreArgs::open`]): its
+    /// location file is read now; with --cache, a cache in front.
     ///
     /// # Errors
-    /// As [`StoreArgs::open`].
-    pub fn open_for_write(&self) -> anyhow::Result<Arc<dyn ChunkStore>> {
-        tessera_stores::open_store(&self.store, &self.options(true)?)
+    /// The store has no (or a malformed) location file for the index; the cache directory
+    /// cannot be opened; a bad --cache-limit.
+    pub fn chunks(
+        &self,
+        store: Arc<dyn StoreRead>,
+        index: &Index,
+    ) -> anyhow::Result<Arc<dyn ChunkStore>> {
+        let fetcher: Arc<dyn ChunkStore> = Arc::new(PackFetcher::open(store, index)?);
+        let Some(dir) = &self.cache else {
+            return Ok(fetcher);
+        };
+        let opts = CacheOptions {
+            max_bytes: parse_size(&self.cache_limit).context("--cache-limit")?,
+        };
+        Ok(Arc::new(
+            CacheStore::open(dir.clone(), fetcher, &opts)
+                .with_context(|| format!("opening the cache {}", dir.display()))?,
+        ))
+    }
+
+    /// Opens the store for `make`: a local directory is created if missing; an HTTP store
+    /// and --cache are refused.
+    ///
+    /// # Errors
+    /// As [`StoreArgs::open`], and --cache given.
+    pub fn open_for_write(&self) -> anyhow::Result<Arc<dyn StoreWrite>> {
+        if let Some(dir) = &self.cache {
+            anyhow::bail!(
+                "--cache {} is for readers (sync, serve): make writes the store {} itself \
+                 and reads it directly; drop --cache",
+                dir.display(),
+                self.store
+            );
+        }
+        tessera_stores::open_store_for_write(&self.store, &self.options()?)
             .with_context(|| format!("opening store {}", self.store))
     }
 
@@ -111,7 +146,7 @@ impl StoreArgs {
     /// The URL cannot be fetched, or its index is larger than --max-index-size.
     pub fn fetch_index(&self, index: &Path) -> anyhow::Result<IndexSource> {
         let spec = index.to_string_lossy();
-        tessera_stores::fetch_index(&spec, &self.options(false)?).map_err(|e| {
+        tessera_stores::fetch_index(&spec, &self.options()?).map_err(|e| {
             let too_large = matches!(
                 &e,
                 tessera_engine::Error::Io { source, .. }
@@ -143,7 +178,7 @@ impl StoreArgs {
     /// # Errors
     /// The upload failed.
     pub fn publish_index(&self, dest: &IndexDest) -> anyhow::Result<()> {
-        dest.publish(&self.options(true)?)
+        dest.publish(&self.options()?)
             .context("publishing the index")
     }
 }

@@ -13,15 +13,18 @@ use crate::store_args::StoreArgs;
 
 /// Cut an image (file or block device) into chunks, store the new ones, write the index.
 ///
-/// Chunks are named by the BLAKE3 hash of their bytes and stored zstd-compressed under
-/// STORE/chunks/; chunks already in the store are not written again, and all-zero chunks
-/// are not stored at all. A chunk file already in the store is read and checked first;
-/// a damaged one (empty, truncated, another chunk's bytes) is replaced atomically and
-/// counted as repaired. A --cache in front of the store is never taken for the store.
-/// The index is written last, atomically, so a reader never sees an index whose chunks
-/// are missing. The same image and chunk sizes always give the same index and the same
-/// chunk files. tessera refuses to write through symbolic links: the index path, the
-/// --verity file (unless it names a block device) and the store's chunks/ directories
+/// Chunks are named by the BLAKE3 hash of their bytes; the chunks the store lacks are
+/// zstd-compressed into new pack files (STORE/packs/, at most about 64 MiB each, named by
+/// their own hash), in image order, and where each chunk of this index lives is written to
+/// STORE/locations/ROOT.tloc. Chunks already in any pack of the store are not written
+/// again, and all-zero chunks are not stored at all. A local store's copy of a chunk is
+/// read and checked first; a damaged one is written again into the new pack and counted
+/// as repaired. Packs and the location file are flushed before the index is written
+/// (last, atomically), so a reader never sees an index whose chunks are missing, and an
+/// interrupted make leaves only whole packs that the next make reuses. The same image,
+/// chunk sizes and store always give the same index, packs and location file. --cache is
+/// refused (it is for readers). tessera refuses to write through symbolic links: the index
+/// path, the --verity file (unless it names a block device) and the store's directories
 /// must not be links.
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -69,7 +72,7 @@ pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
     let store = args.store.open_for_write()?;
     let dest = args.store.index_dest(&args.index)?;
     let started = Instant::now();
-    let (index, report) = tessera_engine::make(&args.source, &store, dest.path(), &opts, out)
+    let (index, report) = tessera_engine::make(&args.source, &*store, dest.path(), &opts, out)
         .with_context(|| format!("making an image of {}", args.source.display()))?;
     args.store.publish_index(&dest)?;
     let secs = started.elapsed().as_secs_f64();
@@ -90,7 +93,8 @@ pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
             n => format!(", {n} damaged replaced"),
         };
         out.line(format!(
-            "{}: {} in {} chunks ({} unique, {} new{repaired}, {} zero), {} stored, {:.1} MB/s",
+            "{}: {} in {} chunks ({} unique, {} new{repaired}, {} zero), {} stored in {} new \
+             packs ({} packs in all), {:.1} MB/s",
             args.index.display(),
             human_bytes(report.image_size),
             report.chunk_count,
@@ -98,6 +102,8 @@ pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
             report.new_chunks,
             report.zero_chunks,
             human_bytes(report.stored_bytes),
+            report.new_packs,
+            report.packs,
             report.image_size as f64 / secs.max(1e-9) / 1e6,
         ));
         out.line(format!("root hash {}", report.root_hash));

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use tessera_engine::{ChunkStore, ImageReader, Overlay, ReaderOptions};
+use tessera_engine::{ImageReader, Overlay, ReaderOptions};
 use tessera_nbd::{
     Backend, BackendError, BackendResult, BlockState, Capabilities, ErrorKind, Export, Exports,
     Extent, Server,
@@ -184,7 +184,7 @@ pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
     if args.indexes.len() > 1 && (args.name.is_some() || args.overlay.is_some()) {
         bail!("--name and --overlay need exactly one INDEX");
     }
-    let store: Arc<dyn ChunkStore> = args.store.open()?;
+    let store = args.store.open()?;
     let options = ReaderOptions {
         cache_bytes: args.cache_size,
         ..ReaderOptions::default()
@@ -198,6 +198,7 @@ pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
         if !names.insert(name.clone()) {
             bail!("two indexes would both be exported as {name:?}; rename one");
         }
+        let chunks = args.store.chunks(store.clone(), &index)?;
         let overlay = match &args.overlay {
             Some(p) => Some(Overlay::open(p, &index).context("opening the overlay")?),
             None => None,
@@ -209,7 +210,7 @@ pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
         );
         let writable = overlay.is_some() && !args.readonly;
         let backend = Arc::new(ImageBackend {
-            reader: Arc::new(ImageReader::new(index, store.clone(), options)),
+            reader: Arc::new(ImageReader::new(index, chunks, options)),
             overlay,
             writable,
         });

@@ -125,10 +125,10 @@ struct Json<'a> {
 
 pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
     let index = args.trust.load(&args.store.fetch_index(&args.index)?)?;
-    let store = args.store.open()?;
+    let store = args.store.chunks(args.store.open()?, &index)?;
     let opts = args.in_place.options()?;
     let started = Instant::now();
-    let report = tessera_engine::sync_with(&index, &args.target, &store, &opts, out)
+    let report = tessera_engine::sync_with(&index, &args.target, &*store, &opts, out)
         .with_context(|| format!("syncing {}", args.target.display()))?;
     let verity = match &args.verity_hash_file {
         Some(f) if !report.dry_run => Some(
@@ -146,13 +146,15 @@ pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
     }
     let r = &report;
     let sources = format!(
-        "{} in place, {} from seeds, {} moved, {} fetched in {} chunks ({} downloaded)",
+        "{} in place, {} from seeds, {} moved, {} fetched in {} chunks ({} downloaded in {} \
+         requests)",
         human_bytes(r.bytes_in_place),
         human_bytes(r.bytes_from_seeds),
         human_bytes(r.bytes_moved),
         human_bytes(r.bytes_fetched),
         r.chunks_fetched,
         human_bytes(r.bytes_downloaded),
+        r.requests,
     );
     if r.dry_run {
         out.line(format!(
