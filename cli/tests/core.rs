@@ -152,18 +152,24 @@ fn make_is_deterministic_across_stores() {
     let files_a = tree_contents(&a.store);
     let files_b = tree_contents(&b.store);
     assert!(!files_a.is_empty());
-    assert_eq!(files_a, files_b, "chunk files differ between two makes");
-    // Chunk files are plain zstd frames of the chunk bytes.
-    for (path, bytes) in files_a.iter().take(3) {
-        let raw = zstd::decode_all(&bytes[..]).unwrap();
-        let hex = path
-            .file_name()
-            .unwrap()
-            .to_str()
-            .unwrap()
-            .trim_end_matches(".zst");
-        assert_eq!(blake3::hash(&raw).to_hex().as_str(), hex);
+    assert_eq!(
+        files_a, files_b,
+        "packs or location files differ between two makes"
+    );
+    // A pack is plain zstd frames of the chunk bytes (its table of contents is a skippable
+    // frame): `zstd -d` gives the chunks back, and each frame hashes to its id.
+    let frames = pack_frames(&a.store);
+    let (pack, _) = &frames[0];
+    let all = zstd::decode_all(&fs::read(pack).unwrap()[..]).unwrap();
+    let mut at = 0;
+    for (path, e) in &frames {
+        assert_eq!(path, pack, "one pack for a small image");
+        let raw = zstd::decode_all(&frame_bytes(path, e)[..]).unwrap();
+        assert_eq!(blake3::hash(&raw).as_bytes(), e.id.as_bytes());
+        assert_eq!(raw, all[at..at + raw.len()]);
+        at += raw.len();
     }
+    assert_eq!(at, all.len());
 }
 
 #[test]
@@ -173,7 +179,7 @@ fn zero_chunks_are_not_stored_and_become_holes() {
     img.extend(random_bytes(300_000, 2));
     let m = make_image(&img, &[]);
     assert!(m.make["zero_chunks"].as_u64().unwrap() > 10);
-    let stored: usize = tree_contents(&m.store).len();
+    let stored = pack_frames(&m.store).len();
     assert_eq!(stored as u64, m.make["unique_chunks"].as_u64().unwrap());
     let target = m._dir.path().join("out.raw");
     let s = sync_to(&m, &target);
@@ -272,36 +278,74 @@ fn hostile_indexes_give_clear_errors() {
 }
 
 #[test]
-fn corrupted_or_missing_chunk_file_fails_sync_with_its_id() {
+fn corrupted_or_missing_pack_data_fails_sync_naming_chunk_and_pack() {
     let img = mixed_image(3_000_000, 61);
     let m = make_image(&img, &[]);
-    let files = tree_contents(&m.store);
-    let (victim_rel, bytes) = &files[files.len() / 2];
-    let victim = m.store.join(victim_rel);
-    let id = victim
-        .file_name()
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .trim_end_matches(".zst")
-        .to_string();
-
-    // A corrupted but still valid zstd frame: different bytes, same length.
-    let mut raw = zstd::decode_all(&bytes[..]).unwrap();
-    raw[0] ^= 0xff;
-    fs::write(&victim, zstd::encode_all(&raw[..], 3).unwrap()).unwrap();
+    let frames = pack_frames(&m.store);
+    let (pack, e) = &frames[frames.len() / 2];
+    let id = e.id.to_string();
+    let pack_name = pack.file_name().unwrap().to_str().unwrap().to_string();
+    let good = fs::read(pack).unwrap();
     let target = m._dir.path().join("out.raw");
-    let err = run_err(&[&"sync", &m.index, &target, &"--store", &m.store]);
-    assert!(err.contains(&id) && err.contains("corrupt chunk"), "{err}");
+    let sync_err = || run_err(&[&"sync", &m.index, &target, &"--store", &m.store]);
 
-    // Garbage instead of a zstd frame.
-    fs::write(&victim, b"definitely not zstd").unwrap();
-    let err = run_err(&[&"sync", &m.index, &target, &"--store", &m.store]);
-    assert!(err.contains(&id), "{err}");
+    // A flipped byte inside the chunk's frame.
+    let mut bad = good.clone();
+    bad[(e.offset + u64::from(e.clen) / 2) as usize] ^= 0xff;
+    fs::write(pack, &bad).unwrap();
+    let err = sync_err();
+    assert!(
+        err.contains(&id) && err.contains("corrupt chunk") && err.contains(&pack_name),
+        "{err}"
+    );
 
-    fs::remove_file(&victim).unwrap();
-    let err = run_err(&[&"sync", &m.index, &target, &"--store", &m.store]);
-    assert!(err.contains(&id) && err.contains("missing"), "{err}");
+    // Garbage in place of the whole frame.
+    let mut bad = good.clone();
+    bad[e.offset as usize..(e.offset + u64::from(e.clen)) as usize].fill(0x5a);
+    fs::write(pack, &bad).unwrap();
+    let err = sync_err();
+    assert!(err.contains(&id) && err.contains(&pack_name), "{err}");
+
+    // The pack cut short before the frame ends.
+    fs::write(pack, &good[..e.offset as usize + 1]).unwrap();
+    let err = sync_err();
+    assert!(err.contains(&pack_name), "{err}");
+
+    // The pack deleted.
+    fs::remove_file(pack).unwrap();
+    let err = sync_err();
+    assert!(
+        err.contains("missing") && err.contains(&pack_name) && err.contains("does not exist"),
+        "{err}"
+    );
+    assert!(
+        !target.exists() || fs::read(&target).unwrap() != img,
+        "no sync succeeded"
+    );
+
+    // The location file deleted: the store does not know the index.
+    fs::write(pack, &good).unwrap();
+    let root = m.make["root_hash"].as_str().unwrap();
+    fs::remove_file(m.store.join(format!("locations/{root}.tloc"))).unwrap();
+    let err = sync_err();
+    assert!(
+        err.contains("no location data for index") && err.contains(root),
+        "{err}"
+    );
+
+    // A location file of another index in its place is refused, never followed.
+    let other = make_image(&mixed_image(1_000_000, 62), &[]);
+    let other_root = other.make["root_hash"].as_str().unwrap();
+    fs::copy(
+        other.store.join(format!("locations/{other_root}.tloc")),
+        m.store.join(format!("locations/{root}.tloc")),
+    )
+    .unwrap();
+    let err = sync_err();
+    assert!(
+        err.contains("invalid store file") && err.contains(root),
+        "{err}"
+    );
 }
 
 #[test]
@@ -392,134 +436,136 @@ fn loop_device_as_source_and_target() {
     );
 }
 
-/// The chunk files of a store, as (absolute path, bytes), sorted.
-fn chunk_files(store: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    tree_contents(store)
-        .into_iter()
-        .map(|(rel, bytes)| (store.join(rel), bytes))
-        .collect()
-}
-
 #[test]
-fn make_with_a_warm_cache_still_writes_every_chunk_to_the_store() {
-    let img = mixed_image(3_000_000, 71);
+fn make_refuses_a_cache() {
+    let img = mixed_image(1_000_000, 71);
     let m = make_image(&img, &[]);
     let cache = m._dir.path().join("cache");
-    // Warm the cache: a sync through it fetches every chunk of the image.
+    // A sync through a cache fills it.
     let first = m._dir.path().join("first.raw");
     run_ok(&[
         &"sync", &m.index, &first, &"--store", &m.store, &"--cache", &cache,
     ]);
-    assert!(!chunk_files(&cache).is_empty(), "the cache was not filled");
-    // The same image made into a new store with that cache in front.
+    assert!(
+        !tree_contents(&cache).is_empty(),
+        "the cache was not filled"
+    );
+    // make writes the store itself: a cache in front makes no sense and is refused.
     let store2 = m._dir.path().join("store2");
     let index2 = m._dir.path().join("again.tidx");
-    let made = json(&run_ok(&[
-        &"make", &m.image, &"--store", &store2, &"--index", &index2, &"--cache", &cache, &"--json",
-    ]));
-    assert_eq!(made["new_chunks"], made["unique_chunks"], "{made}");
+    let err = run_err(&[
+        &"make", &m.image, &"--store", &store2, &"--index", &index2, &"--cache", &cache,
+    ]);
     assert!(
-        tree_contents(&store2) == tree_contents(&m.store),
-        "the new store's files differ from the first store's"
+        err.contains("--cache") && err.contains("readers") && err.contains("store2"),
+        "{err}"
     );
-    // The new store alone serves the index.
-    let target = m._dir.path().join("out.raw");
-    run_ok(&[&"sync", &index2, &target, &"--store", &store2]);
-    assert!(fs::read(&target).unwrap() == img, "synced image differs");
+    assert!(!store2.exists() && !index2.exists());
 }
 
 #[test]
-fn make_replaces_empty_truncated_and_foreign_chunk_files() {
+fn make_writes_damaged_frames_again_and_ignores_unreadable_packs() {
     let img = mixed_image(3_000_000, 73);
     let m = make_image(&img, &[]);
-    let files = chunk_files(&m.store);
-    assert!(
-        files.len() >= 4,
-        "need four chunk files, have {}",
-        files.len()
-    );
-    let (empty, truncated, foreign) = (&files[0], &files[1], &files[2]);
-    fs::write(&empty.0, b"").unwrap();
-    fs::write(&truncated.0, &truncated.1[..truncated.1.len() / 2]).unwrap();
-    // A whole, valid chunk file, but of another chunk.
-    fs::write(&foreign.0, &files[3].1).unwrap();
+    let frames = pack_frames(&m.store);
+    assert!(frames.len() >= 4, "need four chunks, have {}", frames.len());
+    let (pack, e) = &frames[1];
+    let good = fs::read(pack).unwrap();
+    // A damaged frame: that chunk goes into a new pack.
+    let mut bad = good.clone();
+    bad[(e.offset + 2) as usize] ^= 0xff;
+    fs::write(pack, &bad).unwrap();
     let again = json(&run_ok(&[
         &"make", &m.image, &"--store", &m.store, &"--index", &m.index, &"--json",
     ]));
-    assert_eq!(again["repaired_chunks"], 3, "{again}");
+    assert_eq!(again["repaired_chunks"], 1, "{again}");
     assert_eq!(again["new_chunks"], 0, "{again}");
-    assert!(
-        chunk_files(&m.store) == files,
-        "the damaged files were not restored"
-    );
+    assert_eq!(again["new_packs"], 1, "{again}");
+    assert_eq!(again["packs"], 2, "{again}");
     let target = m._dir.path().join("out.raw");
+    sync_to(&m, &target);
+    assert!(fs::read(&target).unwrap() == img, "synced image differs");
+    // An emptied pack (its table of contents unreadable) is ignored: its chunks are
+    // written again.
+    fs::write(pack, b"").unwrap();
+    let third = json(&run_ok(&[
+        &"make", &m.image, &"--store", &m.store, &"--index", &m.index, &"--json",
+    ]));
+    assert_eq!(
+        third["new_chunks"].as_u64().unwrap(),
+        third["unique_chunks"].as_u64().unwrap() - 1,
+        "{third}"
+    );
+    fs::remove_file(&target).unwrap();
     sync_to(&m, &target);
     assert!(fs::read(&target).unwrap() == img, "synced image differs");
 }
 
 #[test]
-fn make_replaces_a_planted_link_in_place_of_a_chunk_file_without_following_it() {
+fn make_replaces_a_planted_link_in_place_of_a_pack_without_following_it() {
     let img = mixed_image(2_000_000, 75);
     let m = make_image(&img, &[]);
-    let files = chunk_files(&m.store);
+    let before = tree_contents(&m.store);
+    let (pack, _) = pack_frames(&m.store).remove(0);
     let victim = m._dir.path().join("victim");
     fs::write(&victim, b"precious").unwrap();
-    fs::remove_file(&files[0].0).unwrap();
-    std::os::unix::fs::symlink(&victim, &files[0].0).unwrap();
+    fs::remove_file(&pack).unwrap();
+    std::os::unix::fs::symlink(&victim, &pack).unwrap();
+    // A reader refuses the link.
+    let target = m._dir.path().join("out.raw");
+    let err = run_err(&[&"sync", &m.index, &target, &"--store", &m.store]);
+    assert!(err.contains("symbolic link"), "{err}");
     let again = json(&run_ok(&[
         &"make", &m.image, &"--store", &m.store, &"--index", &m.index, &"--json",
     ]));
-    assert_eq!(again["repaired_chunks"], 1, "{again}");
+    assert_eq!(again["new_packs"], 1, "{again}");
     assert!(
         fs::read(&victim).unwrap() == b"precious",
         "the victim was written"
     );
-    assert!(fs::symlink_metadata(&files[0].0).unwrap().is_file());
+    assert!(fs::symlink_metadata(&pack).unwrap().is_file());
     assert!(
-        chunk_files(&m.store) == files,
-        "the chunk file was not restored"
+        tree_contents(&m.store) == before,
+        "the pack was not restored"
     );
 }
 
 #[test]
-fn make_refuses_a_symlinked_fan_out_directory() {
+fn make_refuses_symlinked_store_directories() {
     let img = mixed_image(2_000_000, 77);
     let m = make_image(&img, &[]);
-    // A fresh store whose every fan-out directory the image needs is a link elsewhere.
-    let store2 = m._dir.path().join("store2");
     let elsewhere = m._dir.path().join("elsewhere");
-    fs::create_dir_all(store2.join("chunks")).unwrap();
     fs::create_dir(&elsewhere).unwrap();
-    for e in fs::read_dir(m.store.join("chunks")).unwrap() {
-        let name = e.unwrap().file_name();
-        std::os::unix::fs::symlink(&elsewhere, store2.join("chunks").join(name)).unwrap();
-    }
     let index2 = m._dir.path().join("two.tidx");
+    // A fresh store whose pack fan-out directory is a link elsewhere.
+    let store2 = m._dir.path().join("store2");
+    fs::create_dir_all(store2.join("packs")).unwrap();
+    for e in fs::read_dir(m.store.join("packs")).unwrap() {
+        let name = e.unwrap().file_name();
+        std::os::unix::fs::symlink(&elsewhere, store2.join("packs").join(name)).unwrap();
+    }
     let err = run_err(&[&"make", &m.image, &"--store", &store2, &"--index", &index2]);
     assert!(
-        err.contains("symbolic link") && err.contains("store2/chunks/"),
+        err.contains("symbolic link") && err.contains("store2/packs/"),
         "{err}"
     );
+    // So is a symlinked `packs` or `locations` directory.
+    for dir in ["packs", "locations"] {
+        let store3 = m._dir.path().join(format!("store-{dir}"));
+        fs::create_dir(&store3).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, store3.join(dir)).unwrap();
+        let err = run_err(&[&"make", &m.image, &"--store", &store3, &"--index", &index2]);
+        assert!(
+            err.contains("symbolic link") && err.contains(&format!("store-{dir}/{dir}")),
+            "{err}"
+        );
+    }
     assert_eq!(
         fs::read_dir(&elsewhere).unwrap().count(),
         0,
         "wrote through the link"
     );
     assert!(!index2.exists(), "an index was published");
-    // So is a symlinked `chunks` directory.
-    let store3 = m._dir.path().join("store3");
-    fs::create_dir(&store3).unwrap();
-    std::os::unix::fs::symlink(&elsewhere, store3.join("chunks")).unwrap();
-    let err = run_err(&[&"make", &m.image, &"--store", &store3, &"--index", &index2]);
-    assert!(
-        err.contains("symbolic link") && err.contains("store3/chunks"),
-        "{err}"
-    );
-    assert_eq!(
-        fs::read_dir(&elsewhere).unwrap().count(),
-        0,
-        "wrote through the link"
-    );
 }
 
 #[test]

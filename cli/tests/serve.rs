@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use util::{is_root, random_bytes, run_ok, skip_unless, tessera};
+use util::{is_root, pack_frames, random_bytes, run_ok, skip_unless, tessera};
 
 /// True when `tool` can be run; skips (or fails under CI=true) otherwise.
 fn have(tool: &str) -> bool {
@@ -351,13 +351,14 @@ fn a_corrupt_chunk_fails_its_range_with_eio_and_is_logged() {
         .find(|c| !c.zero && c.offset > (1 << 20))
         .copied()
         .unwrap();
-    let mut bad = data[victim.offset as usize..victim.end() as usize].to_vec();
-    bad[100] ^= 0x40;
-    let path = dir
-        .path()
-        .join("store")
-        .join(tessera_engine::store::chunk_path(&victim.id));
-    std::fs::write(&path, zstd::bulk::compress(&bad, 3).unwrap()).unwrap();
+    // A flipped byte in the middle of the chunk's frame in its pack.
+    let (pack, frame) = pack_frames(&dir.path().join("store"))
+        .into_iter()
+        .find(|(_, e)| e.id == victim.id)
+        .unwrap();
+    let mut bytes = std::fs::read(&pack).unwrap();
+    bytes[(frame.offset + u64::from(frame.clen) / 2) as usize] ^= 0x40;
+    std::fs::write(&pack, bytes).unwrap();
     let srv = Served::start(dir.path(), &[&idx, &"--store", &dir.path().join("store")]);
     let script = format!(
         r#"

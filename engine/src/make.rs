@@ -115,10 +115,9 @@ fn known_chunks(store: &dyn StoreWrite) -> Result<Known> {
     for pack in store.list_packs()? {
         let rel = pack_path(&pack);
         let origin = format!("{}/{rel}", store.location().trim_end_matches('/'));
-        let Some(size) = store.file_size(&rel)? else {
-            continue; // Deleted since listed.
-        };
         let toc = (|| {
+            // Deleted since listed: as if empty.
+            let size = store.file_size(&rel)?.unwrap_or(0);
             let trailer = store.read_range(
                 &rel,
                 size.saturating_sub(PACK_TRAILER),

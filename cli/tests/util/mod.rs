@@ -139,3 +139,25 @@ pub fn tree_contents(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     out.sort();
     out
 }
+
+/// Every frame of every pack below `store`, as (pack path, its table-of-contents record),
+/// packs in path order, frames in pack order.
+pub fn pack_frames(store: &Path) -> Vec<(PathBuf, tessera_engine::pack::TocEntry)> {
+    use tessera_engine::pack::{parse_toc, toc_tail_len};
+    let mut out = Vec::new();
+    for (rel, bytes) in tree_contents(&store.join("packs")) {
+        let size = bytes.len() as u64;
+        let tail = toc_tail_len(&bytes[bytes.len() - 8..], size, "pack").unwrap();
+        let path = store.join("packs").join(rel);
+        for e in parse_toc(&bytes[(size - tail) as usize..], size, "pack").unwrap() {
+            out.push((path.clone(), e));
+        }
+    }
+    out
+}
+
+/// The bytes of frame `e` of the pack at `pack`.
+pub fn frame_bytes(pack: &Path, e: &tessera_engine::pack::TocEntry) -> Vec<u8> {
+    let bytes = std::fs::read(pack).unwrap();
+    bytes[e.offset as usize..(e.offset + u64::from(e.clen)) as usize].to_vec()
+}

@@ -130,7 +130,8 @@ impl LocalStore {
     }
 
     /// Opens store-relative `rel` for reading (`None` if absent); a link, a FIFO or
-    /// another non-regular file is refused.
+    /// another non-regular file is refused with [`Error::CorruptStore`] (so `make` treats
+    /// it as a damaged pack and writes the pack again, replacing the link).
     fn open_file(&self, rel: &str) -> Result<Option<(File, u64)>> {
         let path = self.path_of(rel);
         let (rel_dir, name) = rel.rsplit_once('/').ok_or_else(|| {
@@ -141,20 +142,23 @@ impl LocalStore {
         };
         // O_NONBLOCK: a FIFO planted there must not block the open.
         let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK;
+        let not_a_file = |what: &str| Error::CorruptStore {
+            origin: path.display().to_string(),
+            reason: format!("{what}, not a store file (tessera does not follow it)"),
+        };
         let file = match crate::sys::open_at(&dir, OsStr::new(name), flags, 0) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                return Err(not_a_file("a symbolic link"))
+            }
             Err(e) => return Err(Error::io("opening", path, e)),
         };
         let meta = file
             .metadata()
             .map_err(|e| Error::io("inspecting", &path, e))?;
         if !meta.is_file() {
-            return Err(Error::io(
-                "opening",
-                path,
-                io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"),
-            ));
+            return Err(not_a_file("not a regular file"));
         }
         Ok(Some((file, meta.len())))
     }
