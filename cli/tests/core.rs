@@ -605,3 +605,65 @@ fn make_and_verity_refuse_outputs_that_are_links_and_leave_their_targets_alone()
         ["image.raw", "image.tidx", "link", "store", "victim"]
     );
 }
+
+#[test]
+fn make_killed_after_some_packs_leaves_a_store_the_next_make_completes() {
+    // Incompressible, so the image needs five packs of at most 64 MiB of frames.
+    let dir = TempDir::new().unwrap();
+    let image = dir.path().join("big.raw");
+    fs::write(&image, random_bytes(300 << 20, 91)).unwrap();
+    let store = dir.path().join("store");
+    let index = dir.path().join("big.tidx");
+    let mut child = tessera()
+        .args(["make", "--threads", "2", "--json", "--store"])
+        .arg(&store)
+        .arg("--index")
+        .arg(&index)
+        .arg(&image)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let packs_written = || {
+        let Ok(fans) = fs::read_dir(store.join("packs")) else {
+            return 0;
+        };
+        fans.flat_map(|f| fs::read_dir(f.unwrap().path()).unwrap())
+            .filter(|f| {
+                let name = f.as_ref().unwrap().file_name();
+                let name = name.to_string_lossy();
+                name.ends_with(".tpack") && !name.starts_with('.')
+            })
+            .count()
+    };
+    while packs_written() < 2 {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "make ended before it could be killed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(!index.exists(), "no index is published by a killed make");
+    let kept = pack_frames(&store);
+    assert!(!kept.is_empty(), "every pack left is whole and readable");
+    // The next make reuses what the killed one wrote and completes.
+    let made = json(&run_ok(&[
+        &"make", &image, &"--store", &store, &"--index", &index, &"--json",
+    ]));
+    let reused = kept.len() as u64;
+    assert_eq!(
+        made["new_chunks"].as_u64().unwrap(),
+        made["unique_chunks"].as_u64().unwrap() - reused,
+        "{made}"
+    );
+    assert!(made["packs"].as_u64().unwrap() > made["new_packs"].as_u64().unwrap());
+    let target = dir.path().join("out.raw");
+    run_ok(&[&"sync", &index, &target, &"--store", &store]);
+    run_ok(&[&"verify", &index, &target]);
+    assert!(
+        fs::read(&target).unwrap() == fs::read(&image).unwrap(),
+        "synced image differs"
+    );
+}

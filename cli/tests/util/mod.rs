@@ -146,6 +146,9 @@ pub fn pack_frames(store: &Path) -> Vec<(PathBuf, tessera_engine::pack::TocEntry
     use tessera_engine::pack::{parse_toc, toc_tail_len};
     let mut out = Vec::new();
     for (rel, bytes) in tree_contents(&store.join("packs")) {
+        if rel.file_name().unwrap().to_string_lossy().starts_with('.') {
+            continue; // A temporary file.
+        }
         let size = bytes.len() as u64;
         let tail = toc_tail_len(&bytes[bytes.len() - 8..], size, "pack").unwrap();
         let path = store.join("packs").join(rel);
