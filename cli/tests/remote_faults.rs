@@ -138,7 +138,10 @@ fn a_chunk_corrupted_on_every_fetch_fails_with_its_id_and_url() {
         &"--retries",
         &"2",
     ]);
-    assert!(err.contains(&proxy.url()) && err.contains("/packs/"), "{err}");
+    assert!(
+        err.contains(&proxy.url()) && err.contains("/packs/"),
+        "{err}"
+    );
     assert!(err.contains("corrupt"), "{err}");
     assert!(
         ids.iter().any(|id| err.contains(id.as_str())),

@@ -211,10 +211,7 @@ fn a_range_body_past_the_length_asked_is_cut_off_and_refused() {
             &"0",
         ]);
         assert!(err.contains(&format!("{}/packs/", proxy.url())), "{err}");
-        assert!(
-            err.contains("bytes allowed"),
-            "declared {declared}: {err}"
-        );
+        assert!(err.contains("bytes allowed"), "declared {declared}: {err}");
     }
 }
 

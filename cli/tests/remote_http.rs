@@ -158,9 +158,11 @@ fn a_server_that_ignores_range_is_refused_clearly() {
             && err.contains("must support HTTP Range requests"),
         "{err}"
     );
+    // Each answer is refused as it comes, never retried: at most the honest requests
+    // and one request per chunk on its own (the fetcher's fallback).
     assert!(
-        pack_gets(&proxy) <= pack_gets(&honest),
-        "no more requests than an honest server gets: {:?}",
+        pack_gets(&proxy) as u64 <= pack_gets(&honest) as u64 + unique_chunks(&p),
+        "{:?}",
         proxy.seen()
     );
     if let Ok(written) = fs::read(&target) {
@@ -429,9 +431,10 @@ fn missing_pack_is_an_error_naming_its_url() {
         &nginx.url(),
     ]);
     assert!(
-        err.contains(&format!("{}/{rel} does not exist", nginx.url())),
+        err.contains(&format!("{}/{rel}", nginx.url())) && err.contains("does not exist"),
         "{err}"
     );
+    assert!(err.contains("missing"), "{err}");
 }
 
 /// An index made into another store has no location file here: a clear error naming

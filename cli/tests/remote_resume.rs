@@ -40,7 +40,11 @@ fn network_loss_mid_sync_resumes_from_the_journal() {
     ]));
     let full_bytes = full["bytes_downloaded"].as_u64().unwrap();
     let requests = honest.requests();
-    assert!(requests >= 3, "want several range requests: {:?}", honest.seen());
+    assert!(
+        requests >= 3,
+        "want several range requests: {:?}",
+        honest.seen()
+    );
 
     // The server goes away after two thirds of the requests.
     let proxy = Arc::new(Proxy::start(

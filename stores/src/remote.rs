@@ -340,7 +340,7 @@ impl StoreRead for RemoteStore {
 }
 
 impl StoreWrite for RemoteStore {
-    /// Queues the upload (at most [`UPLOADS_AHEAD`] wait at once, so memory stays
+    /// Queues the upload (at most one waits at once, so memory stays
     /// bounded) and returns; [`StoreWrite::flush`] waits for it. A pack is named by its
     /// bytes, so uploading one that is there already replaces it with the same bytes.
     fn put_pack(&self, id: &PackId, bytes: &[u8]) -> Result<()> {
@@ -662,5 +662,104 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("read-only"), "{e}");
+    }
+
+    /// A server that reads each request (body included) and answers `status`.
+    fn status_server(status: u16) -> (String, Arc<AtomicUsize>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen = Arc::new(AtomicUsize::new(0));
+        let count = seen.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                count.fetch_add(1, Ordering::SeqCst);
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                let want = |got: &[u8]| {
+                    let end = got.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+                    let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+                    let len = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map_or(0, |v| v.trim().parse::<usize>().unwrap_or(0));
+                    Some(end + len)
+                };
+                while want(&got).is_none_or(|n| got.len() < n) {
+                    match conn.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => got.extend_from_slice(&buf[..k]),
+                    }
+                }
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                );
+            }
+        });
+        (format!("http://127.0.0.1:{port}"), seen)
+    }
+
+    fn s3_store(endpoint: String) -> RemoteStore {
+        let opts = StoreOptions {
+            retries: 2,
+            backoff: Duration::from_millis(1),
+            s3: crate::S3Options {
+                endpoint: Some(endpoint),
+                region: Some("us-east-1".into()),
+                path_style: Some(true),
+            },
+            ..StoreOptions::default()
+        };
+        RemoteStore::open("s3://b/p", &opts).unwrap()
+    }
+
+    /// Pack uploads run behind `make`; flush waits for them and reports the first
+    /// failure (after its retries), naming the key, and later puts are refused.
+    #[test]
+    fn s3_uploads_are_queued_and_flush_reports_their_failure() {
+        let (ok_url, ok_seen) = status_server(200);
+        let store = s3_store(ok_url);
+        assert_eq!(store.location(), "s3://b/p");
+        for i in 0..3 {
+            store.put_pack(&PackId([i; 32]), &[i; 1000]).unwrap();
+        }
+        store.put_file("locations/x.tloc", b"loc").unwrap();
+        store.flush().unwrap();
+        assert_eq!(
+            ok_seen.load(Ordering::SeqCst),
+            4,
+            "one PUT per pack and file"
+        );
+
+        let (bad_url, bad_seen) = status_server(500);
+        let store = s3_store(bad_url);
+        let id = PackId([7; 32]);
+        store.put_pack(&id, b"pack").unwrap();
+        let msg = chain(&store.flush().unwrap_err());
+        assert!(
+            msg.contains(&format!("s3://b/p/{}", pack_path(&id)))
+                && msg.contains("HTTP 500")
+                && msg.contains("3 attempts"),
+            "{msg}"
+        );
+        assert_eq!(bad_seen.load(Ordering::SeqCst), 3);
+        // A failure not yet reported by flush refuses the next put (which waits for the
+        // upload before it), and flush still reports it.
+        store.put_pack(&id, b"pack").unwrap();
+        let refused = store.put_pack(&PackId([8; 32]), b"next").unwrap_err();
+        assert!(
+            refused
+                .to_string()
+                .contains("an earlier upload to s3://b/p failed"),
+            "{refused}"
+        );
+        assert_eq!(
+            bad_seen.load(Ordering::SeqCst),
+            6,
+            "the refused pack was not sent"
+        );
+        assert!(chain(&store.flush().unwrap_err()).contains("HTTP 500"));
+        store.flush().unwrap();
     }
 }

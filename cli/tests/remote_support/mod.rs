@@ -500,7 +500,10 @@ pub fn index_chunk_ids(index: &[u8]) -> Vec<String> {
     (0..count)
         .map(|i| {
             let at = 80 + 36 * i;
-            index[at..at + 32].iter().map(|b| format!("{b:02x}")).collect()
+            index[at..at + 32]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect()
         })
         .collect()
 }
