@@ -97,7 +97,8 @@ impl StoreArgs {
     }
 
     /// The verified chunks of `index` from `store` (opened by [`StoreArgs::open`]): its
-    /// location file is read now; with --cache, a cache in front.
+    /// location file is read now; with --cache, a cache in front and the location file
+    /// read only when a chunk is not in the cache.
     ///
     /// # Errors
     /// The store has no (or a malformed) location file for the index; the cache directory
@@ -107,10 +108,12 @@ impl StoreArgs {
         store: Arc<dyn StoreRead>,
         index: &Index,
     ) -> anyhow::Result<Arc<dyn ChunkStore>> {
-        let fetcher: Arc<dyn ChunkStore> = Arc::new(PackFetcher::open(store, index)?);
         let Some(dir) = &self.cache else {
-            return Ok(fetcher);
+            return Ok(Arc::new(PackFetcher::open(store, index)?));
         };
+        // The location file is read only if a chunk is not in the cache: a warm cache
+        // serves an index while its store is unreachable.
+        let fetcher: Arc<dyn ChunkStore> = Arc::new(PackFetcher::open_lazy(store, index));
         let opts = CacheOptions {
             max_bytes: parse_size(&self.cache_limit).context("--cache-limit")?,
         };

@@ -9,7 +9,7 @@ use std::cell::RefCell;
 use crate::error::{Error, Result};
 use crate::ChunkId;
 
-/// zstd level used for chunk files. Fixed so that two `make` runs write identical files.
+/// zstd level of chunk frames. Fixed so that two `make` runs write identical packs.
 pub const ZSTD_LEVEL: i32 = 3;
 
 /// Chunk bytes that hashed to their id.
@@ -69,7 +69,8 @@ pub fn compress(data: &[u8]) -> Vec<u8> {
     })
 }
 
-/// Decompresses a chunk file that must hold exactly `expected_len` bytes, then verifies it.
+/// Decompresses a chunk's zstd frame, which must hold exactly `expected_len` bytes, then
+/// verifies it.
 ///
 /// Never allocates more than `expected_len` bytes, whatever the frame claims.
 ///
@@ -113,7 +114,7 @@ pub fn decompress_verified(
 
 /// `Ok` when `compressed` is a zstd frame of exactly the bytes `expected`; else why not.
 ///
-/// For checking a stored chunk file against chunk bytes already verified: decompressing
+/// For checking a stored chunk frame against chunk bytes already verified: decompressing
 /// and comparing costs less than decompressing and hashing again.
 pub(crate) fn frame_holds(compressed: &[u8], expected: &[u8]) -> std::result::Result<(), String> {
     DECOMPRESSOR.with(|d| {

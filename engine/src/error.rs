@@ -40,7 +40,7 @@ pub enum Error {
     /// An I/O error on a path.
     #[error("{what} {path}")]
     Io {
-        /// What was being done ("reading", "writing chunk file"...).
+        /// What was being done ("reading", "writing"...).
         what: &'static str,
         /// The file, device or store path involved.
         path: PathBuf,

@@ -16,7 +16,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 
@@ -47,31 +47,45 @@ pub struct PackFetcher {
 
 struct Shared {
     store: Arc<dyn StoreRead>,
+    location: String,
+    root: [u8; 32],
+    /// The index's distinct non-zero chunk ids, in order, until the location file is read.
+    distinct: Mutex<Option<Vec<ChunkId>>>,
+    located: OnceLock<Located>,
+}
+
+/// What the location file says.
+struct Located {
     packs: Vec<PackId>,
     places: HashMap<ChunkId, Location>,
-    location: String,
 }
 
 impl std::fmt::Debug for PackFetcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PackFetcher")
             .field("store", &self.shared.location)
-            .field("packs", &self.shared.packs.len())
+            .field("index", &ChunkId(self.shared.root))
             .finish()
     }
 }
 
 impl PackFetcher {
-    /// Reads and checks the location file of `index` in `store`.
+    /// Reads and checks the location file of `index` in `store` now.
     ///
     /// # Errors
     /// [`Error::InvalidInput`] when the store has no location file for the index (it was
     /// not made into this store), [`Error::CorruptStore`] when the file is malformed or
     /// describes another index, I/O or transport errors.
     pub fn open(store: Arc<dyn StoreRead>, index: &Index) -> Result<PackFetcher> {
-        let root = index.root_hash();
-        let rel = locations_path(&root);
-        let location = store.location();
+        let fetcher = PackFetcher::open_lazy(store, index);
+        fetcher.shared.located()?;
+        Ok(fetcher)
+    }
+
+    /// Like [`PackFetcher::open`], but reads the location file only when the first chunk
+    /// is fetched (its errors are then that fetch's): for a cache in front, which may hold
+    /// every chunk while the store is unreachable.
+    pub fn open_lazy(store: Arc<dyn StoreRead>, index: &Index) -> PackFetcher {
         let mut distinct = Vec::new();
         let mut seen = HashSet::new();
         for e in index.chunks().iter().filter(|e| !e.zero) {
@@ -79,28 +93,17 @@ impl PackFetcher {
                 distinct.push(e.id);
             }
         }
-        drop(seen);
-        // Header, pack ids (at most one per record that names it) and zstd's worst case.
-        let limit = 4096 + distinct.len() as u64 * 64;
-        let bytes = store.read_file(&rel, limit)?.ok_or_else(|| {
-            Error::InvalidInput(format!(
-                "store {location} has no location data for index {} ({rel}): was the index \
-                 made into this store?",
-                ChunkId(root)
-            ))
-        })?;
-        let locs = Locations::parse(&bytes, &root, distinct.len(), &join(&location, &rel))?;
-        let places = distinct.into_iter().zip(locs.records).collect();
         let threads = store.in_flight().max(2);
-        Ok(PackFetcher {
+        PackFetcher {
             shared: Arc::new(Shared {
+                location: store.location(),
                 store,
-                packs: locs.packs,
-                places,
-                location,
+                root: index.root_hash(),
+                distinct: Mutex::new(Some(distinct)),
+                located: OnceLock::new(),
             }),
             pool: Pool::new(threads, "tessera-fetch"),
-        })
+        }
     }
 }
 
@@ -110,8 +113,45 @@ fn join(base: &str, rel: &str) -> String {
 }
 
 impl Shared {
+    /// The location file's content, read on first use.
+    fn located(&self) -> Result<&Located> {
+        if let Some(l) = self.located.get() {
+            return Ok(l);
+        }
+        // One reader at a time; the others then find it read.
+        let mut distinct = self.distinct.lock().expect("distinct ids");
+        if let Some(l) = self.located.get() {
+            return Ok(l);
+        }
+        let ids = distinct
+            .as_ref()
+            .expect("ids are kept until the file is read");
+        let rel = locations_path(&self.root);
+        // Header, pack ids (at most one per record that names it) and zstd's worst case.
+        let limit = 4096 + ids.len() as u64 * 64;
+        let bytes = self.store.read_file(&rel, limit)?.ok_or_else(|| {
+            Error::InvalidInput(format!(
+                "store {} has no location data for index {} ({rel}): was the index made \
+                 into this store?",
+                self.location,
+                ChunkId(self.root)
+            ))
+        })?;
+        let origin = join(&self.location, &rel);
+        let locs = Locations::parse(&bytes, &self.root, ids.len(), &origin)?;
+        let ids = distinct
+            .take()
+            .expect("ids are kept until the file is read");
+        let located = Located {
+            packs: locs.packs,
+            places: ids.into_iter().zip(locs.records).collect(),
+        };
+        Ok(self.located.get_or_init(|| located))
+    }
+
     fn place(&self, entry: &ChunkEntry) -> Result<(Location, String)> {
-        let place = self
+        let located = self.located()?;
+        let place = located
             .places
             .get(&entry.id)
             .ok_or_else(|| Error::MissingChunk {
@@ -121,7 +161,7 @@ impl Shared {
                     self.location
                 ),
             })?;
-        Ok((*place, pack_path(&self.packs[place.pack as usize])))
+        Ok((*place, pack_path(&located.packs[place.pack as usize])))
     }
 
     fn origin(&self, rel: &str, offset: u64) -> String {
@@ -171,7 +211,11 @@ impl Shared {
 
     /// Runs one coalesced request and splits it into verified chunks, by want.
     fn run(&self, req: &Request, entries: &[ChunkEntry]) -> Vec<Result<Fetched>> {
-        let rel = pack_path(&self.packs[req.pack as usize]);
+        let located = match self.located() {
+            Ok(l) => l,
+            Err(_) => return entries.iter().map(|e| self.fetch_one(e)).collect(),
+        };
+        let rel = pack_path(&located.packs[req.pack as usize]);
         let bytes = match self.store.read_range(&rel, req.offset, req.len) {
             Ok(b) => b,
             Err(Error::MissingFile { .. }) => {
@@ -182,7 +226,7 @@ impl Shared {
         };
         let frames: u64 = entries
             .iter()
-            .filter_map(|e| self.places.get(&e.id))
+            .filter_map(|e| located.places.get(&e.id))
             .map(|p| u64::from(p.clen))
             .sum();
         let mut gap = req.len.saturating_sub(frames);
@@ -234,6 +278,22 @@ impl ChunkStore for PackFetcher {
     }
 
     fn fetch_ordered<'a>(&'a self, entries: Vec<ChunkEntry>) -> FetchStream<'a> {
+        if entries.is_empty() {
+            return Box::new(std::iter::empty());
+        }
+        if let Err(e) = self.shared.located() {
+            // Every chunk fails for the same reason: the first with the error, the others
+            // naming it.
+            let why = e.to_string();
+            let location = self.shared.location.clone();
+            let rest = entries.into_iter().skip(1).map(move |entry| {
+                Err(Error::MissingChunk {
+                    id: entry.id,
+                    origin: format!("{location} ({why})"),
+                })
+            });
+            return Box::new(std::iter::once(Err(e)).chain(rest));
+        }
         let mut ready = HashMap::new();
         let mut located = Vec::new();
         let mut wants = Vec::new();
@@ -506,7 +566,7 @@ mod tests {
         let all: Vec<ChunkEntry> = index.chunks().to_vec();
         let frames: u64 = all
             .iter()
-            .map(|e| u64::from(f.shared.places[&e.id].clen))
+            .map(|e| u64::from(f.shared.located().unwrap().places[&e.id].clen))
             .sum();
         let got: Vec<Fetched> = f.fetch_ordered(all.clone()).map(|r| r.unwrap()).collect();
         assert_eq!(
@@ -528,8 +588,8 @@ mod tests {
             "yielded in the order asked"
         );
         assert_eq!(got.iter().map(|g| g.requests).sum::<u64>(), 1);
-        let first = f.shared.places[&all[0].id];
-        let last = f.shared.places[&all[38].id];
+        let first = f.shared.located().unwrap().places[&all[0].id];
+        let last = f.shared.located().unwrap().places[&all[38].id];
         let span = last.offset + u64::from(last.clen) - first.offset;
         assert_eq!(got.iter().map(|g| g.downloaded).sum::<u64>(), span);
         // One chunk alone.
@@ -590,12 +650,28 @@ mod tests {
             );
         }
         std::fs::remove_file(store.path_of(&locations_path(&index.root_hash()))).unwrap();
-        let err = PackFetcher::open(store, &index).unwrap_err().to_string();
+        let err = PackFetcher::open(store.clone(), &index)
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("has no location data for index")
                 && err.contains(&locations_path(&index.root_hash())),
             "{err}"
         );
+        // Opened lazily, nothing is read until a chunk is wanted; then the error is the
+        // fetch's, for every chunk.
+        let lazy = PackFetcher::open_lazy(store, &index);
+        assert_eq!(lazy.fetch_ordered(Vec::new()).count(), 0);
+        let errs: Vec<String> = lazy
+            .fetch_ordered(all.clone())
+            .map(|r| r.unwrap_err().to_string())
+            .collect();
+        assert_eq!(errs.len(), all.len());
+        assert!(
+            errs.iter().all(|e| e.contains("no location data")),
+            "{errs:?}"
+        );
+        assert!(lazy.fetch_verified(&all[0]).is_err());
         // A chunk the index does not name.
         let other = ChunkEntry {
             id: ChunkId::of(b"other"),
