@@ -75,6 +75,12 @@ impl PackBuilder {
     /// returns the frame's offset in the pack.
     pub fn push(&mut self, id: ChunkId, frame: &[u8], len: u32) -> u64 {
         let offset = self.bytes.len() as u64;
+        if self.bytes.capacity() - self.bytes.len() < frame.len() {
+            // Grow once to a whole pack (pages are touched only as frames arrive), not by
+            // doubling: a doubled 64 MiB buffer would hold 128 MiB.
+            let want = (PACK_TARGET as usize + (1 << 20)).max(self.bytes.len() + frame.len());
+            self.bytes.reserve_exact(want - self.bytes.len());
+        }
         self.bytes.extend_from_slice(frame);
         self.toc.push(TocEntry {
             id,
@@ -120,6 +126,7 @@ impl PackBuilder {
         let hash = blake3::hash(&table);
         table.extend_from_slice(hash.as_bytes());
         let toc_len = table.len() as u32;
+        bytes.reserve_exact(table.len() + 16);
         bytes.extend_from_slice(&SKIPPABLE_MAGIC.to_le_bytes());
         bytes.extend_from_slice(&(toc_len + PACK_TRAILER as u32).to_le_bytes());
         bytes.extend_from_slice(&table);
