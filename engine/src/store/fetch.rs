@@ -597,6 +597,71 @@ mod tests {
         assert_eq!((one.requests, one.chunk.data()), (1, &data(7)[..]));
     }
 
+    /// Counts range requests in flight at once.
+    struct Concurrent {
+        inner: Arc<LocalStore>,
+        now: std::sync::atomic::AtomicUsize,
+        peak: std::sync::atomic::AtomicUsize,
+    }
+
+    impl StoreRead for Concurrent {
+        fn location(&self) -> String {
+            self.inner.location()
+        }
+        fn read_file(&self, rel: &str, limit: u64) -> Result<Option<Vec<u8>>> {
+            self.inner.read_file(rel, limit)
+        }
+        fn read_range(&self, rel: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+            let now = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+            self.peak.fetch_max(now, Ordering::SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            let got = self.inner.read_range(rel, offset, len);
+            self.now.fetch_sub(1, Ordering::SeqCst);
+            got
+        }
+        fn file_size(&self, rel: &str) -> Result<Option<u64>> {
+            self.inner.file_size(rel)
+        }
+        fn list_packs(&self) -> Result<Vec<PackId>> {
+            self.inner.list_packs()
+        }
+        fn in_flight(&self) -> usize {
+            3
+        }
+    }
+
+    #[test]
+    fn far_apart_chunks_are_separate_requests_within_the_in_flight_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, index, _) = fixture(dir.path(), 1500);
+        let counting = Arc::new(Concurrent {
+            inner: store,
+            now: Default::default(),
+            peak: Default::default(),
+        });
+        let f = PackFetcher::open(counting.clone(), &index).unwrap();
+        // Every 120th chunk: gaps of about 400 KiB, more than MAX_GAP.
+        let some: Vec<ChunkEntry> = index.chunks().iter().step_by(120).copied().collect();
+        let got: Vec<Fetched> = f.fetch_ordered(some.clone()).map(|r| r.unwrap()).collect();
+        assert_eq!(got.len(), some.len());
+        assert_eq!(
+            got.iter().map(|g| g.requests).sum::<u64>(),
+            some.len() as u64
+        );
+        assert_eq!(
+            got.iter().map(|g| g.downloaded).sum::<u64>(),
+            got.iter().map(|g| g.compressed.len() as u64).sum::<u64>(),
+            "no gap read"
+        );
+        for (g, e) in got.iter().zip(&some) {
+            assert_eq!(g.chunk.id(), e.id);
+        }
+        assert!(
+            counting.peak.load(Ordering::SeqCst) <= 3,
+            "never more than in_flight"
+        );
+    }
+
     #[test]
     fn a_corrupt_answer_is_fetched_again_up_to_the_retries() {
         let dir = tempfile::tempdir().unwrap();
