@@ -688,3 +688,362 @@ impl StoreWrite for MakeGuard {
         self.inner.list_files(dir)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use proptest::prelude::*;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    use super::*;
+    use crate::store::check::check;
+    use crate::store::{ChunkStore, LocalStore, PackFetcher};
+    use crate::{make, ChunkerParams, MakeOptions, NoProgress};
+
+    const HOUR: u64 = 3600;
+
+    fn opts() -> MakeOptions {
+        MakeOptions {
+            params: ChunkerParams::parse("1K:4K:16K").unwrap(),
+            workers: 2,
+        }
+    }
+
+    /// Makes `image` into `store` (through a [`MakeGuard`], as the CLI does).
+    fn make_into(store: &Arc<LocalStore>, dir: &Path, name: &str, image: &[u8]) -> Index {
+        let src = dir.join(format!("{name}.img"));
+        std::fs::write(&src, image).unwrap();
+        let out = dir.join(format!("{name}.tidx"));
+        let guard = MakeGuard::begin(store.clone()).unwrap();
+        let (index, _) = make(&src, &guard, &out, &opts(), &NoProgress).unwrap();
+        guard.end().unwrap();
+        index
+    }
+
+    fn random(seed: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        ChaCha8Rng::seed_from_u64(seed).fill(&mut v[..]);
+        v
+    }
+
+    fn at(now: u64, grace: u64) -> PruneOptions {
+        PruneOptions {
+            grace: Duration::from_secs(grace),
+            now,
+            ..PruneOptions::default()
+        }
+    }
+
+    fn fetch_all(fetcher: &PackFetcher, index: &Index) {
+        for e in index.chunks().iter().filter(|e| !e.zero) {
+            fetcher.fetch(e).unwrap();
+        }
+    }
+
+    fn setup() -> (tempfile::TempDir, Arc<LocalStore>, PathBuf) {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Arc::new(LocalStore::open(tmp.path().join("store"), true).unwrap());
+        let dir = tmp.path().to_path_buf();
+        (tmp, store, dir)
+    }
+
+    #[test]
+    fn deletion_waits_for_the_grace_and_old_readers_keep_working() {
+        let (_tmp, store, dir) = setup();
+        let a = make_into(&store, &dir, "a", &random(1, 200_000));
+        let b = make_into(&store, &dir, "b", &random(2, 200_000));
+        // A reader of `a` that started before the prune.
+        let reader = PackFetcher::open(store.clone(), &a).unwrap();
+        let t0 = 1_000_000;
+        let r = prune(&*store, std::slice::from_ref(&b), &at(t0, HOUR)).unwrap();
+        assert_eq!(r.condemned_packs.len(), 1, "{r:?}");
+        assert_eq!(r.condemned_locations, vec![ChunkId(a.root_hash()).to_string()]);
+        assert!(r.deleted_packs.is_empty());
+        // Within the grace nothing goes; the old reader still works.
+        let r = prune(&*store, std::slice::from_ref(&b), &at(t0 + HOUR - 1, HOUR)).unwrap();
+        assert!(r.deleted_packs.is_empty() && r.deleted_locations.is_empty(), "{r:?}");
+        fetch_all(&reader, &a);
+        assert!(check(&*store, std::slice::from_ref(&a)).unwrap().ok());
+        // Past the grace: a's pack and location file go, b stays whole.
+        let r = prune(&*store, std::slice::from_ref(&b), &at(t0 + HOUR, HOUR)).unwrap();
+        assert_eq!(r.deleted_packs.len(), 1, "{r:?}");
+        assert_eq!(r.deleted_locations.len(), 1, "{r:?}");
+        assert!(r.freed_bytes > 100_000);
+        assert_eq!(store.list_packs().unwrap().len(), 1);
+        assert!(check(&*store, std::slice::from_ref(&b)).unwrap().ok());
+        assert!(!check(&*store, std::slice::from_ref(&a)).unwrap().ok());
+        assert!(store.list_files(TRASH).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_pack_needed_again_is_taken_back() {
+        let (_tmp, store, dir) = setup();
+        let a = make_into(&store, &dir, "a", &random(1, 100_000));
+        let b = make_into(&store, &dir, "b", &random(2, 100_000));
+        prune(&*store, std::slice::from_ref(&b), &at(10, HOUR)).unwrap();
+        // `a` kept again before the grace ends: its pack and location file are rescued.
+        let r = prune(&*store, &[a.clone(), b.clone()], &at(10 + 2 * HOUR, HOUR)).unwrap();
+        assert_eq!(r.rescued, 2, "{r:?}");
+        assert!(r.deleted_packs.is_empty());
+        assert!(store.list_files(TRASH).unwrap().is_empty());
+        assert!(check(&*store, &[a, b]).unwrap().ok());
+    }
+
+    #[test]
+    fn mostly_dead_packs_are_repacked_and_old_readers_keep_working() {
+        let (_tmp, store, dir) = setup();
+        // `a`: one pack; `b` shares only its first 20%.
+        let base = random(1, 400_000);
+        let a = make_into(&store, &dir, "a", &base);
+        let mut other = base[..80_000].to_vec();
+        other.extend(random(2, 320_000));
+        let b = make_into(&store, &dir, "b", &other);
+        let reader = PackFetcher::open(store.clone(), &b).unwrap();
+        let old_packs = store.list_packs().unwrap();
+        let r = prune(&*store, std::slice::from_ref(&b), &at(100, HOUR)).unwrap();
+        assert_eq!(r.repacked_packs.len(), 1, "{r:?}");
+        assert_eq!(r.new_packs.len(), 1, "{r:?}");
+        assert_eq!(r.rewritten_locations, 1);
+        assert_eq!(r.condemned_packs, r.repacked_packs);
+        let c = check(&*store, std::slice::from_ref(&b)).unwrap();
+        assert!(c.ok(), "{c:?}");
+        // b's location file no longer names the repacked pack.
+        assert_eq!(c.packs, 2);
+        // The reader holding the old locations works through the grace.
+        fetch_all(&reader, &b);
+        let r = prune(&*store, std::slice::from_ref(&b), &at(100 + HOUR, HOUR)).unwrap();
+        assert_eq!(r.deleted_packs, vec![r.deleted_packs[0].clone()]);
+        assert!(old_packs.iter().any(|p| p.to_string() == r.deleted_packs[0]));
+        assert!(check(&*store, std::slice::from_ref(&b)).unwrap().ok());
+        // A fresh reader of b works; a's location data went with a.
+        fetch_all(&PackFetcher::open(store.clone(), &b).unwrap(), &b);
+        assert!(!check(&*store, &[a]).unwrap().ok());
+    }
+
+    #[test]
+    fn dry_run_changes_nothing() {
+        let (tmp, store, dir) = setup();
+        make_into(&store, &dir, "a", &random(1, 100_000));
+        let b = make_into(&store, &dir, "b", &random(2, 100_000));
+        let listing = |p: &Path| -> Vec<PathBuf> {
+            let mut v: Vec<PathBuf> = walk(p);
+            v.sort();
+            v
+        };
+        let before = listing(&tmp.path().join("store"));
+        let r = prune(
+            &*store,
+            &[b],
+            &PruneOptions {
+                dry_run: true,
+                ..at(1, HOUR)
+            },
+        )
+        .unwrap();
+        assert_eq!(r.condemned_packs.len(), 1);
+        assert_eq!(listing(&tmp.path().join("store")), before);
+    }
+
+    fn walk(p: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(p).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                out.extend(walk(&e.path()));
+            } else {
+                out.push(e.path());
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_running_make_defers_deletion_and_a_kept_index_must_have_locations() {
+        let (_tmp, store, dir) = setup();
+        let a = make_into(&store, &dir, "a", &random(1, 100_000));
+        let b = make_into(&store, &dir, "b", &random(2, 100_000));
+        prune(&*store, std::slice::from_ref(&b), &at(10, HOUR)).unwrap();
+        let guard = MakeGuard::begin(store.clone()).unwrap();
+        let now = unix_now() + 2 * HOUR;
+        let r = prune(&*store, std::slice::from_ref(&b), &at(now, HOUR)).unwrap();
+        assert!(r.deferred.as_deref().unwrap().contains("makes/"), "{r:?}");
+        assert!(r.deleted_packs.is_empty());
+        assert_eq!(store.list_packs().unwrap().len(), 2);
+        guard.end().unwrap();
+        let r = prune(&*store, std::slice::from_ref(&b), &at(now, HOUR)).unwrap();
+        assert_eq!(r.deleted_packs.len(), 1, "{r:?}");
+        // `a` has no location file any more: keeping it is refused, not a silent loss.
+        let e = prune(&*store, &[a], &at(now, HOUR)).unwrap_err().to_string();
+        assert!(e.contains("no valid location data"), "{e}");
+    }
+
+    #[test]
+    fn a_make_waits_for_a_running_prune_then_refuses_a_deleted_pack() {
+        let (_tmp, store, dir) = setup();
+        let a = make_into(&store, &dir, "a", &random(1, 100_000));
+        // A prune is running (its marker is there).
+        let prune_marker = write_marker(&*store, PRUNES, "tprune", unix_now()).unwrap();
+        let src = dir.join("a2.img");
+        std::fs::write(&src, random(1, 100_000)).unwrap();
+        let guard = Arc::new(MakeGuard::begin(store.clone()).unwrap());
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let worker = {
+            let (guard, src, out) = (guard.clone(), src.clone(), dir.join("a2.tidx"));
+            std::thread::spawn(move || {
+                let r = make(&src, &*guard, &out, &opts(), &NoProgress).map(|_| ());
+                done_tx.send(()).unwrap();
+                r
+            })
+        };
+        // The make reused a's pack and now waits for the prune to end before publishing;
+        // the prune deletes that pack, then ends.
+        assert!(done_rx.recv_timeout(Duration::from_millis(1500)).is_err(), "make did not wait");
+        for p in store.list_packs().unwrap() {
+            store.delete(&pack_path(&p)).unwrap();
+        }
+        store.delete(&prune_marker).unwrap();
+        let e = worker.join().unwrap().unwrap_err().to_string();
+        assert!(e.contains("deleted by a prune"), "{e}");
+        assert!(guard.raced());
+        // Run again (the CLI does): the chunks are written anew and the index is whole.
+        guard.reset();
+        let (again, _) = make(&src, &*guard, &dir.join("a2.tidx"), &opts(), &NoProgress).unwrap();
+        assert_eq!(again.root_hash(), a.root_hash());
+        assert!(check(&*store, &[again]).unwrap().ok());
+    }
+
+    #[test]
+    fn makes_racing_prunes_publish_whole_indexes() {
+        let (_tmp, store, dir) = setup();
+        let images: Vec<Vec<u8>> = (0..4).map(|i| random(i, 120_000)).collect();
+        let first = make_into(&store, &dir, "r0", &images[0]);
+        let latest = Arc::new(std::sync::Mutex::new(first));
+        let stop = Arc::new(AtomicBool::new(false));
+        let pruner = {
+            let (store, latest, stop) = (store.clone(), latest.clone(), stop.clone());
+            std::thread::spawn(move || {
+                // Each prune a minute after the last (a simulated clock), grace 10
+                // minutes: condemned packs go ten prunes later, while makes keep reusing
+                // them. A fresh make marker stays fresh on this clock.
+                let mut now = unix_now();
+                while !stop.load(Ordering::SeqCst) {
+                    let keep = latest.lock().unwrap().clone();
+                    now += 60;
+                    let o = PruneOptions {
+                        grace: Duration::from_secs(600),
+                        stale: Duration::from_secs(1 << 40),
+                        now,
+                        ..PruneOptions::default()
+                    };
+                    prune(&*store, &[keep], &o).unwrap();
+                }
+            })
+        };
+        for round in 1..12 {
+            let image = &images[round % images.len()];
+            let src = dir.join("r.img");
+            std::fs::write(&src, image).unwrap();
+            let guard = MakeGuard::begin(store.clone()).unwrap();
+            let mut attempt = 0;
+            let index = loop {
+                attempt += 1;
+                guard.reset();
+                match make(&src, &guard, &dir.join("r.tidx"), &opts(), &NoProgress) {
+                    Err(_) if guard.raced() && attempt < 3 => continue,
+                    r => break r.unwrap().0,
+                }
+            };
+            guard.end().unwrap();
+            *latest.lock().unwrap() = index;
+        }
+        stop.store(true, Ordering::SeqCst);
+        pruner.join().unwrap();
+        let last = latest.lock().unwrap().clone();
+        let c = check(&*store, std::slice::from_ref(&last)).unwrap();
+        assert!(c.ok(), "{c:?}");
+        for _ in 0..2 {
+            prune(&*store, std::slice::from_ref(&last), &at(unix_now() + 2 * HOUR, HOUR)).unwrap();
+        }
+        let c = check(&*store, std::slice::from_ref(&last)).unwrap();
+        assert!(c.ok(), "{c:?}");
+    }
+
+    /// One step of a release history.
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// A release: the last one with `len` bytes at `at` (fractions) rewritten.
+        Release { at: u8, len: u16, seed: u64 },
+        /// A prune keeping the indexes whose bits are set (of those still kept), hours
+        /// later, repacking below `repack` tenths.
+        Prune { keep: u8, hours: u8, repack: u8 },
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            (any::<u8>(), 1u16..30_000, any::<u64>())
+                .prop_map(|(at, len, seed)| Step::Release { at, len, seed }),
+            (any::<u8>(), 0u8..3, 0u8..10)
+                .prop_map(|(keep, hours, repack)| Step::Prune { keep, hours, repack }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+
+        /// Under random release histories, every chunk of every kept index stays in the
+        /// store, intact and where its location file says.
+        #[test]
+        fn kept_indexes_stay_whole(steps in proptest::collection::vec(step(), 1..10)) {
+            let (_tmp, store, dir) = setup();
+            let mut image = random(7, 150_000);
+            let mut live: Vec<Index> = vec![make_into(&store, &dir, "r", &image)];
+            let mut now = 1_000_000u64;
+            for (i, s) in steps.iter().enumerate() {
+                match s {
+                    Step::Release { at, len, seed } => {
+                        let start = image.len() * usize::from(*at) / 256;
+                        let end = (start + usize::from(*len)).min(image.len());
+                        image[start..end].copy_from_slice(&random(*seed, end - start));
+                        live.push(make_into(&store, &dir, &format!("r{i}"), &image));
+                    }
+                    Step::Prune { keep, hours, repack } => {
+                        // Keep a subset (never empty: the newest always stays).
+                        let n = live.len();
+                        live = live
+                            .into_iter()
+                            .enumerate()
+                            .filter(|(j, _)| *j == n - 1 || keep & (1 << (j % 8)) != 0)
+                            .map(|(_, x)| x)
+                            .collect();
+                        now += u64::from(*hours) * HOUR;
+                        let o = PruneOptions {
+                            repack_below: f64::from(*repack) / 10.0,
+                            ..at(now, HOUR)
+                        };
+                        prune(&*store, &live, &o).unwrap();
+                        let c = check(&*store, &live).unwrap();
+                        prop_assert!(c.ok(), "after step {}: {:?}", i, c.problems);
+                    }
+                }
+            }
+            // Two more prunes far in the future delete all that may go.
+            for k in 1..3 {
+                prune(&*store, &live, &at(now + k * 10 * HOUR, HOUR)).unwrap();
+            }
+            let c = check(&*store, &live).unwrap();
+            prop_assert!(c.ok(), "{:?}", c.problems);
+            // And nothing more than the kept indexes need is left.
+            let needed: BTreeSet<PackId> = live
+                .iter()
+                .flat_map(|ix| {
+                    let bytes = store.read_file(&locations_path(&ix.root_hash()), 1 << 30).unwrap().unwrap();
+                    header_packs(&bytes).unwrap()
+                })
+                .collect();
+            let have: BTreeSet<PackId> = store.list_packs().unwrap().into_iter().collect();
+            prop_assert_eq!(have, needed);
+        }
+    }
+}
