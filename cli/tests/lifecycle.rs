@@ -32,7 +32,11 @@ fn make(dir: &Path, name: &str, data: &[u8], store: &str, env: &[(&str, &str)]) 
         ],
         env,
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     index.to_str().unwrap().to_string()
 }
 
@@ -113,14 +117,14 @@ fn check_finds_a_flipped_byte_and_a_deleted_pack() {
     }
     // The human form names the chunk on stderr, exit 1.
     let err = run_err(&[&"check", &"--store", &s]);
-    assert!(err.contains(&e.id.to_string()) && err.contains("is corrupt"), "{err}");
+    assert!(
+        err.contains(&e.id.to_string()) && err.contains("is corrupt"),
+        "{err}"
+    );
     fs::write(&pack, &good).unwrap();
 
     // Delete v2's own pack: checking v2 reports it and its chunks missing.
-    let other = pack_files(&store)
-        .into_iter()
-        .find(|p| *p != pack)
-        .unwrap();
+    let other = pack_files(&store).into_iter().find(|p| *p != pack).unwrap();
     fs::remove_file(&other).unwrap();
     let (code, r) = check(&["--store", s, &i2], &[]);
     assert_eq!(code, 1, "{r}");
@@ -132,7 +136,13 @@ fn check_finds_a_flipped_byte_and_a_deleted_pack() {
 
     // An index made elsewhere has no location file here.
     let elsewhere = dir.path().join("elsewhere");
-    let i3 = make(dir.path(), "v3", &random_bytes(100_000, 3), elsewhere.to_str().unwrap(), &[]);
+    let i3 = make(
+        dir.path(),
+        "v3",
+        &random_bytes(100_000, 3),
+        elsewhere.to_str().unwrap(),
+        &[],
+    );
     let (code, r) = check(&["--store", s, &i3], &[]);
     assert_eq!(code, 1);
     assert_eq!(kinds(&r), vec!["missing_locations".to_string()]);
@@ -153,7 +163,10 @@ fn check_over_http_needs_indexes_and_finds_damage() {
     assert_eq!(code, 0, "{r}");
     assert!(r["chunks"].as_u64().unwrap() > 10);
     let err = run_err(&[&"check", &"--store", &url]);
-    assert!(err.contains("cannot be listed") && err.contains("INDEX"), "{err}");
+    assert!(
+        err.contains("cannot be listed") && err.contains("INDEX"),
+        "{err}"
+    );
     let (pack, e) = pack_frames(&store)[3].clone();
     let mut bytes = fs::read(&pack).unwrap();
     bytes[e.offset as usize + 5] ^= 1;
@@ -177,7 +190,11 @@ fn prune_round_trip(store: &str, dir: &Path, env: &[(&str, &str)]) {
         let mut args = vec!["prune", "--store", store, "--keep", &i2, "--json"];
         args.extend_from_slice(extra);
         let out = with_env(&args, env);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         json(&String::from_utf8(out.stdout).unwrap())
     };
     let dry = prune(&["--grace", "0", "--dry-run"]);
@@ -186,12 +203,23 @@ fn prune_round_trip(store: &str, dir: &Path, env: &[(&str, &str)]) {
     let (_, before) = check(&["--store", store], env);
     // v1's pack is half live (v2 shares its first half): repacked; v2's pack stays.
     let first = prune(&["--grace", "0"]);
-    assert_eq!(first["condemned_locations"].as_array().unwrap().len(), 1, "{first}");
-    assert!(first["deleted_packs"].as_array().unwrap().is_empty(), "{first}");
+    assert_eq!(
+        first["condemned_locations"].as_array().unwrap().len(),
+        1,
+        "{first}"
+    );
+    assert!(
+        first["deleted_packs"].as_array().unwrap().is_empty(),
+        "{first}"
+    );
     let (code, r) = check(&["--store", store, &i1, &i2], env);
     assert_eq!(code, 0, "condemned files stay readable: {r}");
     let second = prune(&["--grace", "0"]);
-    assert_eq!(second["deleted_locations"].as_array().unwrap().len(), 1, "{second}");
+    assert_eq!(
+        second["deleted_locations"].as_array().unwrap().len(),
+        1,
+        "{second}"
+    );
     let (code, r) = check(&["--store", store, &i2], env);
     assert_eq!(code, 0, "{r}");
     let (code, _) = check(&["--store", store, &i1], env);
@@ -254,20 +282,35 @@ fn a_make_racing_prunes_in_s3_publishes_a_whole_index() {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let pruner = {
         let (env, latest, stop) = (
-            env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<Vec<_>>(),
+            env.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<Vec<_>>(),
             latest.clone(),
             stop.clone(),
         );
         std::thread::spawn(move || {
-            let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            let env: Vec<(&str, &str)> =
+                env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
             let mut runs = 0;
             while !stop.load(std::sync::atomic::Ordering::SeqCst) || runs < 2 {
                 // Grace 2 s: condemned packs go a few prunes later, while makes reuse them.
                 let out = with_env(
-                    &["prune", "--store", store, "--keep", latest.to_str().unwrap(), "--grace", "2s"],
+                    &[
+                        "prune",
+                        "--store",
+                        store,
+                        "--keep",
+                        latest.to_str().unwrap(),
+                        "--grace",
+                        "2s",
+                    ],
                     &env,
                 );
-                assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
                 runs += 1;
             }
             runs
@@ -276,7 +319,13 @@ fn a_make_racing_prunes_in_s3_publishes_a_whole_index() {
     // Releases cycle, so makes keep reusing packs that prunes condemned.
     for round in 1..8 {
         let name = format!("r{round}");
-        let index = make(dir.path(), &name, &images[round % images.len()], store, &env);
+        let index = make(
+            dir.path(),
+            &name,
+            &images[round % images.len()],
+            store,
+            &env,
+        );
         let tmp = dir.path().join("latest.tmp");
         fs::copy(&index, &tmp).unwrap();
         fs::rename(&tmp, &latest).unwrap();
@@ -291,8 +340,15 @@ fn a_make_racing_prunes_in_s3_publishes_a_whole_index() {
     // Past the grace, later prunes delete what they may; the last index stays whole.
     std::thread::sleep(std::time::Duration::from_millis(2100));
     for _ in 0..2 {
-        let out = with_env(&["prune", "--store", store, "--keep", last, "--grace", "2s"], &env);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = with_env(
+            &["prune", "--store", store, "--keep", last, "--grace", "2s"],
+            &env,
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let (code, r) = check(&["--store", store, last], &env);
     assert_eq!(code, 0, "{r}");

@@ -54,8 +54,8 @@ pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("loading index {spec}"))?,
         );
     }
-    let report = check(&*store, &indexes)
-        .with_context(|| format!("checking store {}", args.store.store))?;
+    let report =
+        check(&*store, &indexes).with_context(|| format!("checking store {}", args.store.store))?;
     let ok = report.ok();
     if args.json {
         out.json(&Json {

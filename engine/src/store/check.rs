@@ -212,7 +212,11 @@ fn check_pack(
 ) -> Result<()> {
     let rel = pack_path(id);
     let origin = format!("{}/{rel}", store.location().trim_end_matches('/'));
-    let mut problem = |kind: ProblemKind, chunk: Option<ChunkId>, offset: Option<u64>, index: Option<[u8; 32]>, detail: String| {
+    let mut problem = |kind: ProblemKind,
+                       chunk: Option<ChunkId>,
+                       offset: Option<u64>,
+                       index: Option<[u8; 32]>,
+                       detail: String| {
         report.problems.push(Problem {
             kind,
             chunk: chunk.map(|c| c.to_string()),
@@ -263,8 +267,12 @@ fn check_pack(
         );
     }
     let size = bytes.len() as u64;
-    let toc = toc_tail_len(&bytes[bytes.len().saturating_sub(PACK_TRAILER as usize)..], size, &origin)
-        .and_then(|tail| parse_toc(&bytes[(size - tail) as usize..], size, &origin));
+    let toc = toc_tail_len(
+        &bytes[bytes.len().saturating_sub(PACK_TRAILER as usize)..],
+        size,
+        &origin,
+    )
+    .and_then(|tail| parse_toc(&bytes[(size - tail) as usize..], size, &origin));
     let toc: Vec<TocEntry> = match toc {
         Ok(t) => t,
         Err(e) => {

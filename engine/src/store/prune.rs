@@ -410,7 +410,7 @@ pub fn prune(store: &dyn StoreWrite, keep: &[Index], opts: &PruneOptions) -> Res
         }
     }
     for pack in pack_candidates {
-        if protected.contains(&pack) || trash_now.get(&trash_pack(&pack)).is_none() {
+        if protected.contains(&pack) || !trash_now.contains_key(&trash_pack(&pack)) {
             continue;
         }
         let rel = pack_path(&pack);
@@ -433,6 +433,9 @@ fn trash_loc(root: &[u8; 32]) -> String {
     format!("{TRASH}/{}.tloc", ChunkId(*root))
 }
 
+/// A pack's table of contents by frame offset: (chunk id, frame length, chunk length).
+type TocByOffset = HashMap<u64, (ChunkId, u32, u32)>;
+
 /// Copies the live frames of `old` packs into new packs (in kept-index order), makes them
 /// durable, then rewrites the location files of kept indexes that pointed into them.
 /// Returns the new packs and how many location files were rewritten.
@@ -443,8 +446,7 @@ fn repack_packs(
 ) -> Result<(Vec<PackId>, usize)> {
     let old_set: BTreeSet<PackId> = old.iter().copied().collect();
     // Read each old pack once, with its table of contents by offset.
-    let mut frames: HashMap<PackId, (Vec<u8>, HashMap<u64, (ChunkId, u32, u32)>)> =
-        HashMap::new();
+    let mut frames: HashMap<PackId, (Vec<u8>, TocByOffset)> = HashMap::new();
     for pack in old {
         let rel = pack_path(pack);
         let origin = format!("{}/{rel}", store.location().trim_end_matches('/'));
@@ -452,9 +454,16 @@ fn repack_packs(
             origin: origin.clone(),
         })?;
         let size = bytes.len() as u64;
-        let tail = toc_tail_len(&bytes[bytes.len().saturating_sub(PACK_TRAILER as usize)..], size, &origin)?;
+        let tail = toc_tail_len(
+            &bytes[bytes.len().saturating_sub(PACK_TRAILER as usize)..],
+            size,
+            &origin,
+        )?;
         let toc = parse_toc(&bytes[(size - tail) as usize..], size, &origin)?;
-        let by_offset = toc.iter().map(|e| (e.offset, (e.id, e.clen, e.len))).collect();
+        let by_offset = toc
+            .iter()
+            .map(|e| (e.offset, (e.id, e.clen, e.len)))
+            .collect();
         frames.insert(*pack, (bytes, by_offset));
     }
     // New places, chunk by chunk, in the order kept indexes need them.
@@ -759,11 +768,17 @@ mod tests {
         let t0 = 1_000_000;
         let r = prune(&*store, std::slice::from_ref(&b), &at(t0, HOUR)).unwrap();
         assert_eq!(r.condemned_packs.len(), 1, "{r:?}");
-        assert_eq!(r.condemned_locations, vec![ChunkId(a.root_hash()).to_string()]);
+        assert_eq!(
+            r.condemned_locations,
+            vec![ChunkId(a.root_hash()).to_string()]
+        );
         assert!(r.deleted_packs.is_empty());
         // Within the grace nothing goes; the old reader still works.
         let r = prune(&*store, std::slice::from_ref(&b), &at(t0 + HOUR - 1, HOUR)).unwrap();
-        assert!(r.deleted_packs.is_empty() && r.deleted_locations.is_empty(), "{r:?}");
+        assert!(
+            r.deleted_packs.is_empty() && r.deleted_locations.is_empty(),
+            "{r:?}"
+        );
         fetch_all(&reader, &a);
         assert!(check(&*store, std::slice::from_ref(&a)).unwrap().ok());
         // Past the grace: a's pack and location file go, b stays whole.
@@ -815,7 +830,9 @@ mod tests {
         fetch_all(&reader, &b);
         let r = prune(&*store, std::slice::from_ref(&b), &at(100 + HOUR, HOUR)).unwrap();
         assert_eq!(r.deleted_packs, vec![r.deleted_packs[0].clone()]);
-        assert!(old_packs.iter().any(|p| p.to_string() == r.deleted_packs[0]));
+        assert!(old_packs
+            .iter()
+            .any(|p| p.to_string() == r.deleted_packs[0]));
         assert!(check(&*store, std::slice::from_ref(&b)).unwrap().ok());
         // A fresh reader of b works; a's location data went with a.
         fetch_all(&PackFetcher::open(store.clone(), &b).unwrap(), &b);
@@ -875,7 +892,9 @@ mod tests {
         let r = prune(&*store, std::slice::from_ref(&b), &at(now, HOUR)).unwrap();
         assert_eq!(r.deleted_packs.len(), 1, "{r:?}");
         // `a` has no location file any more: keeping it is refused, not a silent loss.
-        let e = prune(&*store, &[a], &at(now, HOUR)).unwrap_err().to_string();
+        let e = prune(&*store, &[a], &at(now, HOUR))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("no valid location data"), "{e}");
     }
 
@@ -899,7 +918,10 @@ mod tests {
         };
         // The make reused a's pack and now waits for the prune to end before publishing;
         // the prune deletes that pack, then ends.
-        assert!(done_rx.recv_timeout(Duration::from_millis(1500)).is_err(), "make did not wait");
+        assert!(
+            done_rx.recv_timeout(Duration::from_millis(1500)).is_err(),
+            "make did not wait"
+        );
         for p in store.list_packs().unwrap() {
             store.delete(&pack_path(&p)).unwrap();
         }
@@ -964,7 +986,12 @@ mod tests {
         let c = check(&*store, std::slice::from_ref(&last)).unwrap();
         assert!(c.ok(), "{c:?}");
         for _ in 0..2 {
-            prune(&*store, std::slice::from_ref(&last), &at(unix_now() + 2 * HOUR, HOUR)).unwrap();
+            prune(
+                &*store,
+                std::slice::from_ref(&last),
+                &at(unix_now() + 2 * HOUR, HOUR),
+            )
+            .unwrap();
         }
         let c = check(&*store, std::slice::from_ref(&last)).unwrap();
         assert!(c.ok(), "{c:?}");
@@ -982,10 +1009,16 @@ mod tests {
 
     fn step() -> impl Strategy<Value = Step> {
         prop_oneof![
-            (any::<u8>(), 1u16..30_000, any::<u64>())
-                .prop_map(|(at, len, seed)| Step::Release { at, len, seed }),
-            (any::<u8>(), 0u8..3, 0u8..10)
-                .prop_map(|(keep, hours, repack)| Step::Prune { keep, hours, repack }),
+            (any::<u8>(), 1u16..30_000, any::<u64>()).prop_map(|(at, len, seed)| Step::Release {
+                at,
+                len,
+                seed
+            }),
+            (any::<u8>(), 0u8..3, 0u8..10).prop_map(|(keep, hours, repack)| Step::Prune {
+                keep,
+                hours,
+                repack
+            }),
         ]
     }
 
