@@ -1080,3 +1080,40 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod local_store_tests {
+    use super::*;
+    use crate::store::LocalStore;
+
+    #[test]
+    fn local_list_files_and_delete() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(tmp.path(), true).unwrap();
+        assert!(
+            store.list_files(TRASH).unwrap().is_empty(),
+            "absent directory"
+        );
+        store.put_file("trash/b.tloc", b"1").unwrap();
+        store.put_file("trash/a.tpack", b"2").unwrap();
+        std::fs::write(tmp.path().join("trash/.tmp123"), b"x").unwrap();
+        std::fs::create_dir(tmp.path().join("trash/sub")).unwrap();
+        assert_eq!(
+            store.list_files(TRASH).unwrap(),
+            vec!["trash/a.tpack".to_string(), "trash/b.tloc".to_string()]
+        );
+        store.delete("trash/a.tpack").unwrap();
+        store.delete("trash/a.tpack").unwrap(); // already gone: fine
+        store.delete("nowhere/x").unwrap();
+        assert_eq!(
+            store.list_files(TRASH).unwrap(),
+            vec!["trash/b.tloc".to_string()]
+        );
+        // A link planted in place of a directory is refused, not followed.
+        std::os::unix::fs::symlink(tmp.path().join("trash"), tmp.path().join("makes")).unwrap();
+        let e = store.list_files(MAKES).unwrap_err().to_string();
+        assert!(e.contains("symbolic link"), "{e}");
+        assert!(store.delete("makes/b.tloc").is_err());
+        assert!(tmp.path().join("trash/b.tloc").exists());
+    }
+}
