@@ -275,7 +275,7 @@ fn a_make_racing_prunes_in_s3_publishes_a_whole_index() {
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let dir = TempDir::new().unwrap();
     let store = "s3://race/s";
-    let images: Vec<Vec<u8>> = (0..3).map(|i| random_bytes(400_000, 10 + i)).collect();
+    let images: Vec<Vec<u8>> = (0..5).map(|i| random_bytes(400_000, 10 + i)).collect();
     let first = make(dir.path(), "r0", &images[0], store, &env);
     let latest = dir.path().join("latest.tidx");
     fs::copy(&first, &latest).unwrap();
@@ -293,7 +293,9 @@ fn a_make_racing_prunes_in_s3_publishes_a_whole_index() {
                 env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
             let mut runs = 0;
             while !stop.load(std::sync::atomic::Ordering::SeqCst) || runs < 2 {
-                // Grace 2 s: condemned packs go a few prunes later, while makes reuse them.
+                // Grace 1 s: a release's packs are condemned when the next is kept and
+                // deleted about when the cycle of releases comes back to it, so makes
+                // reuse packs that prunes are deleting.
                 let out = with_env(
                     &[
                         "prune",
@@ -302,7 +304,7 @@ fn a_make_racing_prunes_in_s3_publishes_a_whole_index() {
                         "--keep",
                         latest.to_str().unwrap(),
                         "--grace",
-                        "2s",
+                        "1s",
                     ],
                     &env,
                 );
@@ -317,7 +319,7 @@ fn a_make_racing_prunes_in_s3_publishes_a_whole_index() {
         })
     };
     // Releases cycle, so makes keep reusing packs that prunes condemned.
-    for round in 1..8 {
+    for round in 1..12 {
         let name = format!("r{round}");
         let index = make(
             dir.path(),
