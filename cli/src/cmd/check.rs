@@ -20,8 +20,8 @@ use crate::store_args::StoreArgs;
 /// HTTP store cannot be listed, so checking one needs INDEX arguments.
 ///
 /// Every problem is printed with the chunk id, the pack and the offset concerned. Exit
-/// status 0: nothing wrong; 1: something is missing or corrupt; 2: the check could not
-/// run.
+/// status 0: nothing wrong; 1: something is missing or corrupt (listed), or the check
+/// could not run (an error says why).
 #[derive(clap::Args, Debug)]
 pub struct Args {
     #[command(flatten)]

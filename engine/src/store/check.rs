@@ -228,6 +228,10 @@ fn check_pack(
     };
     let bytes = match read_pack(store, &rel) {
         Ok(Some(b)) => b,
+        Err(e @ Error::CorruptStore { .. }) => {
+            problem(ProblemKind::CorruptPack, None, None, None, e.to_string());
+            return Ok(());
+        }
         Ok(None) => {
             problem(
                 ProblemKind::MissingPack,
@@ -343,14 +347,56 @@ fn check_pack(
     Ok(())
 }
 
+/// The largest pack read whole: `make` closes a pack at [`crate::pack::PACK_TARGET`] of
+/// frames, plus at most one frame (a chunk is at most 16 MiB) and its table of contents.
+pub(crate) const MAX_PACK: u64 = 4 * crate::pack::PACK_TARGET;
+
 /// The whole pack file `rel`, `None` if absent.
+///
+/// # Errors
+/// [`Error::CorruptStore`] for a pack larger than [`MAX_PACK`] (never read into memory);
+/// I/O and transport failures.
 pub(crate) fn read_pack(store: &dyn StoreRead, rel: &str) -> Result<Option<Vec<u8>>> {
     let Some(size) = store.file_size(rel)? else {
         return Ok(None);
     };
+    if size > MAX_PACK {
+        return Err(Error::CorruptStore {
+            origin: format!("{}/{rel}", store.location().trim_end_matches('/')),
+            reason: format!("{size} bytes, larger than any pack make writes ({MAX_PACK})"),
+        });
+    }
     match store.read_range(rel, 0, size) {
         Ok(b) => Ok(Some(b)),
         Err(Error::MissingFile { .. }) => Ok(None),
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::LocalStore;
+
+    #[test]
+    fn an_oversized_pack_is_reported_not_read() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(tmp.path(), true).unwrap();
+        let id = PackId::of(b"huge");
+        let path = store.path_of(&pack_path(&id));
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        // Sparse: no disk space, and check must not allocate it either.
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(MAX_PACK + 1)
+            .unwrap();
+        let r = check(&store, &[]).unwrap();
+        assert_eq!(r.problems.len(), 1, "{r:?}");
+        assert_eq!(r.problems[0].kind, ProblemKind::CorruptPack);
+        assert!(
+            r.problems[0].detail.contains("larger than any pack"),
+            "{r:?}"
+        );
+        assert_eq!(r.bytes_read, 0);
     }
 }

@@ -471,6 +471,7 @@ fn repack_packs(
     let mut built: Vec<PackId> = Vec::new();
     let mut builder = PackBuilder::new();
     let mut pending: Vec<(PackId, u64)> = Vec::new();
+    let mut taken: std::collections::HashSet<(PackId, u64)> = std::collections::HashSet::new();
     let mut finish = |builder: PackBuilder,
                       pending: &mut Vec<(PackId, u64)>,
                       moved: &mut HashMap<(PackId, u64), (usize, u64, u32)>|
@@ -487,10 +488,7 @@ fn repack_packs(
     for (l, ids) in kept.iter() {
         for (r, id) in l.records.iter().zip(ids) {
             let pack = l.packs[r.pack as usize];
-            if !old_set.contains(&pack) || moved.contains_key(&(pack, r.offset)) {
-                continue;
-            }
-            if pending.contains(&(pack, r.offset)) {
+            if !old_set.contains(&pack) || !taken.insert((pack, r.offset)) {
                 continue;
             }
             let (bytes, toc) = &frames[&pack];
