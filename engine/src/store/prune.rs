@@ -42,6 +42,8 @@ pub const DEFAULT_GRACE: Duration = Duration::from_secs(3600);
 pub const DEFAULT_STALE: Duration = Duration::from_secs(24 * 3600);
 /// How often a `make` looks again whether a prune is still running.
 const POLL: Duration = Duration::from_millis(200);
+/// How long a `make` waits for a running prune before it gives up (publishing nothing).
+pub const MAX_PRUNE_WAIT: Duration = Duration::from_secs(15 * 60);
 
 /// The current Unix time in seconds.
 pub fn unix_now() -> u64 {
@@ -382,7 +384,7 @@ pub fn prune(store: &dyn StoreWrite, keep: &[Index], opts: &PruneOptions) -> Res
     {
         report.deferred = Some(format!(
             "a make is running ({} written at Unix time {}): nothing deleted; a later prune \
-             deletes what is due",
+             deletes what is due (if that make died, delete its marker)",
             m.rel, m.time
         ));
         return Ok(report);
@@ -609,15 +611,25 @@ impl MakeGuard {
         }
     }
 
-    /// Waits until no fresh prune marker is left.
+    /// Waits until no fresh prune marker is left, at most [`MAX_PRUNE_WAIT`].
     fn wait_for_prunes(&self) -> Result<()> {
+        let started = std::time::Instant::now();
         loop {
             let now = unix_now();
-            let running = markers(&*self.inner, PRUNES, now)?
+            let Some(m) = markers(&*self.inner, PRUNES, now)?
                 .into_iter()
-                .any(|m| fresh(m.time, now, self.stale));
-            if !running {
+                .find(|m| fresh(m.time, now, self.stale))
+            else {
                 return Ok(());
+            };
+            if started.elapsed() >= MAX_PRUNE_WAIT {
+                return Err(Error::InvalidInput(format!(
+                    "a prune has been running on store {} since Unix time {} ({}): make                      waited {} minutes for it to end before publishing, and published                      nothing; if that prune died, delete its marker and run make again",
+                    self.inner.location(),
+                    m.time,
+                    m.rel,
+                    MAX_PRUNE_WAIT.as_secs() / 60
+                )));
             }
             std::thread::sleep(POLL);
         }
@@ -949,7 +961,8 @@ mod tests {
                 // them. A fresh make marker stays fresh on this clock.
                 let mut now = unix_now();
                 while !stop.load(Ordering::SeqCst) {
-                    let keep = latest.lock().unwrap().clone();
+                    // The keep list changes between prunes, not during one.
+                    let keep = latest.lock().unwrap();
                     now += 60;
                     let o = PruneOptions {
                         grace: Duration::from_secs(600),
@@ -957,7 +970,8 @@ mod tests {
                         now,
                         ..PruneOptions::default()
                     };
-                    prune(&*store, &[keep], &o).unwrap();
+                    prune(&*store, std::slice::from_ref(&*keep), &o).unwrap();
+                    drop(keep);
                 }
             })
         };
@@ -975,8 +989,11 @@ mod tests {
                     r => break r.unwrap().0,
                 }
             };
-            guard.end().unwrap();
+            // The operator keeps each new release, before the make marker goes: on this
+            // fast clock the grace passes in milliseconds, and an index not yet kept is
+            // protected by its make's marker while the make runs, then by the grace.
             *latest.lock().unwrap() = index;
+            guard.end().unwrap();
         }
         stop.store(true, Ordering::SeqCst);
         pruner.join().unwrap();
