@@ -570,6 +570,7 @@ pub struct MakeGuard {
     inner: Arc<dyn StoreWrite>,
     marker: std::sync::Mutex<Option<String>>,
     stale: Duration,
+    max_wait: Duration,
     raced: AtomicBool,
 }
 
@@ -584,8 +585,15 @@ impl MakeGuard {
             inner,
             marker: std::sync::Mutex::new(Some(marker)),
             stale: DEFAULT_STALE,
+            max_wait: MAX_PRUNE_WAIT,
             raced: AtomicBool::new(false),
         })
+    }
+
+    /// Waits at most `max_wait` (instead of [`MAX_PRUNE_WAIT`]) for a running prune.
+    pub fn with_max_wait(mut self, max_wait: Duration) -> MakeGuard {
+        self.max_wait = max_wait;
+        self
     }
 
     /// Whether the last location file refused was refused because a prune deleted a pack
@@ -622,13 +630,15 @@ impl MakeGuard {
             else {
                 return Ok(());
             };
-            if started.elapsed() >= MAX_PRUNE_WAIT {
+            if started.elapsed() >= self.max_wait {
                 return Err(Error::InvalidInput(format!(
-                    "a prune has been running on store {} since Unix time {} ({}): make                      waited {} minutes for it to end before publishing, and published                      nothing; if that prune died, delete its marker and run make again",
+                    "a prune has been running on store {} since Unix time {} ({}): make \
+                     waited {} s for it to end before publishing, and published nothing; if \
+                     that prune died, delete its marker and run make again",
                     self.inner.location(),
                     m.time,
                     m.rel,
-                    MAX_PRUNE_WAIT.as_secs() / 60
+                    self.max_wait.as_secs()
                 )));
             }
             std::thread::sleep(POLL);
@@ -1010,6 +1020,27 @@ mod tests {
         }
         let c = check(&*store, std::slice::from_ref(&last)).unwrap();
         assert!(c.ok(), "{c:?}");
+    }
+
+    #[test]
+    fn a_make_gives_up_on_a_prune_that_never_ends() {
+        let (_tmp, store, dir) = setup();
+        let marker = write_marker(&*store, PRUNES, "tprune", unix_now()).unwrap();
+        let src = dir.join("a.img");
+        std::fs::write(&src, random(1, 50_000)).unwrap();
+        let guard = MakeGuard::begin(store.clone())
+            .unwrap()
+            .with_max_wait(Duration::from_millis(300));
+        let e = make(&src, &guard, &dir.join("a.tidx"), &opts(), &NoProgress)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("waited") && e.contains(&marker), "{e}");
+        assert!(!guard.raced());
+        assert!(
+            store.list_files("locations").unwrap().is_empty(),
+            "published"
+        );
+        assert!(!dir.join("a.tidx").exists());
     }
 
     /// One step of a release history.
