@@ -201,7 +201,7 @@ fn prune_round_trip(store: &str, dir: &Path, env: &[(&str, &str)]) {
     assert_eq!(dry["dry_run"], true);
     assert_eq!(dry["condemned_locations"].as_array().unwrap().len(), 1);
     let (_, before) = check(&["--store", store], env);
-    // v1's pack is half live (v2 shares its first half): repacked; v2's pack stays.
+    // First prune: v1's location file is condemned, nothing is deleted yet.
     let first = prune(&["--grace", "0"]);
     assert_eq!(
         first["condemned_locations"].as_array().unwrap().len(),

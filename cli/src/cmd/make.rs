@@ -26,7 +26,9 @@ use crate::store_args::StoreArgs;
 /// chunk sizes and store always give the same index, packs and location file. --cache is
 /// refused (it is for readers). tessera refuses to write through symbolic links: the index
 /// path, the --verity file (unless it names a block device) and the store's directories
-/// must not be links.
+/// must not be links. While it runs, make keeps a marker in STORE/makes/ so that a
+/// `tessera prune` of the same store deletes nothing meanwhile; before publishing it waits
+/// for a running prune to end and runs again if that prune deleted a pack it reuses.
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// The image: a file or a block device.
