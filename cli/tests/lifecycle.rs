@@ -167,6 +167,9 @@ fn check_over_http_needs_indexes_and_finds_damage() {
         err.contains("cannot be listed") && err.contains("INDEX"),
         "{err}"
     );
+    // An HTTP store is read-only: it cannot be pruned.
+    let err = run_err(&[&"prune", &"--store", &url, &"--keep", &i1]);
+    assert!(err.contains("read-only"), "{err}");
     let (pack, e) = pack_frames(&store)[3].clone();
     let mut bytes = fs::read(&pack).unwrap();
     bytes[e.offset as usize + 5] ^= 1;
