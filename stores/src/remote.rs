@@ -390,6 +390,48 @@ impl StoreWrite for RemoteStore {
         self.inner.put(rel, bytes)
     }
 
+    fn delete(&self, rel: &str) -> Result<()> {
+        check_rel(&self.location(), rel)?;
+        let Naming::S3 {
+            bucket,
+            credentials,
+            prefix,
+        } = &self.inner.naming
+        else {
+            return Err(read_only(&self.location()));
+        };
+        let url = bucket
+            .delete_object(credentials.as_ref(), &format!("{prefix}{rel}"))
+            .sign(SIGNED_FOR)
+            .to_string();
+        self.inner
+            .transport
+            .delete(&self.inner.naming.shown(rel), &url)
+    }
+
+    fn list_files(&self, dir: &str) -> Result<Vec<String>> {
+        check_rel(&self.location(), dir)?;
+        let Naming::S3 {
+            bucket,
+            credentials,
+            prefix,
+        } = &self.inner.naming
+        else {
+            return Err(read_only(&self.location()));
+        };
+        let under = format!("{prefix}{dir}/");
+        let keys = s3::list_keys(&self.inner.transport, bucket, credentials.as_ref(), &under)?;
+        // Only the files directly in `dir`; the listing refuses keys outside the prefix.
+        let mut out: Vec<String> = keys
+            .iter()
+            .map(|k| &k[under.len()..])
+            .filter(|name| !name.is_empty() && !name.contains('/') && !name.starts_with('.'))
+            .map(|name| format!("{dir}/{name}"))
+            .collect();
+        out.sort_unstable();
+        Ok(out)
+    }
+
     fn flush(&self) -> Result<()> {
         let mut state = self.uploads.state.lock().expect("upload state");
         while state.pending > 0 {

@@ -357,6 +357,23 @@ impl Transport {
     }
 
     /// PUT with retries. `shown` is what errors name (`url` may be signed).
+    /// DELETEs `url` (S3; for prune); an object already gone (404) is not an error.
+    pub(crate) fn delete(&self, shown: &str, url: &str) -> Result<(), Error> {
+        self.retrying("deleting", shown, |_| {
+            let mut resp = self
+                .agent
+                .delete(url)
+                .call()
+                .map_err(|e| self.classify(e))?;
+            let status = resp.status().as_u16();
+            let _ = resp.body_mut().with_config().limit(1 << 20).read_to_vec();
+            match status {
+                200..=299 | 404 => Ok(()),
+                s => Err(status_failure(s, resp.status().canonical_reason())),
+            }
+        })
+    }
+
     pub(crate) fn put(&self, shown: &str, url: &str, body: &[u8]) -> Result<(), Error> {
         self.retrying("uploading", shown, |_| {
             let mut resp = self

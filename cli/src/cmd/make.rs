@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::Context;
+use tessera_engine::store::prune::MakeGuard;
 use tessera_engine::trust::{build_verity, VerityOptions, VerityReport};
 use tessera_engine::{ChunkerParams, MakeOptions};
 
@@ -25,7 +26,9 @@ use crate::store_args::StoreArgs;
 /// chunk sizes and store always give the same index, packs and location file. --cache is
 /// refused (it is for readers). tessera refuses to write through symbolic links: the index
 /// path, the --verity file (unless it names a block device) and the store's directories
-/// must not be links.
+/// must not be links. While it runs, make keeps a marker in STORE/makes/ so that a
+/// `tessera prune` of the same store deletes nothing meanwhile; before publishing it waits
+/// for a running prune to end and runs again if that prune deleted a pack it reuses.
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// The image: a file or a block device.
@@ -72,9 +75,21 @@ pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
     let store = args.store.open_for_write()?;
     let dest = args.store.index_dest(&args.index)?;
     let started = Instant::now();
-    let (index, report) = tessera_engine::make(&args.source, &*store, dest.path(), &opts, out)
-        .with_context(|| format!("making an image of {}", args.source.display()))?;
+    // The make/prune protocol (docs/STORES.md): a makes/ marker while we run; a prune
+    // that deleted a pack we reuse makes us run again (the next run does not see it).
+    let guard = MakeGuard::begin(store).context("starting make")?;
+    let mut attempt = 0;
+    let (index, report) = loop {
+        attempt += 1;
+        guard.reset();
+        match tessera_engine::make(&args.source, &guard, dest.path(), &opts, out) {
+            Err(_) if guard.raced() && attempt < 3 => continue,
+            r => break r,
+        }
+    }
+    .with_context(|| format!("making an image of {}", args.source.display()))?;
     args.store.publish_index(&dest)?;
+    guard.end().context("ending make")?;
     let secs = started.elapsed().as_secs_f64();
     let verity = args
         .verity

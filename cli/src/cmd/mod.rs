@@ -1,8 +1,10 @@
 //! One module per subcommand: arguments in, one engine call, result out.
 
+mod check;
 mod info;
 mod keygen;
 mod make;
+mod prune;
 mod serve;
 mod sign;
 mod sync;
@@ -19,6 +21,8 @@ use crate::output::Output;
 #[derive(Subcommand, Debug)]
 pub enum Command {
     Make(make::Args),
+    Check(check::Args),
+    Prune(prune::Args),
     Serve(serve::Args),
     Sync(sync::Args),
     Verify(verify::Args),
@@ -32,6 +36,8 @@ pub enum Command {
 pub fn run(command: Command, out: &Output) -> anyhow::Result<ExitCode> {
     match command {
         Command::Make(args) => make::run(args, out),
+        Command::Check(args) => check::run(args, out),
+        Command::Prune(args) => prune::run(args, out),
         Command::Serve(args) => serve::run(args, out),
         Command::Sync(args) => sync::run(args, out),
         Command::Verify(args) => verify::run(args, out),

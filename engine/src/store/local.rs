@@ -328,6 +328,41 @@ impl StoreWrite for LocalStore {
     fn flush(&self) -> Result<()> {
         crate::sys::syncfs(&self.root).map_err(|e| Error::io("syncing store", &self.root, e))
     }
+
+    fn delete(&self, rel: &str) -> Result<()> {
+        let path = self.path_of(rel);
+        let (rel_dir, name) = rel.rsplit_once('/').ok_or_else(|| {
+            Error::InvalidInput(format!("store file name {rel} has no directory"))
+        })?;
+        let Some(dir) = self.dir(rel_dir, false)? else {
+            return Ok(());
+        };
+        match crate::sys::unlink_at(&dir, OsStr::new(name)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io("deleting", path, e)),
+        }
+    }
+
+    fn list_files(&self, dir: &str) -> Result<Vec<String>> {
+        // Opening the handle first refuses a link planted in place of the directory.
+        if self.dir(dir, false)?.is_none() {
+            return Ok(Vec::new());
+        }
+        let path = self.path_of(dir);
+        let mut out = Vec::new();
+        for f in fs::read_dir(&path).map_err(|e| Error::io("listing", &path, e))? {
+            let f = f.map_err(|e| Error::io("listing", &path, e))?;
+            let is_file = f.file_type().is_ok_and(|t| t.is_file());
+            if let Some(name) = f.file_name().to_str() {
+                if is_file && !name.starts_with('.') {
+                    out.push(format!("{dir}/{name}"));
+                }
+            }
+        }
+        out.sort_unstable();
+        Ok(out)
+    }
 }
 
 #[cfg(test)]

@@ -24,8 +24,10 @@
 //! feeds a sequential writer at full speed, with memory bounded by a window.
 
 mod cache;
+pub mod check;
 mod fetch;
 mod local;
+pub mod prune;
 
 use std::fmt;
 use std::str::FromStr;
@@ -171,6 +173,32 @@ pub trait StoreWrite: StoreRead {
     /// # Errors
     /// I/O or transport failures.
     fn flush(&self) -> Result<()>;
+
+    /// Removes the store-relative file `rel` (for `prune`); a file already absent is not
+    /// an error. The default refuses: a store that cannot delete cannot be pruned.
+    ///
+    /// # Errors
+    /// [`crate::Error::InvalidInput`] from the default; I/O or transport failures.
+    fn delete(&self, rel: &str) -> Result<()> {
+        Err(crate::Error::InvalidInput(format!(
+            "store {} cannot delete files (deleting {rel})",
+            self.location()
+        )))
+    }
+
+    /// The store-relative names (`dir/name`) of the files directly in directory `dir`
+    /// (`locations`, `trash`, `makes`, `prunes`; for `prune`), without `.`-prefixed
+    /// temporary files, sorted; empty when the directory does not exist. The default
+    /// refuses, like [`StoreWrite::delete`].
+    ///
+    /// # Errors
+    /// [`crate::Error::InvalidInput`] from the default; I/O or transport failures.
+    fn list_files(&self, dir: &str) -> Result<Vec<String>> {
+        Err(crate::Error::InvalidInput(format!(
+            "store {} cannot list {dir}/",
+            self.location()
+        )))
+    }
 }
 
 /// A chunk fetched from a store and verified, with the compressed frame it came from (a
