@@ -20,7 +20,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 
-use super::{locations_path, pack_path, ChunkStore, FetchStream, Fetched, PackId, StoreRead};
+use super::{
+    locations_path, pack_path, ChunkStore, Estimate, FetchStream, Fetched, PackId, StoreRead,
+};
 use crate::chunk::decompress_verified;
 use crate::error::{Error, Result};
 use crate::index::{ChunkEntry, Index};
@@ -268,6 +270,41 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// The requests [`ChunkStore::fetch_ordered`] makes for `entries` (each naming its
+    /// wants by position in `entries`), in the order they run, and the entries the
+    /// location data has no place for, with their errors. The one planner of both the
+    /// fetch and [`ChunkStore::estimate`].
+    fn plan(&self, entries: &[ChunkEntry]) -> (VecDeque<Request>, Vec<(usize, Error)>) {
+        let mut unplaced = Vec::new();
+        let mut located = Vec::new();
+        let mut wants = Vec::new();
+        for (i, e) in entries.iter().enumerate() {
+            match self.place(e) {
+                Ok((place, _)) => {
+                    located.push(i);
+                    wants.push(Want {
+                        pack: place.pack,
+                        offset: place.offset,
+                        clen: place.clen,
+                    });
+                }
+                Err(err) => unplaced.push((i, err)),
+            }
+        }
+        let queue = plan_requests(&wants, MAX_GAP, MAX_REQUEST, SEGMENT)
+            .into_iter()
+            .map(|mut r| {
+                for w in &mut r.wants {
+                    *w = located[*w];
+                }
+                r
+            })
+            .collect();
+        (queue, unplaced)
+    }
+}
+
 impl ChunkStore for PackFetcher {
     fn location(&self) -> String {
         self.shared.location.clone()
@@ -294,32 +331,10 @@ impl ChunkStore for PackFetcher {
             });
             return Box::new(std::iter::once(Err(e)).chain(rest));
         }
-        let mut ready = HashMap::new();
-        let mut located = Vec::new();
-        let mut wants = Vec::new();
-        for (i, e) in entries.iter().enumerate() {
-            match self.shared.place(e) {
-                Ok((place, _)) => {
-                    located.push(i);
-                    wants.push(Want {
-                        pack: place.pack,
-                        offset: place.offset,
-                        clen: place.clen,
-                    });
-                }
-                Err(err) => {
-                    ready.insert(i, (Err(err), 0));
-                }
-            }
-        }
-        let queue: VecDeque<Request> = plan_requests(&wants, MAX_GAP, MAX_REQUEST, SEGMENT)
+        let (queue, unplaced) = self.shared.plan(&entries);
+        let ready = unplaced
             .into_iter()
-            .map(|mut r| {
-                for w in &mut r.wants {
-                    *w = located[*w];
-                }
-                r
-            })
+            .map(|(i, err)| (i, (Err(err), 0)))
             .collect();
         Box::new(Ordered {
             fetcher: self,
@@ -335,6 +350,21 @@ impl ChunkStore for PackFetcher {
 
     fn in_flight(&self) -> usize {
         self.shared.store.in_flight()
+    }
+
+    fn estimate(&self, entries: &[ChunkEntry]) -> Result<Estimate> {
+        if entries.is_empty() {
+            return Ok(Estimate::default());
+        }
+        self.shared.located()?;
+        let (queue, unplaced) = self.shared.plan(entries);
+        if let Some((_, err)) = unplaced.into_iter().next() {
+            return Err(err);
+        }
+        Ok(Estimate {
+            bytes: queue.iter().map(|r| r.len).sum(),
+            requests: queue.len() as u64,
+        })
     }
 }
 
