@@ -133,6 +133,8 @@ for cs in $SIZES; do
         gr=$(jf requests "$WORK/out/dry.json")
         echo "| $cs | $gap | $(mb "$gd") | $gr | $(mb $((gd + idx + loc + gr * HEADER_EST))) | $(mb $((idx * 64))) |" >>"$GAP_ROWS"
     done
+    # Each store holds two releases (~750 MB): keep the disk free for the next.
+    rm -rf "$S" "$WORK/out/t.img"
 done
 
 echo "== bita 16K:64K:256K" >&2
@@ -143,6 +145,7 @@ mkdir -p "$W/b"
 cp --sparse=always "$OLD" "$WORK/out/b.img"
 logged "$BITA" clone --seed-output "$URL/b/new.cba" "$WORK/out/b.img"
 cmp "$NEW" "$WORK/out/b.img"
+rm -f "$WORK/out/b.img"
 cba=$(stat -c %s "$W/b/new.cba")
 echo "| bita 16K:64K:256K | | | | | | | | $REQ | $(mb "$BODY") | $(mb "$TOTAL") |" >>"$ROWS"
 
