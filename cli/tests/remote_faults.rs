@@ -147,8 +147,16 @@ fn a_chunk_corrupted_on_every_fetch_fails_with_its_id_and_url() {
         ids.iter().any(|id| err.contains(id.as_str())),
         "the error names no chunk of the index: {err}"
     );
-    // The refetches: the chunk alone, as many times as --retries allows.
-    assert!(pack_gets(&proxy) >= 3, "{:?}", proxy.seen());
+    // The refetches: the chunk alone, as many times as --retries allows, asking caches
+    // on the way to revalidate; the first request did not.
+    let gets: Vec<_> = proxy
+        .seen()
+        .into_iter()
+        .filter(|r| r.method == "GET" && is_pack(&r.path))
+        .collect();
+    assert!(gets.len() >= 3, "{gets:?}");
+    assert!(!gets[0].no_cache, "{gets:?}");
+    assert!(gets[1..].iter().any(|r| r.no_cache), "{gets:?}");
     if let Ok(written) = fs::read(&target) {
         assert_only_image_or_zero(&written, &s.image);
     }

@@ -93,6 +93,23 @@ fn sync_from_nginx_by_url_gives_the_exact_image() {
         "{} pack requests for {chunks} chunks: {seen:?}",
         ranges.len()
     );
+    assert_eq!(
+        out["requests"].as_u64(),
+        Some(ranges.len() as u64),
+        "the requests sync reports are the range requests made: {out}"
+    );
+    let asked: u64 = ranges
+        .iter()
+        .filter_map(|r| r.range.as_deref()?.strip_prefix("bytes="))
+        .map(|v| {
+            let (a, b) = v.split_once('-').unwrap();
+            b.parse::<u64>().unwrap() - a.parse::<u64>().unwrap() + 1
+        })
+        .sum();
+    assert_eq!(
+        downloaded, asked,
+        "bytes_downloaded counts every byte of the ranges asked, gaps included"
+    );
     for r in &ranges {
         assert!(
             r.method == "HEAD" || r.range.as_deref().is_some_and(|v| v.starts_with("bytes=")),

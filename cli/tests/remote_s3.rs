@@ -288,3 +288,60 @@ fn a_release_into_s3_makes_one_put_per_64_mib_of_new_data() {
     ));
     assert!(fs::read(&target).unwrap() == image, "synced bytes differ");
 }
+
+/// S3 reads are ranged GETs under the same rules as HTTP: a service (or a proxy before
+/// it) that answers a range with the whole object is refused, naming the object.
+#[test]
+fn an_s3_service_ignoring_range_is_refused() {
+    if skip_unless(moto_available(), "moto_server (pip install 'moto[server]')") {
+        return;
+    }
+    let moto = Moto::start();
+    moto.create_bucket("rng");
+    let dir = TempDir::new().unwrap();
+    let img = dir.path().join("i.raw");
+    fs::write(&img, random_bytes(2_000_000, 24)).unwrap();
+    ok(tessera_s3(
+        &moto.endpoint(),
+        &[
+            &"make",
+            &img,
+            &"--store",
+            &"s3://rng/s",
+            &"--index",
+            &dir.path().join("i.tidx"),
+        ],
+    ));
+    let proxy = Proxy::start(
+        ([127, 0, 0, 1], moto.port).into(),
+        Arc::new(|_, _: &str, p: &str| {
+            if p.contains("/packs/") {
+                Fault::DropRange
+            } else {
+                Fault::Pass
+            }
+        }),
+    );
+    let out = tessera_s3(
+        &proxy.url(),
+        &[
+            &"sync",
+            &dir.path().join("i.tidx"),
+            &dir.path().join("o.raw"),
+            &"--store",
+            &"s3://rng/s",
+            &"--retries",
+            &"0",
+        ],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("s3://rng/s/packs/") && err.contains("must support HTTP Range requests"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("X-Amz-Signature"),
+        "a signature was shown: {err}"
+    );
+}

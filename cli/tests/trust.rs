@@ -654,7 +654,10 @@ fn verity_rejects_bad_salts_and_short_targets() {
     let short = dir.path().join("short.img");
     fs::write(&short, vec![0u8; 4096]).unwrap();
     let err = run_err(&[&"verity", &index, &short, &"--hash-file", &hash]);
-    assert!(err.contains("holds 4096 bytes but the image needs"), "{err}");
+    assert!(
+        err.contains("holds 4096 bytes but the image needs"),
+        "{err}"
+    );
     assert!(!hash.exists());
 }
 

@@ -365,7 +365,9 @@ impl Locations {
         }
         let head_end = packs_end + 8;
         let frame = &bytes[head_end..bytes.len() - 32];
-        let want = distinct * LOC_RECORD;
+        let want = distinct
+            .checked_mul(LOC_RECORD)
+            .ok_or_else(|| bad(format!("{distinct} records cannot be held in memory")))?;
         let mut raw = Vec::with_capacity(want + 1);
         zstd::bulk::Decompressor::new()
             .and_then(|mut d| d.decompress_to_buffer(frame, &mut raw))

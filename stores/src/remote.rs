@@ -119,12 +119,6 @@ impl RemoteStore {
         matches!(self.inner.naming, Naming::S3 { .. })
     }
 
-    /// The URL (HTTP) or `s3://` name of the store-relative file `rel`, as messages show
-    /// it.
-    pub fn url_of(&self, rel: &str) -> String {
-        self.inner.naming.shown(rel)
-    }
-
     /// Creates the bucket of an S3 store (for tests and first set-ups; needs
     /// credentials).
     ///
@@ -438,6 +432,8 @@ mod tests {
         /// 206, the right Content-Range, a Content-Length, half the body, then close.
         Truncate,
         NoContentRange,
+        /// Honest, behind a redirect from `/r/…` to `/s/…`.
+        Redirect,
     }
 
     /// A web server with one file, `FILE` at `/s/packs/ab/f.tpack`; everything else is
@@ -470,6 +466,11 @@ mod tests {
 
     fn answer(mode: Mode, head: &str) -> Vec<u8> {
         let first = head.lines().next().unwrap_or("");
+        if matches!(mode, Mode::Redirect) && first.contains(" /r/packs/ab/f.tpack ") {
+            return b"HTTP/1.1 302 Found\r\nLocation: /s/packs/ab/f.tpack\r\n\
+                     Content-Length: 0\r\nConnection: close\r\n\r\n"
+                .to_vec();
+        }
         if !first.contains(" /s/packs/ab/f.tpack ") {
             return b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
                 .to_vec();
@@ -560,6 +561,15 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A redirect (a CDN sending readers to a mirror) keeps the range asked.
+    #[test]
+    fn a_redirected_range_request_keeps_its_range() {
+        let (url, seen) = server(Mode::Redirect);
+        let store = open(&url.replace("/s", "/r"));
+        assert_eq!(store.read_range(PACK, 10, 5).unwrap(), b"abcde");
+        assert_eq!(seen.load(Ordering::SeqCst), 2);
     }
 
     /// A server that ignores `Range` is refused at its first answer, without retries and

@@ -231,6 +231,8 @@ pub struct Seen {
     pub path: String,
     /// The `Range` header's value, if any.
     pub range: Option<String>,
+    /// Whether it asked caches to revalidate (`Cache-Control: no-cache`).
+    pub no_cache: bool,
 }
 
 /// Decides the fault of request number `n` (from 0) for `method` and `path`.
@@ -345,10 +347,15 @@ fn serve_client(client: TcpStream, st: &ProxyState) -> std::io::Result<()> {
             name.eq_ignore_ascii_case("range")
                 .then(|| value.trim().to_string())
         });
+        let no_cache = head.iter().any(|l| {
+            let l = l.to_ascii_lowercase();
+            l.starts_with("cache-control:") && l.contains("no-cache")
+        });
         st.seen.lock().unwrap().push(Seen {
             method: method.clone(),
             path: path.clone(),
             range: range.clone(),
+            no_cache,
         });
         let n = st.requests.fetch_add(1, Ordering::Relaxed);
         if st.down.load(Ordering::Relaxed) {

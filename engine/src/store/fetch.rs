@@ -179,7 +179,22 @@ impl Shared {
                     self.location
                 ),
             })?;
-        Ok((*place, pack_path(&located.packs[place.pack as usize])))
+        let rel = pack_path(&located.packs[place.pack as usize]);
+        // No frame of a chunk is longer than zstd's bound for its length: a longer one in
+        // the location file is refused before anything that large is requested.
+        let bound = zstd::zstd_safe::compress_bound(entry.len as usize);
+        if place.clen as usize > bound {
+            return Err(Error::CorruptChunk {
+                id: entry.id,
+                origin: self.origin(&rel, place.offset),
+                reason: format!(
+                    "the location file gives its frame {} bytes, more than any frame of a \
+                     {}-byte chunk",
+                    place.clen, entry.len
+                ),
+            });
+        }
+        Ok((*place, rel))
     }
 
     fn origin(&self, rel: &str, offset: u64) -> String {
@@ -783,6 +798,11 @@ mod tests {
             "{errs:?}"
         );
         assert!(lazy.fetch_verified(&all[0]).is_err());
+        // A frame length past zstd's bound is refused before any request.
+        let mut huge = all[0];
+        huge.len = 10;
+        let err = f.fetch_verified(&huge).unwrap_err().to_string();
+        assert!(err.contains("more than any frame"), "{err}");
         // A chunk the index does not name.
         let other = ChunkEntry {
             id: ChunkId::of(b"other"),
