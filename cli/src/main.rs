@@ -36,7 +36,7 @@ struct Cli {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let out = output::Output::new(cli.quiet);
-    match cmd::run(cli.command, &out) {
+    match check_environment().and_then(|()| cmd::run(cli.command, &out)) {
         Ok(code) => code,
         Err(err) => {
             out.finish_progress();
@@ -44,4 +44,16 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Environment knobs the engine reads are checked here, so a typo is an error rather than
+/// silently ignored: `TESSERA_MAX_GAP` (bytes a coalesced range request may read through
+/// between wanted chunks; for measurements, see `benches/chunk-sweep.sh`).
+fn check_environment() -> anyhow::Result<()> {
+    if let Some(v) = std::env::var_os("TESSERA_MAX_GAP") {
+        let v = v.to_string_lossy();
+        tessera_engine::parse_size(&v)
+            .map_err(|e| anyhow::anyhow!("TESSERA_MAX_GAP={v:?}: {e}"))?;
+    }
+    Ok(())
 }

@@ -128,9 +128,10 @@ fn make_and_info_report_the_promised_fields() {
     assert_eq!(info["format_version"], 1);
     assert_eq!(info["image_size"], 4_000_000);
     assert_eq!(info["chunk_count"], m.make["chunk_count"]);
-    assert_eq!(info["chunker"]["min"], 16384);
-    assert_eq!(info["chunker"]["avg"], 65536);
-    assert_eq!(info["chunker"]["max"], 262144);
+    // The default chunk sizes, 4K:16K:64K.
+    assert_eq!(info["chunker"]["min"], 4096);
+    assert_eq!(info["chunker"]["avg"], 16384);
+    assert_eq!(info["chunker"]["max"], 65536);
     assert_eq!(info["image_hash"], blake3::hash(&img).to_hex().as_str());
     let root = blake3::hash(&fs::read(&m.index).unwrap());
     assert_eq!(info["root_hash"], root.to_hex().as_str());

@@ -26,12 +26,14 @@ pub struct ChunkerParams {
 }
 
 impl Default for ChunkerParams {
-    /// 16 KiB / 64 KiB / 256 KiB.
+    /// 4 KiB / 16 KiB / 64 KiB: the fewest bytes on the wire for a release update of the
+    /// ext4 pair of `benches/chunk-sweep.sh` (see `benches/RESULTS.md`). Images of tens of
+    /// GiB may prefer larger chunks for a smaller index (README).
     fn default() -> Self {
         ChunkerParams {
-            min: 16 * 1024,
-            avg: 64 * 1024,
-            max: 256 * 1024,
+            min: 4 * 1024,
+            avg: 16 * 1024,
+            max: 64 * 1024,
         }
     }
 }
@@ -320,7 +322,7 @@ mod tests {
     #[test]
     fn params_validation_and_parsing() {
         assert_eq!(
-            ChunkerParams::parse("16K:64K:256K").unwrap(),
+            ChunkerParams::parse("4K:16K:64K").unwrap(),
             ChunkerParams::default()
         );
         assert!(ChunkerParams::parse("16K:60K:256K").is_err());

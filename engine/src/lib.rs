@@ -63,8 +63,8 @@ pub use make::{make, MakeOptions, MakeReport};
 pub use progress::{NoProgress, Progress};
 pub use reader::{ImageReader, Overlay, ReaderOptions, ReaderStats};
 pub use store::{
-    CacheOptions, CacheStore, ChunkStore, FetchStream, Fetched, LocalStore, PackFetcher, PackId,
-    StoreRead, StoreWrite,
+    CacheOptions, CacheStore, ChunkStore, Estimate, FetchStream, Fetched, LocalStore, PackFetcher,
+    PackId, StoreRead, StoreWrite,
 };
 pub use sync::{sync, sync_with, SeedSpec, SyncOptions, SyncPlan, SyncReport};
 pub use trust::{TrustPolicy, TrustReport, TrustedKey};

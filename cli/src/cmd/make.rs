@@ -40,7 +40,7 @@ pub struct Args {
     #[arg(long, value_name = "OUT.tidx")]
     index: PathBuf,
     /// Chunk sizes as MIN:AVG:MAX (K and M suffixes; AVG a power of two).
-    #[arg(long, value_name = "MIN:AVG:MAX", default_value = "16K:64K:256K")]
+    #[arg(long, value_name = "MIN:AVG:MAX", default_value = "4K:16K:64K")]
     chunk_size: String,
     /// Worker threads for hashing and compression [default: number of CPUs].
     #[arg(long, value_name = "N")]

@@ -58,9 +58,17 @@ struct InPlaceArgs {
     /// read. PATH may be TARGET itself (its current release). Repeatable.
     #[arg(long, value_name = "PATH=INDEX", value_parser = parse_seed_index)]
     seed_index: Vec<(PathBuf, PathBuf)>,
-    /// Plan and print what would be done (see --json), change nothing.
+    /// Plan and print what would be done, change nothing: with the compressed bytes and
+    /// requests the sync would download from the store (frames and the gaps coalesced
+    /// range requests read through; HTTP headers not counted). See --json.
     #[arg(long)]
     dry_run: bool,
+    /// Refuse, before TARGET is created or opened for writing and before any journal is
+    /// written, when the sync would download more than SIZE compressed bytes from the
+    /// store (K, M, G suffixes), as --dry-run counts them. The plan is made twice then
+    /// (TARGET and seeds are scanned twice).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    max_download: Option<u64>,
     /// The resume journal [default: .TARGET.tessera-journal beside a file target; for a
     /// block device, under $TESSERA_STATE_DIR or ~/.local/state/tessera].
     #[arg(long, value_name = "PATH")]
@@ -102,6 +110,7 @@ impl InPlaceArgs {
             dry_run: self.dry_run,
             scratch_size: self.scratch_size,
             force: self.force,
+            max_download: self.max_download,
             ..SyncOptions::default()
         })
     }

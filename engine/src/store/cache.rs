@@ -42,7 +42,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use super::{ChunkStore, FetchStream, Fetched};
+use super::{ChunkStore, Estimate, FetchStream, Fetched};
 use crate::chunk::decompress_verified;
 use crate::error::{Error, Result};
 use crate::index::ChunkEntry;
@@ -382,6 +382,16 @@ impl ChunkStore for CacheStore {
 
     fn in_flight(&self) -> usize {
         self.remote.in_flight()
+    }
+
+    /// The chunks the cache holds now cost nothing; the others are the remote's estimate.
+    fn estimate(&self, entries: &[ChunkEntry]) -> Result<Estimate> {
+        let misses: Vec<ChunkEntry> = entries
+            .iter()
+            .filter(|e| !self.has(&e.id))
+            .copied()
+            .collect();
+        self.remote.estimate(&misses)
     }
 }
 

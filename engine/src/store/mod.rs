@@ -218,6 +218,24 @@ pub struct Fetched {
     pub requests: u64,
 }
 
+/// What fetching some chunks would download, planned without fetching
+/// ([`ChunkStore::estimate`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Estimate {
+    /// Compressed bytes the requests read: chunk frames plus the gaps coalesced requests
+    /// read through (protocol overhead such as HTTP headers is not counted).
+    pub bytes: u64,
+    /// Requests made.
+    pub requests: u64,
+}
+
+impl std::ops::AddAssign for Estimate {
+    fn add_assign(&mut self, other: Estimate) {
+        self.bytes += other.bytes;
+        self.requests += other.requests;
+    }
+}
+
 /// Fetched chunks in the order they were asked for, each `Ok` or the error for that chunk.
 /// Dropping the iterator cancels the requests not yet started.
 pub type FetchStream<'a> = Box<dyn Iterator<Item = Result<Fetched>> + Send + 'a>;
@@ -251,6 +269,21 @@ pub trait ChunkStore: Send + Sync {
     /// stores). Callers that fetch from their own threads can size their pools with it.
     fn in_flight(&self) -> usize;
 
+    /// What [`ChunkStore::fetch_ordered`] of `entries` would download if every chunk
+    /// verified at its first attempt: the requests planned by the same code, counted,
+    /// nothing fetched (a remote store may read the index's location file).
+    ///
+    /// # Errors
+    /// The location data cannot be read; [`crate::Error::InvalidInput`] from a store that
+    /// cannot plan without fetching (the default).
+    fn estimate(&self, entries: &[ChunkEntry]) -> Result<Estimate> {
+        let _ = entries;
+        Err(crate::Error::InvalidInput(format!(
+            "store {} cannot estimate what fetching its chunks downloads",
+            self.location()
+        )))
+    }
+
     /// [`ChunkStore::fetch_verified`], keeping only the chunk.
     ///
     /// # Errors
@@ -272,6 +305,9 @@ impl<S: ChunkStore + ?Sized> ChunkStore for std::sync::Arc<S> {
     }
     fn in_flight(&self) -> usize {
         (**self).in_flight()
+    }
+    fn estimate(&self, entries: &[ChunkEntry]) -> Result<Estimate> {
+        (**self).estimate(entries)
     }
     fn fetch(&self, entry: &ChunkEntry) -> Result<VerifiedChunk> {
         (**self).fetch(entry)

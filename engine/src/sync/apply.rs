@@ -349,11 +349,7 @@ impl<'a> Executor<'a> {
         let (store_tx, store_rx) = bounded::<usize>(window);
         let (done_tx, done_rx) = unbounded::<(usize, Result<Option<(VerifiedChunk, Got)>>)>();
         let abort = AtomicBool::new(false);
-        let store_list: Vec<ChunkEntry> = ops
-            .iter()
-            .filter(|op| op.source == Source::Store)
-            .map(|op| *self.entry(op.chunks[0]))
-            .collect();
+        let store_list = store_entries(self.index, ops);
         std::thread::scope(|s| {
             let abort = &abort;
             {
@@ -594,6 +590,15 @@ impl<'a> Writer<'a> {
         self.flush_data()?;
         self.flush_zeros()
     }
+}
+
+/// The chunks `ops` fetch from the store, in the order [`Executor`] asks for them (one
+/// [`ChunkStore::fetch_ordered`] per list of ops): what a dry run estimates.
+pub(super) fn store_entries(index: &Index, ops: &[Op]) -> Vec<ChunkEntry> {
+    ops.iter()
+        .filter(|op| op.source == Source::Store)
+        .map(|op| index.chunks()[op.chunks[0] as usize])
+        .collect()
 }
 
 #[cfg(test)]

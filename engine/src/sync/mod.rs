@@ -52,7 +52,7 @@ use crate::device::{check_target_size, DeviceKind};
 use crate::error::{Error, Result};
 use crate::index::{hex, Index};
 use crate::progress::Progress;
-use crate::store::ChunkStore;
+use crate::store::{ChunkStore, Estimate};
 use crate::ChunkId;
 
 /// Default bound of the scratch buffer that breaks move cycles: 16 MiB.
@@ -87,6 +87,11 @@ pub struct SyncOptions {
     /// (device-mapper, RAID, swap): it is then not opened with `O_EXCL`. Whatever uses it
     /// may overwrite the image, or be corrupted by it. Default: false.
     pub force: bool,
+    /// Refuse the sync, before the target is created or opened for writing and before any
+    /// journal is written, when its plan needs to download more than this many compressed
+    /// bytes from the store ([`SyncReport::bytes_downloaded`] of a dry run, computed first;
+    /// the target and seeds are then scanned twice). Default: no limit.
+    pub max_download: Option<u64>,
 }
 
 impl Default for SyncOptions {
@@ -100,6 +105,7 @@ impl Default for SyncOptions {
                 .map_or(2, |n| n.get())
                 .max(2),
             force: false,
+            max_download: None,
         }
     }
 }
@@ -121,9 +127,13 @@ pub struct SyncReport {
     /// Uncompressed bytes fetched from the store.
     pub bytes_fetched: u64,
     /// Bytes read from the store: chunk frames, the gaps between frames that coalesced
-    /// requests read through, and attempts that failed verification.
+    /// requests read through, and attempts that failed verification. For a dry run, what
+    /// the plan's requests read ([`ChunkStore::estimate`]): exactly what the sync then
+    /// downloads unless a copy fails its hash or a download its verification (or, when an
+    /// interrupted sync is resumed, at most that).
     pub bytes_downloaded: u64,
-    /// Requests made to the store (one per coalesced range request, plus refetches).
+    /// Requests made to the store (one per coalesced range request, plus refetches); for
+    /// a dry run, the plan's.
     pub requests: u64,
     /// Chunks fetched from the store.
     pub chunks_fetched: u64,
@@ -286,6 +296,24 @@ pub fn sync_with_fs<F: Fs>(
     opts: &SyncOptions,
     progress: &dyn Progress,
 ) -> Result<SyncReport> {
+    if let (Some(max), false) = (opts.max_download, opts.dry_run) {
+        let dry = SyncOptions {
+            dry_run: true,
+            max_download: None,
+            ..opts.clone()
+        };
+        let planned = sync_with_fs(fs, index, target, store, &dry, progress)?;
+        if planned.bytes_downloaded > max {
+            return Err(Error::InvalidInput(format!(
+                "syncing {} would download {} bytes in {} requests from {}, more than the \
+                 limit of {max} bytes: nothing was changed",
+                target.display(),
+                planned.bytes_downloaded,
+                planned.requests,
+                store.location()
+            )));
+        }
+    }
     let image_size = index.image_size();
     let (device, fresh) = if opts.dry_run {
         match fs.open_read(target) {
@@ -521,6 +549,10 @@ fn execute(
     } = run;
     let remaining = plan::totals(index, &phases[start..]);
     if io.dry_run {
+        let mut download = Estimate::default();
+        for phase in &phases[start..] {
+            download += store.estimate(&apply::store_entries(index, &phase.ops))?;
+        }
         return Ok(SyncReport {
             image_size: remaining.image_size,
             bytes_in_place: remaining.bytes_in_place,
@@ -532,6 +564,8 @@ fn execute(
             bytes_zero: remaining.bytes_zero,
             bytes_written: remaining.image_size - remaining.bytes_in_place,
             bytes_stashed: remaining.bytes_stashed,
+            bytes_downloaded: download.bytes,
+            requests: download.requests,
             phases: remaining.phases,
             resumed,
             dry_run: true,

@@ -14,8 +14,9 @@ use tessera_engine::pack::{parse_toc, toc_tail_len};
 use tessera_engine::store::{pack_id_from_path, pack_path, PackId};
 use tessera_engine::sync::{ReadAt, WriteAt};
 use tessera_engine::{
-    make, ChunkEntry, ChunkId, ChunkStore, ChunkerParams, DeviceKind, Error, FetchStream, Fetched,
-    Index, LocalStore, MakeOptions, NoProgress, PackFetcher, Result, StoreRead, StoreWrite,
+    make, ChunkEntry, ChunkId, ChunkStore, ChunkerParams, DeviceKind, Error, Estimate, FetchStream,
+    Fetched, Index, LocalStore, MakeOptions, NoProgress, PackFetcher, Result, StoreRead,
+    StoreWrite,
 };
 
 /// Small chunks, so that test images of a few MiB have hundreds of them.
@@ -133,6 +134,20 @@ impl ChunkStore for MemStore {
     }
     fn in_flight(&self) -> usize {
         1
+    }
+    /// One request per chunk, its whole frame (as `fetch_verified`).
+    fn estimate(&self, entries: &[ChunkEntry]) -> Result<Estimate> {
+        let chunks = self.chunks.lock().unwrap();
+        let mut est = Estimate::default();
+        for e in entries {
+            let frame = chunks.get(&e.id).ok_or_else(|| Error::MissingChunk {
+                id: e.id,
+                origin: "mem-store".into(),
+            })?;
+            est.bytes += frame.len() as u64;
+            est.requests += 1;
+        }
+        Ok(est)
     }
 }
 
