@@ -23,7 +23,7 @@ SIZE=${SIZE:-1G}
 RUNS=${RUNS:-3}
 WORK=${WORK:-$ROOT/target/bench/make-sync}
 FIXTURES=${FIXTURES:-$ROOT/target/fixtures}
-CHUNKS=16384:65536:262144   # the same min:avg:max for both tools (tessera's default)
+CHUNKS=${CHUNKS:-16384:65536:262144}   # the same min:avg:max for both tools (casync's default)
 TESSERA=$ROOT/target/release/tessera
 TIME=/usr/bin/time
 
