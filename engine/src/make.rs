@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::Mutex;
 
-use crossbeam_channel::bounded;
+use crossbeam_channel::{bounded, Sender};
 use serde::Serialize;
 
 use crate::chunk::compress;
@@ -30,7 +30,7 @@ use crate::chunker::{Chunker, ChunkerParams};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::index::{hex, Index, ZeroIds};
-use crate::pack::{parse_toc, toc_tail_len, Location, Locations, PackBuilder, PACK_TRAILER};
+use crate::pack::{parse_toc, toc_tail_len, Location, Locations, Pack, PackBuilder, PACK_TRAILER};
 use crate::progress::Progress;
 use crate::store::{locations_path, pack_path, PackId, StoreWrite};
 use crate::ChunkId;
@@ -221,7 +221,16 @@ pub fn make(
         drop(cut_rx);
         drop(done_tx);
 
-        let mut writer = PackWriter::new(store);
+        // Finished packs are stored by a thread of their own, so writing and syncing one
+        // overlaps with filling the next (a rendezvous: at most two packs in memory).
+        let (pack_tx, pack_rx) = bounded::<Pack>(0);
+        let uploader = s.spawn(move || -> Result<()> {
+            for pack in pack_rx {
+                store.put_pack(&pack.id, &pack.bytes)?;
+            }
+            Ok(())
+        });
+        let mut writer = PackWriter::new(pack_tx);
         let mut pending = BTreeMap::new();
         let mut claims = HashMap::new();
         let mut records = Vec::new();
@@ -270,7 +279,10 @@ pub fn make(
                 source.display()
             )));
         }
-        let (placed, report) = writer.finish(image_size)?;
+        let finished = writer.finish(image_size);
+        // The uploader's own error explains a pack that could not be handed over.
+        uploader.join().expect("pack writer thread panicked")?;
+        let (placed, report) = finished?;
         Ok((image_hash, records, placed, report))
     })?;
 
@@ -299,8 +311,9 @@ struct Placed {
 }
 
 /// Places chunks in image order: reused ones where they are, new ones in the open pack.
-struct PackWriter<'a> {
-    store: &'a dyn StoreWrite,
+struct PackWriter {
+    /// Finished packs, to the thread that stores them.
+    uploads: Sender<Pack>,
     /// Chunk id -> its record number.
     seen: HashMap<ChunkId, usize>,
     /// Packs by number; `None` for the open pack, whose id is known when it is finished.
@@ -313,10 +326,10 @@ struct PackWriter<'a> {
     report: MakeReport,
 }
 
-impl<'a> PackWriter<'a> {
-    fn new(store: &'a dyn StoreWrite) -> Self {
+impl PackWriter {
+    fn new(uploads: Sender<Pack>) -> Self {
         PackWriter {
-            store,
+            uploads,
             seen: HashMap::new(),
             packs: Vec::new(),
             numbers: HashMap::new(),
@@ -397,10 +410,14 @@ impl<'a> PackWriter<'a> {
             return Ok(());
         };
         let pack = std::mem::take(&mut self.open).finish();
-        self.store.put_pack(&pack.id, &pack.bytes)?;
         self.report.new_packs += 1;
         self.packs[number as usize] = Some(pack.id);
         self.numbers.insert(pack.id, number);
+        if self.uploads.send(pack).is_err() {
+            return Err(Error::InvalidInput(
+                "make: the pack writer stopped before every pack was stored".into(),
+            ));
+        }
         Ok(())
     }
 
