@@ -481,7 +481,7 @@ pub fn hex(bytes: &[u8; 32]) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn sample() -> Index {
@@ -514,7 +514,7 @@ mod tests {
     }
 
     /// Bytes this thread has read through system calls so far.
-    fn thread_read_bytes() -> u64 {
+    pub(crate) fn thread_read_bytes() -> u64 {
         let io = std::fs::read_to_string("/proc/thread-self/io").unwrap();
         let line = io.lines().find(|l| l.starts_with("rchar:")).unwrap();
         line["rchar:".len()..].trim().parse().unwrap()

@@ -280,11 +280,7 @@ mod tests {
 
     #[test]
     fn a_file_that_is_no_index_is_refused_without_being_read_whole() {
-        let rchar = || {
-            let io = std::fs::read_to_string("/proc/thread-self/io").unwrap();
-            let line = io.lines().find(|l| l.starts_with("rchar:")).unwrap();
-            line["rchar:".len()..].trim().parse::<u64>().unwrap()
-        };
+        let rchar = crate::index::tests::thread_read_bytes;
         // An image given as the index by mistake (1 GiB, sparse).
         let dir = tempfile::tempdir().unwrap();
         let image = dir.path().join("disk.img");

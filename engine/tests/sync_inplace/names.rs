@@ -187,12 +187,7 @@ fn a_journal_owned_by_another_user_is_never_resumed() {
     assert!(journal.exists(), "the failed run left no journal");
     store.insert(id, held);
     // As another user's file, it is not resumed.
-    if let Err(e) = std::os::unix::fs::chown(&journal, Some(65534), Some(65534)) {
-        assert!(
-            std::env::var("CI").map_or(true, |v| v != "true"),
-            "changing a file's owner needs root (root is required under CI=true): {e}"
-        );
-        eprintln!("skipping: changing a file's owner needs root ({e})");
+    if skip_without_root(std::os::unix::fs::chown(&journal, Some(65534), Some(65534)), "changing a file's owner") {
         return;
     }
     let r = sync_with(
@@ -223,12 +218,7 @@ fn a_target_link_planted_by_another_user_in_a_shared_directory_is_refused() {
     fs::write(&victim, b"precious").unwrap();
     let target = shared.join("new.img");
     symlink(&victim, &target).unwrap();
-    if let Err(e) = std::os::unix::fs::lchown(&target, Some(65534), Some(65534)) {
-        assert!(
-            std::env::var("CI").map_or(true, |v| v != "true"),
-            "changing a link's owner needs root (root is required under CI=true): {e}"
-        );
-        eprintln!("skipping: changing a link's owner needs root ({e})");
+    if skip_without_root(std::os::unix::fs::lchown(&target, Some(65534), Some(65534)), "changing a link's owner") {
         return;
     }
     let err = sync_with(
@@ -254,4 +244,16 @@ fn a_target_link_planted_by_another_user_in_a_shared_directory_is_refused() {
     )
     .unwrap();
     assert_eq!(fs::read(&victim).unwrap(), image);
+}
+
+/// True (skip) when `changed` failed because this is not root; under `CI=true`, where
+/// root is required, a failure fails the test instead.
+fn skip_without_root(changed: std::io::Result<()>, what: &str) -> bool {
+    let Err(e) = changed else { return false };
+    assert!(
+        std::env::var("CI").map_or(true, |v| v != "true"),
+        "{what} needs root (root is required under CI=true): {e}"
+    );
+    eprintln!("skipping: {what} needs root ({e})");
+    true
 }
