@@ -5,8 +5,10 @@
 //! feeds a bounded channel; worker threads hash each chunk and, for the first occurrence
 //! of each id, either find it in a pack of the store (every pack's table of contents is
 //! read first) or compress it; the calling thread puts results back in image order and
-//! appends new chunks to the open pack, in image order of first appearance. A pack is
-//! written when its frames reach [`PACK_TARGET`](crate::pack::PACK_TARGET), so at most one pack is held in memory.
+//! appends new chunks to the open pack, in image order of first appearance. A thread of
+//! its own streams the new frames into the store ([`StoreWrite::begin_pack`]); a pack is
+//! finished when its frames reach [`PACK_TARGET`], so a local store never holds a pack in
+//! memory.
 //!
 //! Deterministic: the same image and the same store give the same packs, location file
 //! and index. A chunk found in a pack is reused only when [`StoreRead::holds_chunk`](crate::store::StoreRead::holds_chunk) says
@@ -30,7 +32,9 @@ use crate::chunker::{Chunker, ChunkerParams};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::index::{hex, Index, ZeroIds};
-use crate::pack::{parse_toc, toc_tail_len, Location, Locations, Pack, PackBuilder, PACK_TRAILER};
+use crate::pack::{
+    parse_toc, toc_tail_len, Location, Locations, PackStream, PACK_TARGET, PACK_TRAILER,
+};
 use crate::progress::Progress;
 use crate::store::{locations_path, pack_path, PackId, StoreWrite};
 use crate::ChunkId;
@@ -221,14 +225,30 @@ pub fn make(
         drop(cut_rx);
         drop(done_tx);
 
-        // Finished packs are stored by a thread of their own, so writing and syncing one
-        // overlaps with filling the next (a rendezvous: at most two packs in memory).
-        let (pack_tx, pack_rx) = bounded::<Pack>(0);
-        let uploader = s.spawn(move || -> Result<()> {
-            for pack in pack_rx {
-                store.put_pack(&pack.id, &pack.bytes)?;
+        // New frames go to a thread of their own that streams them into the store's
+        // packs (hashing, writing, syncing), so the disk works while chunks are cut.
+        let (pack_tx, pack_rx) = bounded::<ToPack>(PACK_QUEUE);
+        let uploader = s.spawn(move || -> Result<Vec<PackId>> {
+            let mut ids = Vec::new();
+            let mut open = None;
+            for message in pack_rx {
+                match message {
+                    ToPack::Frame { id, len, frame } => {
+                        let pack = match &mut open {
+                            Some(pack) => pack,
+                            None => open.insert(PackStream::new(store.begin_pack()?)),
+                        };
+                        pack.push(id, &frame, len)?;
+                    }
+                    ToPack::Close => {
+                        if let Some(pack) = open.take() {
+                            ids.push(pack.finish()?);
+                        }
+                    }
+                }
             }
-            Ok(())
+            // Ended without a last `Close`: make failed; the open pack is dropped unstored.
+            Ok(ids)
         });
         let mut writer = PackWriter::new(pack_tx);
         let mut pending = BTreeMap::new();
@@ -281,8 +301,8 @@ pub fn make(
         }
         let finished = writer.finish(image_size);
         // The uploader's own error explains a pack that could not be handed over.
-        uploader.join().expect("pack writer thread panicked")?;
-        let (placed, report) = finished?;
+        let ids = uploader.join().expect("pack writer thread panicked")?;
+        let (placed, report) = finished?.name_packs(ids)?;
         Ok((image_hash, records, placed, report))
     })?;
 
@@ -310,32 +330,51 @@ struct Placed {
     records: Vec<Location>,
 }
 
+/// Frames queued for the thread that writes packs (a few MiB at the default chunk sizes).
+const PACK_QUEUE: usize = 64;
+
+/// What the collecting thread tells the thread that writes packs.
+enum ToPack {
+    /// Append a frame to the open pack (starting one if none is open).
+    Frame {
+        id: ChunkId,
+        len: u32,
+        frame: Vec<u8>,
+    },
+    /// Finish and store the open pack.
+    Close,
+}
+
 /// Places chunks in image order: reused ones where they are, new ones in the open pack.
 struct PackWriter {
-    /// Finished packs, to the thread that stores them.
-    uploads: Sender<Pack>,
+    /// New frames and pack ends, to the thread that writes packs.
+    uploads: Sender<ToPack>,
     /// Chunk id -> its record number.
     seen: HashMap<ChunkId, usize>,
-    /// Packs by number; `None` for the open pack, whose id is known when it is finished.
+    /// Packs by number; `None` for a new pack, whose id is known when it is stored.
     packs: Vec<Option<PackId>>,
     numbers: HashMap<PackId, u32>,
     records: Vec<Location>,
-    open: PackBuilder,
+    /// Bytes of frames in the open pack.
+    open_len: u64,
     /// The number of the open pack, once it has a frame.
     open_number: Option<u32>,
+    /// The numbers of the new packs, in the order they are stored.
+    new_numbers: Vec<u32>,
     report: MakeReport,
 }
 
 impl PackWriter {
-    fn new(uploads: Sender<Pack>) -> Self {
+    fn new(uploads: Sender<ToPack>) -> Self {
         PackWriter {
             uploads,
             seen: HashMap::new(),
             packs: Vec::new(),
             numbers: HashMap::new(),
             records: Vec::new(),
-            open: PackBuilder::new(),
+            open_len: 0,
             open_number: None,
+            new_numbers: Vec::new(),
             report: MakeReport {
                 image_size: 0,
                 chunk_count: 0,
@@ -380,20 +419,23 @@ impl PackWriter {
                     self.packs.push(None);
                     self.packs.len() as u32 - 1
                 });
-                let offset = self.open.push(id, &frame, len);
+                let offset = self.open_len;
+                let clen = frame.len() as u32;
+                self.open_len += u64::from(clen);
+                self.send(ToPack::Frame { id, len, frame })?;
                 if repaired {
                     self.report.repaired_chunks += 1;
                 } else {
                     self.report.new_chunks += 1;
                 }
-                self.report.stored_bytes += frame.len() as u64;
+                self.report.stored_bytes += u64::from(clen);
                 self.report.new_bytes += u64::from(len);
                 let record = Location {
                     pack: number,
                     offset,
-                    clen: frame.len() as u32,
+                    clen,
                 };
-                if self.open.is_full() {
+                if self.open_len >= PACK_TARGET {
                     self.close()?;
                 }
                 record
@@ -404,32 +446,63 @@ impl PackWriter {
         Ok(())
     }
 
-    /// Finishes and stores the open pack.
+    fn send(&self, message: ToPack) -> Result<()> {
+        self.uploads.send(message).map_err(|_| {
+            Error::InvalidInput("make: the pack writer stopped before every pack was stored".into())
+        })
+    }
+
+    /// Ends the open pack: the pack-writing thread finishes and stores it.
     fn close(&mut self) -> Result<()> {
         let Some(number) = self.open_number.take() else {
             return Ok(());
         };
-        let pack = std::mem::take(&mut self.open).finish();
+        self.open_len = 0;
         self.report.new_packs += 1;
-        self.packs[number as usize] = Some(pack.id);
-        self.numbers.insert(pack.id, number);
-        if self.uploads.send(pack).is_err() {
-            return Err(Error::InvalidInput(
-                "make: the pack writer stopped before every pack was stored".into(),
-            ));
-        }
-        Ok(())
+        self.new_numbers.push(number);
+        self.send(ToPack::Close)
     }
 
-    fn finish(mut self, image_size: u64) -> Result<(Placed, MakeReport)> {
+    /// Ends the last pack and hangs up on the pack-writing thread (so it ends too).
+    fn finish(mut self, image_size: u64) -> Result<Unnamed> {
         self.close()?;
+        self.report.image_size = image_size;
+        self.report.packs = self.packs.len() as u64;
+        Ok(Unnamed {
+            packs: self.packs,
+            new_numbers: self.new_numbers,
+            records: self.records,
+            report: self.report,
+        })
+    }
+}
+
+/// The location file's content before the new packs' ids are known.
+struct Unnamed {
+    packs: Vec<Option<PackId>>,
+    new_numbers: Vec<u32>,
+    records: Vec<Location>,
+    report: MakeReport,
+}
+
+impl Unnamed {
+    /// Fills in the ids of the new packs, as the pack-writing thread stored them.
+    fn name_packs(mut self, ids: Vec<PackId>) -> Result<(Placed, MakeReport)> {
+        if ids.len() != self.new_numbers.len() {
+            return Err(Error::InvalidInput(format!(
+                "make: {} new packs were stored, {} expected",
+                ids.len(),
+                self.new_numbers.len()
+            )));
+        }
+        for (number, id) in self.new_numbers.iter().zip(ids) {
+            self.packs[*number as usize] = Some(id);
+        }
         let packs = self
             .packs
             .into_iter()
-            .map(|p| p.expect("every pack is closed"))
-            .collect::<Vec<_>>();
-        self.report.image_size = image_size;
-        self.report.packs = packs.len() as u64;
+            .map(|p| p.expect("every pack is named"))
+            .collect();
         Ok((
             Placed {
                 packs,

@@ -114,29 +114,121 @@ impl PackBuilder {
     /// Appends the table of contents and names the pack.
     pub fn finish(self) -> Pack {
         let PackBuilder { mut bytes, toc } = self;
-        let mut table = Vec::with_capacity(12 + toc.len() * TOC_RECORD + 32);
-        table.extend_from_slice(TOC_MAGIC);
-        table.extend_from_slice(&(toc.len() as u32).to_le_bytes());
-        for e in &toc {
-            table.extend_from_slice(e.id.as_bytes());
-            table.extend_from_slice(&e.offset.to_le_bytes());
-            table.extend_from_slice(&e.clen.to_le_bytes());
-            table.extend_from_slice(&e.len.to_le_bytes());
-        }
-        let hash = blake3::hash(&table);
-        table.extend_from_slice(hash.as_bytes());
-        let toc_len = table.len() as u32;
-        bytes.reserve_exact(table.len() + 16);
-        bytes.extend_from_slice(&SKIPPABLE_MAGIC.to_le_bytes());
-        bytes.extend_from_slice(&(toc_len + PACK_TRAILER as u32).to_le_bytes());
-        bytes.extend_from_slice(&table);
-        bytes.extend_from_slice(&toc_len.to_le_bytes());
-        bytes.extend_from_slice(PACK_MAGIC);
+        bytes.extend_from_slice(&toc_frame(&toc));
         Pack {
             id: PackId::of(&bytes),
             bytes,
             toc,
         }
+    }
+}
+
+/// The end of a pack whose frames are `toc`: the skippable frame holding the table of
+/// contents, then the trailer.
+fn toc_frame(toc: &[TocEntry]) -> Vec<u8> {
+    let mut table = Vec::with_capacity(12 + toc.len() * TOC_RECORD + 32);
+    table.extend_from_slice(TOC_MAGIC);
+    table.extend_from_slice(&(toc.len() as u32).to_le_bytes());
+    for e in toc {
+        table.extend_from_slice(e.id.as_bytes());
+        table.extend_from_slice(&e.offset.to_le_bytes());
+        table.extend_from_slice(&e.clen.to_le_bytes());
+        table.extend_from_slice(&e.len.to_le_bytes());
+    }
+    let hash = blake3::hash(&table);
+    table.extend_from_slice(hash.as_bytes());
+    let toc_len = table.len() as u32;
+    let mut out = Vec::with_capacity(table.len() + 16);
+    out.extend_from_slice(&SKIPPABLE_MAGIC.to_le_bytes());
+    out.extend_from_slice(&(toc_len + PACK_TRAILER as u32).to_le_bytes());
+    out.extend_from_slice(&table);
+    out.extend_from_slice(&toc_len.to_le_bytes());
+    out.extend_from_slice(PACK_MAGIC);
+    out
+}
+
+/// Writes one pack piece by piece to `out` (a [`PackSink`] of the store), hashing the
+/// bytes as they go: the same bytes and id as [`PackBuilder`] for the same frames, without
+/// holding the pack in memory.
+pub struct PackStream<W> {
+    out: W,
+    hasher: blake3::Hasher,
+    written: u64,
+    toc: Vec<TocEntry>,
+}
+
+impl<W: PackSink> PackStream<W> {
+    /// A pack to be written to `out`.
+    pub fn new(out: W) -> PackStream<W> {
+        PackStream {
+            out,
+            hasher: blake3::Hasher::new(),
+            written: 0,
+            toc: Vec::new(),
+        }
+    }
+
+    /// Appends the zstd frame `frame` of the chunk `id` (`len` bytes decompressed);
+    /// returns the frame's offset in the pack.
+    ///
+    /// # Errors
+    /// The sink's write errors.
+    pub fn push(&mut self, id: ChunkId, frame: &[u8], len: u32) -> Result<u64> {
+        let offset = self.written;
+        self.write(frame)?;
+        self.toc.push(TocEntry {
+            id,
+            offset,
+            clen: frame.len() as u32,
+            len,
+        });
+        Ok(offset)
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        self.out.write(bytes)?;
+        self.hasher.update(bytes);
+        self.written += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Appends the table of contents and stores the pack under its id; returns the id.
+    ///
+    /// # Errors
+    /// The sink's write and commit errors.
+    pub fn finish(mut self) -> Result<PackId> {
+        let end = toc_frame(&self.toc);
+        self.write(&end)?;
+        let id = PackId(*self.hasher.finalize().as_bytes());
+        self.out.commit(&id)?;
+        Ok(id)
+    }
+}
+
+/// Where a [`PackStream`] puts a pack's bytes: a store's pack in the making. Dropped
+/// without [`PackSink::commit`], it leaves nothing a reader sees.
+pub trait PackSink {
+    /// Appends `bytes`.
+    ///
+    /// # Errors
+    /// I/O or transport failures.
+    fn write(&mut self, bytes: &[u8]) -> Result<()>;
+
+    /// Stores the pack written so far under `id` (its BLAKE3), atomically: readers never
+    /// see a partial pack. A pack of that id already present and intact is kept.
+    ///
+    /// # Errors
+    /// I/O or transport failures.
+    fn commit(&mut self, id: &PackId) -> Result<()>;
+}
+
+impl<S: PackSink + ?Sized> PackSink for Box<S> {
+    fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        (**self).write(bytes)
+    }
+
+    fn commit(&mut self, id: &PackId) -> Result<()> {
+        (**self).commit(id)
     }
 }
 

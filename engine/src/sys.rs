@@ -195,15 +195,27 @@ pub(crate) fn mkdir_at(dir: &File, name: &OsStr, mode: u32) -> io::Result<()> {
 /// followed); without it an existing `to` gives `AlreadyExists` (falling back to link +
 /// unlink on filesystems without `RENAME_NOREPLACE`).
 pub(crate) fn rename_at(dir: &File, from: &OsStr, to: &OsStr, replace: bool) -> io::Result<()> {
+    rename_between(dir, from, dir, to, replace)
+}
+
+/// [`rename_at`] from `from` in the directory open as `from_dir` to `to` in the one open
+/// as `to_dir` (on the same file system).
+pub(crate) fn rename_between(
+    from_dir: &File,
+    from: &OsStr,
+    to_dir: &File,
+    to: &OsStr,
+    replace: bool,
+) -> io::Result<()> {
     let (f, t) = (c_name(from)?, c_name(to)?);
     let flags = if replace { 0 } else { libc::RENAME_NOREPLACE };
     // SAFETY: both pointers are valid NUL-terminated strings outliving the call; the dir
-    // fd is owned by `dir` and open for the whole call.
+    // fds are owned by `from_dir` and `to_dir` and open for the whole call.
     let rc = unsafe {
         libc::renameat2(
-            dir.as_raw_fd(),
+            from_dir.as_raw_fd(),
             f.as_ptr(),
-            dir.as_raw_fd(),
+            to_dir.as_raw_fd(),
             t.as_ptr(),
             flags,
         )
@@ -216,7 +228,13 @@ pub(crate) fn rename_at(dir: &File, from: &OsStr, to: &OsStr, replace: bool) -> 
         let link = || {
             // SAFETY: as above; linkat with flags 0 does not follow a symlink at `from`.
             let rc = unsafe {
-                libc::linkat(dir.as_raw_fd(), f.as_ptr(), dir.as_raw_fd(), t.as_ptr(), 0)
+                libc::linkat(
+                    from_dir.as_raw_fd(),
+                    f.as_ptr(),
+                    to_dir.as_raw_fd(),
+                    t.as_ptr(),
+                    0,
+                )
             };
             if rc == 0 {
                 Ok(())
@@ -230,7 +248,7 @@ pub(crate) fn rename_at(dir: &File, from: &OsStr, to: &OsStr, replace: bool) -> 
             // storage, the dir fd is open; AT_SYMLINK_NOFOLLOW inspects a link itself.
             let rc = unsafe {
                 libc::fstatat(
-                    dir.as_raw_fd(),
+                    to_dir.as_raw_fd(),
                     t.as_ptr(),
                     st.as_mut_ptr(),
                     libc::AT_SYMLINK_NOFOLLOW,
@@ -247,17 +265,42 @@ pub(crate) fn rename_at(dir: &File, from: &OsStr, to: &OsStr, replace: bool) -> 
         };
         let rename = || {
             // SAFETY: as for renameat2 above.
-            let rc =
-                unsafe { libc::renameat(dir.as_raw_fd(), f.as_ptr(), dir.as_raw_fd(), t.as_ptr()) };
+            let rc = unsafe {
+                libc::renameat(
+                    from_dir.as_raw_fd(),
+                    f.as_ptr(),
+                    to_dir.as_raw_fd(),
+                    t.as_ptr(),
+                )
+            };
             if rc == 0 {
                 Ok(())
             } else {
                 Err(io::Error::last_os_error())
             }
         };
-        return noreplace_fallback(link, || unlink_at(dir, from), exists, rename);
+        return noreplace_fallback(link, || unlink_at(from_dir, from), exists, rename);
     }
     Err(err)
+}
+
+/// Starts writing back `len` bytes of `file` at `offset` without waiting
+/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`): a later `fsync` has less left to wait for.
+/// Durability still needs the `fsync`.
+pub(crate) fn start_writeback(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let (Ok(off), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "range too large",
+        ));
+    };
+    // SAFETY: sync_file_range takes plain integers; the fd is owned by `file` and open.
+    let rc =
+        unsafe { libc::sync_file_range(file.as_raw_fd(), off, len, libc::SYNC_FILE_RANGE_WRITE) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// `unlinkat(dir, name, 0)`: removes a file (never a directory) relative to `dir`.

@@ -9,9 +9,10 @@
 //! renamed into place: a planted file or link is never opened for writing, and readers
 //! see no partial file. Readers and [`StoreRead::list_packs`] ignore `.`-prefixed names.
 //!
-//! A pack already present under its id is kept when it holds exactly the new bytes, and
-//! replaced atomically otherwise (a damaged pack is repaired by the next `make` that
-//! writes the same pack).
+//! `make` streams each pack to a temporary file in `packs/` and renames it into its
+//! fan-out directory once it is complete and synced. A pack already present under its id
+//! is kept when it is intact (its bytes hash to its id), and replaced atomically otherwise
+//! (a damaged pack is repaired by the next `make` that writes the same pack).
 
 use std::ffi::OsStr;
 use std::fs::{self, File};
@@ -23,6 +24,7 @@ use super::{pack_id_from_path, pack_path, PackId, StoreRead, StoreWrite};
 use crate::chunk::frame_holds;
 use crate::error::{Error, Result};
 use crate::fsutil::create_temp_in;
+use crate::pack::PackSink;
 
 /// Packs and location files below a directory.
 #[derive(Debug, Clone)]
@@ -169,6 +171,119 @@ impl LocalStore {
     }
 }
 
+/// Bytes a [`LocalPack`] collects before writing them to its file.
+const PACK_BUFFER: usize = 1 << 20;
+/// Bytes a [`LocalPack`] writes before asking the kernel to start writing them back.
+const WRITEBACK_STEP: u64 = 8 << 20;
+
+/// A pack streamed to a temporary file `packs/.pack.tmp.RANDOM`, renamed to its place
+/// `packs/XX/ID.tpack` at commit (after an fsync; the directory is synced after the
+/// rename). Writeback starts every [`WRITEBACK_STEP`] bytes, so the disk works while
+/// `make` chunks and the final fsync has little left to wait for. Dropped before commit,
+/// the temporary file is removed.
+struct LocalPack<'a> {
+    store: &'a LocalStore,
+    /// The `packs` directory, holding the temporary file.
+    packs: File,
+    /// The temporary file's name; `None` once it was renamed or removed.
+    tmp: Option<std::ffi::OsString>,
+    file: File,
+    buf: Vec<u8>,
+    /// Bytes in the file (not counting `buf`).
+    written: u64,
+    /// Bytes whose writeback was started.
+    kicked: u64,
+}
+
+impl LocalPack<'_> {
+    fn tmp_path(&self) -> PathBuf {
+        let name = self.tmp.as_deref().unwrap_or(OsStr::new(".pack.tmp"));
+        self.store.path_of("packs").join(name)
+    }
+
+    fn drain(&mut self) -> Result<()> {
+        self.file
+            .write_all(&self.buf)
+            .map_err(|e| Error::io("writing", self.tmp_path(), e))?;
+        self.written += self.buf.len() as u64;
+        self.buf.clear();
+        if self.written - self.kicked >= WRITEBACK_STEP {
+            // Only a hint: a file system without it still gets the fsync at commit.
+            let _ =
+                crate::sys::start_writeback(&self.file, self.kicked, self.written - self.kicked);
+            self.kicked = self.written;
+        }
+        Ok(())
+    }
+
+    /// Whether the file at `rel` is intact pack `id` (a pack is named by its BLAKE3).
+    fn holds_pack(&self, rel: &str, id: &PackId) -> bool {
+        let Ok(Some((mut file, _))) = self.store.open_file(rel) else {
+            return false;
+        };
+        let mut hasher = blake3::Hasher::new();
+        io::copy(&mut file, &mut hasher).is_ok() && PackId(*hasher.finalize().as_bytes()) == *id
+    }
+}
+
+impl PackSink for LocalPack<'_> {
+    fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        self.buf.extend_from_slice(bytes);
+        if self.buf.len() >= PACK_BUFFER {
+            self.drain()?;
+        }
+        Ok(())
+    }
+
+    fn commit(&mut self, id: &PackId) -> Result<()> {
+        self.drain()?;
+        let tmp_path = self.tmp_path();
+        let Some(tmp) = self.tmp.clone() else {
+            return Err(Error::InvalidInput(format!(
+                "pack {} committed twice",
+                tmp_path.display()
+            )));
+        };
+        self.file
+            .sync_all()
+            .map_err(|e| Error::io("syncing", &tmp_path, e))?;
+        let rel = pack_path(id);
+        let path = self.store.path_of(&rel);
+        let (rel_dir, name) = rel.rsplit_once('/').expect("pack paths have a directory");
+        let fan = self.store.dir(rel_dir, true)?.ok_or_else(|| {
+            Error::io(
+                "opening store directory",
+                &path,
+                io::ErrorKind::NotFound.into(),
+            )
+        })?;
+        let name = OsStr::new(name);
+        let renamed = match crate::sys::rename_between(&self.packs, &tmp, &fan, name, false) {
+            // A pack of that name exists: keep it if intact, else replace it.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                if self.holds_pack(&rel, id) {
+                    crate::sys::unlink_at(&self.packs, &tmp)
+                } else {
+                    crate::sys::rename_between(&self.packs, &tmp, &fan, name, true)
+                }
+            }
+            other => other,
+        };
+        renamed.map_err(|e| Error::io("storing pack", &path, e))?;
+        self.tmp = None;
+        fan.sync_all()
+            .map_err(|e| Error::io("syncing store directory", &path, e))
+    }
+}
+
+impl Drop for LocalPack<'_> {
+    fn drop(&mut self) {
+        if let Some(tmp) = self.tmp.take() {
+            let _ = crate::sys::unlink_at(&self.packs, &tmp);
+        }
+    }
+}
+
 /// The error for a store directory that could not be opened as a handle.
 fn dir_error(path: &Path, e: io::Error) -> Error {
     match e.raw_os_error() {
@@ -302,6 +417,29 @@ impl StoreRead for LocalStore {
 }
 
 impl StoreWrite for LocalStore {
+    fn begin_pack(&self) -> Result<Box<dyn PackSink + '_>> {
+        let packs = self.dir("packs", true)?.ok_or_else(|| {
+            Error::io(
+                "opening store directory",
+                self.path_of("packs"),
+                io::ErrorKind::NotFound.into(),
+            )
+        })?;
+        // Packs a killed `make` left half written (untouched for an hour) go first.
+        crate::fsutil::remove_stale_temps(&self.path_of("packs/pack"));
+        let (tmp, file) = create_temp_in(&packs, OsStr::new("pack"))
+            .map_err(|e| Error::io("creating a pack in", self.path_of("packs"), e))?;
+        Ok(Box::new(LocalPack {
+            store: self,
+            packs,
+            tmp: Some(tmp),
+            file,
+            buf: Vec::with_capacity(PACK_BUFFER),
+            written: 0,
+            kicked: 0,
+        }))
+    }
+
     fn put_pack(&self, id: &PackId, bytes: &[u8]) -> Result<()> {
         let rel = pack_path(id);
         if self.write(&rel, bytes, false)? {
@@ -422,6 +560,132 @@ mod tests {
         fs::write(&path, &flipped).unwrap();
         store.put_pack(&id, &bytes).unwrap();
         assert_eq!(fs::read(&path).unwrap(), bytes);
+    }
+
+    /// Frames of a few chunks, as `make` would push them.
+    fn frames() -> Vec<(crate::ChunkId, Vec<u8>, u32)> {
+        (0..40u32)
+            .map(|n| {
+                let data = vec![n as u8; 30_000 + n as usize * 1000];
+                let id = crate::ChunkId::of(&data);
+                (id, crate::chunk::compress(&data), data.len() as u32)
+            })
+            .collect()
+    }
+
+    fn stream(sink: Box<dyn PackSink + '_>) -> PackId {
+        let mut pack = crate::pack::PackStream::new(sink);
+        for (id, frame, len) in frames() {
+            pack.push(id, &frame, len).unwrap();
+        }
+        pack.finish().unwrap()
+    }
+
+    /// Entries of `packs/` that are not fan-out directories: temporary files left over.
+    fn leftovers(store: &LocalStore) -> Vec<String> {
+        fs::read_dir(store.path_of("packs"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.len() != 2)
+            .collect()
+    }
+
+    #[test]
+    fn a_streamed_pack_is_the_pack_built_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path().join("s"), true).unwrap();
+        let mut built = crate::pack::PackBuilder::new();
+        for (id, frame, len) in frames() {
+            built.push(id, &frame, len);
+        }
+        let built = built.finish();
+        // Streamed to a temporary file (more than one write buffer), then renamed.
+        let id = stream(store.begin_pack().unwrap());
+        assert_eq!(id, built.id);
+        assert_eq!(
+            fs::read(store.path_of(&pack_path(&id))).unwrap(),
+            built.bytes
+        );
+        assert_eq!(store.list_packs().unwrap(), vec![id]);
+        assert!(leftovers(&store).is_empty(), "{:?}", leftovers(&store));
+        // The default (buffered, then `put_pack`), as remote stores use it.
+        let other = LocalStore::open(dir.path().join("o"), true).unwrap();
+        let sink = Box::new(crate::store::BufferedPack {
+            store: &other,
+            bytes: Vec::new(),
+        });
+        assert_eq!(stream(sink), built.id);
+        assert_eq!(
+            fs::read(other.path_of(&pack_path(&id))).unwrap(),
+            built.bytes
+        );
+    }
+
+    #[test]
+    fn a_pack_dropped_before_its_commit_leaves_nothing_and_stale_ones_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path().join("s"), true).unwrap();
+        let mut pack = crate::pack::PackStream::new(store.begin_pack().unwrap());
+        for (id, frame, len) in frames() {
+            pack.push(id, &frame, len).unwrap();
+        }
+        assert_eq!(leftovers(&store).len(), 1, "the pack in the making");
+        drop(pack);
+        assert!(leftovers(&store).is_empty(), "{:?}", leftovers(&store));
+        assert!(store.list_packs().unwrap().is_empty());
+        // What a killed make left: removed by the next one once an hour old.
+        let packs = store.path_of("packs");
+        let old = fs::File::create(packs.join(".pack.tmp.0123456789abcdef")).unwrap();
+        let hours_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+        old.set_modified(hours_ago).unwrap();
+        fs::write(packs.join(".pack.tmp.fedcba9876543210"), b"young").unwrap();
+        let id = stream(store.begin_pack().unwrap());
+        assert_eq!(leftovers(&store), vec![".pack.tmp.fedcba9876543210"]);
+        assert_eq!(store.list_packs().unwrap(), vec![id]);
+    }
+
+    #[test]
+    fn a_streamed_pack_keeps_an_intact_copy_and_replaces_a_damaged_one() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path().join("s"), true).unwrap();
+        let id = stream(store.begin_pack().unwrap());
+        let path = store.path_of(&pack_path(&id));
+        let good = fs::read(&path).unwrap();
+        let inode = fs::metadata(&path).unwrap().ino();
+        assert_eq!(stream(store.begin_pack().unwrap()), id);
+        assert_eq!(fs::metadata(&path).unwrap().ino(), inode, "intact: kept");
+        let mut flipped = good.clone();
+        flipped[1000] ^= 1;
+        fs::write(&path, &flipped).unwrap();
+        assert_eq!(stream(store.begin_pack().unwrap()), id);
+        assert_eq!(fs::read(&path).unwrap(), good, "damaged: replaced");
+        assert!(leftovers(&store).is_empty(), "{:?}", leftovers(&store));
+    }
+
+    #[test]
+    fn a_streamed_pack_never_writes_through_a_planted_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        fs::create_dir(&victim).unwrap();
+        let store = LocalStore::open(dir.path().join("s"), true).unwrap();
+        let id = stream(store.begin_pack().unwrap());
+        let fan = store.path_of(&pack_path(&id));
+        let fan = fan.parent().unwrap();
+        fs::remove_dir_all(fan).unwrap();
+        std::os::unix::fs::symlink(&victim, fan).unwrap();
+        let mut pack = crate::pack::PackStream::new(store.begin_pack().unwrap());
+        for (id, frame, len) in frames() {
+            pack.push(id, &frame, len).unwrap();
+        }
+        let err = pack.finish().unwrap_err();
+        assert!(err.to_string().contains("symbolic link"), "{err}");
+        assert_eq!(
+            fs::read_dir(&victim).unwrap().count(),
+            0,
+            "written through the link"
+        );
+        assert!(leftovers(&store).is_empty(), "{:?}", leftovers(&store));
     }
 
     #[test]

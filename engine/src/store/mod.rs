@@ -40,6 +40,7 @@ use crate::chunk::VerifiedChunk;
 use crate::error::Result;
 use crate::id::ParseIdError;
 use crate::index::ChunkEntry;
+use crate::pack::PackSink;
 use crate::ChunkId;
 
 /// A pack's name: BLAKE3 of the whole pack file. Displays as 64 lowercase hex digits.
@@ -161,6 +162,20 @@ pub trait StoreWrite: StoreRead {
     /// # Errors
     /// I/O or transport failures.
     fn put_pack(&self, id: &PackId, bytes: &[u8]) -> Result<()>;
+
+    /// Starts a pack written piece by piece (by `make`, through a
+    /// [`PackStream`](crate::pack::PackStream)). The default collects the bytes in memory
+    /// and stores them with [`StoreWrite::put_pack`] at commit; the local store streams
+    /// them to a temporary file.
+    ///
+    /// # Errors
+    /// I/O or transport failures.
+    fn begin_pack(&self) -> Result<Box<dyn PackSink + '_>> {
+        Ok(Box::new(BufferedPack {
+            store: self,
+            bytes: Vec::new(),
+        }))
+    }
 
     /// Writes (or atomically replaces) the store-relative file `rel` (location files).
     ///
@@ -311,6 +326,23 @@ impl<S: ChunkStore + ?Sized> ChunkStore for std::sync::Arc<S> {
     }
     fn fetch(&self, entry: &ChunkEntry) -> Result<VerifiedChunk> {
         (**self).fetch(entry)
+    }
+}
+
+/// The default [`StoreWrite::begin_pack`]: the pack in memory until it is committed.
+pub(crate) struct BufferedPack<'a, S: ?Sized> {
+    pub(crate) store: &'a S,
+    pub(crate) bytes: Vec<u8>,
+}
+
+impl<S: StoreWrite + ?Sized> PackSink for BufferedPack<'_, S> {
+    fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        self.bytes.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    fn commit(&mut self, id: &PackId) -> Result<()> {
+        self.store.put_pack(id, &std::mem::take(&mut self.bytes))
     }
 }
 

@@ -27,7 +27,9 @@ use super::{locations_path, pack_path, PackId, StoreRead, StoreWrite};
 use crate::chunk::decompress_verified;
 use crate::error::{Error, Result};
 use crate::index::Index;
-use crate::pack::{parse_toc, toc_tail_len, Location, Locations, PackBuilder, PACK_TRAILER};
+use crate::pack::{
+    parse_toc, toc_tail_len, Location, Locations, PackBuilder, PackSink, PACK_TRAILER,
+};
 use crate::ChunkId;
 
 /// Directory of condemnation markers.
@@ -682,6 +684,10 @@ impl StoreRead for MakeGuard {
 impl StoreWrite for MakeGuard {
     fn put_pack(&self, id: &PackId, bytes: &[u8]) -> Result<()> {
         self.inner.put_pack(id, bytes)
+    }
+
+    fn begin_pack(&self) -> Result<Box<dyn PackSink + '_>> {
+        self.inner.begin_pack()
     }
 
     fn put_file(&self, rel: &str, bytes: &[u8]) -> Result<()> {
