@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use util::{is_root, pack_frames, random_bytes, run_ok, skip_unless, tessera};
+use util::{is_root, pack_frames, random_bytes, run_err, run_ok, skip_unless, tessera};
 
 /// True when `tool` can be run; skips (or fails under CI=true) otherwise.
 fn have(tool: &str) -> bool {
@@ -749,6 +749,56 @@ else:
         std::fs::read(&img).unwrap() == data,
         "the image file changed"
     );
+}
+
+#[test]
+fn commit_turns_an_overlay_written_over_nbd_into_a_release() {
+    if !have("nbdsh") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut want = image_bytes();
+    let idx = make(dir.path(), "disk", &want);
+    let store = dir.path().join("store");
+    let overlay = dir.path().join("disk.overlay");
+    let args: [&dyn AsRef<std::ffi::OsStr>; 5] = [&idx, &"--store", &store, &"--overlay", &overlay];
+    let srv = Served::start(dir.path(), &args);
+    nbdsh(
+        r#"
+h.connect_uri(uri)
+h.pwrite(b"x" * 5000, 3_000_000)
+h.zero(1 << 20, (12 << 20) + 7)
+h.pwrite(b"end", (16 << 20) - 3)
+h.flush()
+"#,
+        &srv.uri("disk"),
+        &dir.path().join("disk.img"),
+    );
+    srv.stop();
+    want[3_000_000..3_005_000].fill(b'x');
+    want[(12 << 20) + 7..(13 << 20) + 7].fill(0);
+    want[(16 << 20) - 3..].copy_from_slice(b"end");
+
+    let new = dir.path().join("new.tidx");
+    let json = run_ok(&[
+        &"commit", &overlay, &"--base", &idx, &"--store", &store, &"--index", &new, &"--json",
+    ]);
+    let report: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(report["image_size"], 16 << 20, "{json}");
+    assert!(report["chunks_kept"].as_u64().unwrap() > 0, "{json}");
+    // The changed blocks and a few neighbours, not the image.
+    assert!(report["bytes_read"].as_u64().unwrap() < 4 << 20, "{json}");
+    let out = dir.path().join("out.img");
+    run_ok(&[&"sync", &new, &out, &"--store", &store, &"-q"]);
+    assert!(std::fs::read(&out).unwrap() == want, "the release differs");
+
+    // A missing overlay is an error, not a new empty overlay.
+    let missing = dir.path().join("missing.overlay");
+    let err = run_err(&[
+        &"commit", &missing, &"--base", &idx, &"--store", &store, &"--index", &new,
+    ]);
+    assert!(err.contains("missing.overlay"), "{err}");
+    assert!(!missing.exists());
 }
 
 #[test]

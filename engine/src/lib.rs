@@ -37,6 +37,7 @@
 
 pub mod chunk;
 pub mod chunker;
+pub mod commit;
 pub mod device;
 pub mod error;
 mod fsutil;
@@ -54,6 +55,7 @@ pub mod verify;
 
 pub use chunk::VerifiedChunk;
 pub use chunker::{parse_size, Chunker, ChunkerParams};
+pub use commit::{commit, CommitReport};
 pub use device::{Device, DeviceKind};
 pub use error::{Error, ErrorKind, Result};
 pub use fsutil::write_atomic;

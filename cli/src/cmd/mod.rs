@@ -1,6 +1,7 @@
 //! One module per subcommand: arguments in, one engine call, result out.
 
 mod check;
+mod commit;
 mod info;
 mod keygen;
 mod make;
@@ -23,6 +24,7 @@ pub enum Command {
     Make(make::Args),
     Check(check::Args),
     Prune(prune::Args),
+    Commit(commit::Args),
     Serve(serve::Args),
     Sync(sync::Args),
     Verify(verify::Args),
@@ -38,6 +40,7 @@ pub fn run(command: Command, out: &Output) -> anyhow::Result<ExitCode> {
         Command::Make(args) => make::run(args, out),
         Command::Check(args) => check::run(args, out),
         Command::Prune(args) => prune::run(args, out),
+        Command::Commit(args) => commit::run(args, out),
         Command::Serve(args) => serve::run(args, out),
         Command::Sync(args) => sync::run(args, out),
         Command::Verify(args) => verify::run(args, out),
