@@ -35,9 +35,11 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod casync;
 pub mod chunk;
 pub mod chunker;
 pub mod device;
+pub mod digest;
 pub mod error;
 mod fsutil;
 mod id;
@@ -55,6 +57,7 @@ pub mod verify;
 pub use chunk::VerifiedChunk;
 pub use chunker::{parse_size, Chunker, ChunkerParams};
 pub use device::{Device, DeviceKind};
+pub use digest::ChunkDigest;
 pub use error::{Error, ErrorKind, Result};
 pub use fsutil::write_atomic;
 pub use id::{ChunkId, ParseIdError};
