@@ -10,8 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use tessera_engine::casync::CasyncStore;
 use tessera_engine::{
-    CacheOptions, CacheStore, ChunkStore, Index, PackFetcher, StoreRead, StoreWrite,
+    CacheOptions, CacheStore, ChunkDigest, ChunkStore, Index, PackFetcher, StoreRead,
+    StoreWrite,
 };
 use tessera_stores::{IndexDest, IndexSource, S3Options, StoreOptions};
 
@@ -108,6 +110,16 @@ impl StoreArgs {
         store: Arc<dyn StoreRead>,
         index: &Index,
     ) -> anyhow::Result<Arc<dyn ChunkStore>> {
+        if index.digest() != ChunkDigest::Blake3 {
+            // A casync index: its chunks are files of a casync store (docs/CASYNC.md).
+            if let Some(dir) = &self.cache {
+                anyhow::bail!(
+                    "--cache {} is not supported with a casync index: drop --cache",
+                    dir.display()
+                );
+            }
+            return Ok(Arc::new(CasyncStore::new(store, index)));
+        }
         let Some(dir) = &self.cache else {
             return Ok(Arc::new(PackFetcher::open(store, index)?));
         };

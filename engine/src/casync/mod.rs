@@ -59,6 +59,30 @@ fn u64_at(b: &[u8], o: usize) -> u64 {
     u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"))
 }
 
+/// Largest `.caibx` file read: 16 M chunks, far more than any image needs.
+pub const MAX_INDEX_FILE: u64 = 640 << 20;
+
+/// Reads a whole `.caibx` file (at most [`MAX_INDEX_FILE`] bytes) for [`parse_index`].
+///
+/// # Errors
+/// [`Error::Io`] naming the path when it cannot be read or is larger.
+pub fn read_index_file(path: &std::path::Path) -> Result<Vec<u8>> {
+    let io = |e| Error::io("reading casync index", path, e);
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .map_err(io)?
+        .take(MAX_INDEX_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    if bytes.len() as u64 > MAX_INDEX_FILE {
+        return Err(io(std::io::Error::new(
+            std::io::ErrorKind::FileTooLarge,
+            format!("larger than {MAX_INDEX_FILE} bytes"),
+        )));
+    }
+    Ok(bytes)
+}
+
 /// Parses a casync block-image index (`.caibx`); `origin` names it in errors. The
 /// index's root hash is the BLAKE3 of `bytes` (what `--root-hash` pins).
 ///
