@@ -22,7 +22,8 @@ use tessera_stores::{IndexDest, IndexSource, S3Options, StoreOptions};
 pub struct StoreArgs {
     /// Pack store: a directory, http(s)://HOST/PATH (any web server or CDN that honours
     /// Range requests, read-only), or s3://BUCKET/PREFIX (credentials from
-    /// AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY).
+    /// AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY). For a casync index (.caibx): its casync
+    /// chunk store (.castr), as a directory or URL (docs/CASYNC.md).
     #[arg(long, value_name = "DIR|URL")]
     pub store: String,
     /// Keep fetched chunks in this local directory, in front of the store; shared safely
