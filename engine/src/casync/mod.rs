@@ -452,3 +452,155 @@ impl Iterator for Ordered {
         (n, Some(n))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    /// A `.caibx` of `chunks` as casync writes it.
+    fn caibx(flags: u64, sizes: (u64, u64, u64), chunks: &[(ChunkId, u64)]) -> Vec<u8> {
+        let mut b = Vec::new();
+        for v in [INDEX_LEN as u64, CA_FORMAT_INDEX, flags, sizes.0, sizes.1, sizes.2] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        b.extend_from_slice(&u64::MAX.to_le_bytes());
+        b.extend_from_slice(&CA_FORMAT_TABLE.to_le_bytes());
+        let mut end = 0;
+        for (id, len) in chunks {
+            end += len;
+            b.extend_from_slice(&end.to_le_bytes());
+            b.extend_from_slice(id.as_bytes());
+        }
+        let size = (16 + (chunks.len() + 1) * ITEM_LEN) as u64;
+        for v in [0, 0, INDEX_LEN as u64, size, CA_FORMAT_TABLE_TAIL_MARKER] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        b
+    }
+
+    fn sample() -> Vec<u8> {
+        let d = ChunkDigest::Sha512_256;
+        caibx(
+            CA_FORMAT_SHA512_256,
+            (16, 64, 256),
+            &[
+                (d.id(b"abc"), 3),
+                (d.id(&[0; 200]), 200),
+                (d.id(b"x"), 1),
+            ],
+        )
+    }
+
+    #[test]
+    fn parses_what_casync_writes() {
+        let index = parse_index(&sample(), "t").unwrap();
+        assert_eq!(index.digest(), ChunkDigest::Sha512_256);
+        assert_eq!(index.image_size(), 204);
+        let c = index.chunks();
+        assert_eq!((c[1].offset, c[1].len, c[1].zero), (3, 200, true));
+        assert!(!c[0].zero && !c[2].zero);
+        assert_eq!(index.root_hash(), *blake3::hash(&sample()).as_bytes());
+        let sha256 = caibx(0, (16, 64, 256), &[(ChunkId([1; 32]), 5)]);
+        assert_eq!(
+            parse_index(&sha256, "t").unwrap().digest(),
+            ChunkDigest::Sha256
+        );
+        // An empty image.
+        assert_eq!(
+            parse_index(&caibx(0, (1, 1, 1), &[]), "t")
+                .unwrap()
+                .image_size(),
+            0
+        );
+    }
+
+    #[test]
+    fn every_truncation_and_bit_flip_is_handled() {
+        let bytes = sample();
+        for n in 0..bytes.len() {
+            let e = parse_index(&bytes[..n], "t.caibx").unwrap_err().to_string();
+            assert!(e.contains("t.caibx"), "{e}");
+        }
+        for i in 0..bytes.len() * 8 {
+            let mut b = bytes.clone();
+            b[i / 8] ^= 1 << (i % 8);
+            // Flips in ids and flags give another valid index; none may panic.
+            let _ = parse_index(&b, "t");
+        }
+    }
+
+    #[test]
+    fn chunks_out_of_order_or_too_large_are_refused() {
+        let id = ChunkId([2; 32]);
+        let e = parse_index(&caibx(0, (16, 64, 256), &[(id, 300)]), "t")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("item at offset 64") && e.contains("300 bytes"), "{e}");
+        let e = parse_index(&caibx(0, (16, 64, 256), &[(id, 5), (id, 0)]), "t")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("item at offset 104") && e.contains("not after"), "{e}");
+        let e = parse_index(&caibx(0, (16, 64, 32 << 20), &[]), "t")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("maximum chunk size") && e.contains("offset 40"), "{e}");
+    }
+
+    fn xz(data: &[u8]) -> Vec<u8> {
+        let mut w = xz2::write::XzEncoder::new(Vec::new(), 6);
+        w.write_all(data).unwrap();
+        w.finish().unwrap()
+    }
+
+    fn gzip(data: &[u8]) -> Vec<u8> {
+        let mut w = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        w.write_all(data).unwrap();
+        w.finish().unwrap()
+    }
+
+    #[test]
+    fn each_compression_decompresses_verified_and_bounded() {
+        let data: Vec<u8> = (0..5000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let d = ChunkDigest::Sha256;
+        let id = d.id(&data);
+        for file in [crate::chunk::compress(&data), xz(&data), gzip(&data)] {
+            let c = decompress_chunk(d, id, &file, 5000, "t").unwrap();
+            assert_eq!(c.data(), &data[..]);
+            // Wrong length, wrong id, wrong digest, damaged stream: all refused.
+            assert!(decompress_chunk(d, id, &file, 4999, "t").is_err());
+            assert!(decompress_chunk(d, id, &file, 5001, "t").is_err());
+            assert!(decompress_chunk(d, ChunkId([0; 32]), &file, 5000, "t").is_err());
+            assert!(decompress_chunk(ChunkDigest::Sha512_256, id, &file, 5000, "t").is_err());
+            let mut bad = file.clone();
+            let mid = bad.len() / 2;
+            bad[mid] ^= 0x55;
+            assert!(decompress_chunk(d, id, &bad, 5000, "t").is_err());
+            assert!(decompress_chunk(d, id, &file[..file.len() - 3], 5000, "t").is_err());
+        }
+        let e = decompress_chunk(d, id, b"plain bytes", 11, "here")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not zstd, xz or gzip") && e.contains("here"), "{e}");
+    }
+
+    #[test]
+    fn a_bomb_stops_one_byte_past_the_expected_length() {
+        // 64 MiB of zeros in a few KiB: decompression stops after 4097 bytes.
+        let zeros = vec![0u8; 64 << 20];
+        for file in [xz(&zeros), gzip(&zeros), crate::chunk::compress(&zeros)] {
+            assert!(file.len() < 100 << 10);
+            let e = decompress_chunk(ChunkDigest::Sha256, ChunkId([0; 32]), &file, 4096, "t")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("more than 4096 bytes"), "{e}");
+        }
+    }
+
+    #[test]
+    fn chunk_paths_are_casyncs() {
+        let id: ChunkId = "ab12".repeat(16).parse().unwrap();
+        assert_eq!(chunk_path(&id), format!("ab12/{}.cacnk", "ab12".repeat(16)));
+    }
+}
