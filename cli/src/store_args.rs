@@ -12,8 +12,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tessera_engine::casync::CasyncStore;
 use tessera_engine::{
-    CacheOptions, CacheStore, ChunkDigest, ChunkStore, Index, PackFetcher, StoreRead,
-    StoreWrite,
+    CacheOptions, CacheStore, ChunkDigest, ChunkStore, Index, PackFetcher, StoreRead, StoreWrite,
 };
 use tessera_stores::{IndexDest, IndexSource, S3Options, StoreOptions};
 

@@ -116,12 +116,7 @@ fn sync_and_verify_with_each_compressor_and_digest() {
         let p = publish(5_000_000, 10 + n as u64, extra);
         let target = p.dir.path().join("out.raw");
         let out = json(&run_ok(&[
-            &"sync",
-            &p.caibx,
-            &target,
-            &"--store",
-            &p.store,
-            &"--json",
+            &"sync", &p.caibx, &target, &"--store", &p.store, &"--json",
         ]));
         assert_eq!(
             fs::read(&target).unwrap(),
@@ -185,8 +180,7 @@ fn the_chunker_cuts_where_casync_cuts() {
         &["--chunk-size=8192:8192:8192"],
     ] {
         let p = publish(3_000_000, 21, extra);
-        let index =
-            tessera_engine::casync::parse_index(&fs::read(&p.caibx).unwrap(), "t").unwrap();
+        let index = tessera_engine::casync::parse_index(&fs::read(&p.caibx).unwrap(), "t").unwrap();
         let image = fs::read(&p.image).unwrap();
         let mut pos = 0;
         for (i, c) in index.chunks().iter().enumerate() {
@@ -219,12 +213,7 @@ fn in_place_update_with_a_seed_fetches_only_what_changed() {
     let target = p.dir.path().join("slot.raw");
     fs::write(&target, &old).unwrap();
     let out = json(&run_ok(&[
-        &"sync",
-        &new_caibx,
-        &target,
-        &"--store",
-        &p.store,
-        &"--json",
+        &"sync", &new_caibx, &target, &"--store", &p.store, &"--json",
     ]));
     assert_eq!(fs::read(&target).unwrap(), new);
     let fetched = out["bytes_fetched"].as_u64().unwrap();
@@ -233,14 +222,7 @@ fn in_place_update_with_a_seed_fetches_only_what_changed() {
     // A fresh target with the old release as a seed (scanned with casync's chunker).
     let fresh = p.dir.path().join("fresh.raw");
     let out = json(&run_ok(&[
-        &"sync",
-        &new_caibx,
-        &fresh,
-        &"--store",
-        &p.store,
-        &"--seed",
-        &p.image,
-        &"--json",
+        &"sync", &new_caibx, &fresh, &"--store", &p.store, &"--seed", &p.image, &"--json",
     ]));
     assert_eq!(fs::read(&fresh).unwrap(), new);
     assert!(
@@ -302,7 +284,10 @@ fn a_corrupt_chunk_file_is_refused_and_nothing_of_it_written() {
         assert!(err.contains(&victim.display().to_string()), "{err}");
         let written = fs::read(&target).unwrap_or_default();
         for (i, (t, m)) in written.iter().zip(&image).enumerate() {
-            assert!(*t == *m || *t == 0, "byte {i} is neither the image's nor zero");
+            assert!(
+                *t == *m || *t == 0,
+                "byte {i} is neither the image's nor zero"
+            );
         }
     }
     // Restored: the same command completes.
@@ -361,13 +346,7 @@ fn a_damaged_index_is_refused_with_its_offset() {
     }
     // A pinned root hash is the BLAKE3 of the .caibx file.
     let root = blake3::hash(&bytes).to_hex().to_string();
-    run_ok(&[
-        &"verify",
-        &p.caibx,
-        &p.image,
-        &"--root-hash",
-        &root,
-    ]);
+    run_ok(&[&"verify", &p.caibx, &p.image, &"--root-hash", &root]);
     let err = run_err(&[
         &"verify",
         &p.caibx,
@@ -437,7 +416,10 @@ fn a_sync_that_loses_its_store_resumes() {
     assert!(err.contains(&proxy.url()), "{err}");
     let written = fs::read(&target).unwrap();
     for (i, (t, m)) in written.iter().zip(&image).enumerate() {
-        assert!(*t == *m || *t == 0, "byte {i} is neither the image's nor zero");
+        assert!(
+            *t == *m || *t == 0,
+            "byte {i} is neither the image's nor zero"
+        );
     }
     proxy.set_down(false);
     proxy.set_plan(Arc::new(|_, _: &str, _: &str| Fault::Pass));
@@ -456,8 +438,7 @@ fn a_sync_that_loses_its_store_resumes() {
 
 #[test]
 fn loop_devices_to_loop_devices() {
-    if skip_unless(casync_available(), "casync") || skip_unless(loop_available(), "loop devices")
-    {
+    if skip_unless(casync_available(), "casync") || skip_unless(loop_available(), "loop devices") {
         return;
     }
     let dir = TempDir::new().unwrap();
@@ -487,7 +468,14 @@ fn import_converts_to_a_tessera_store() {
     let to = p.dir.path().join("tstore");
     let tidx = p.dir.path().join("image.tidx");
     let out = json(&run_ok(&[
-        &"import", &p.caibx, &"--store", &p.store, &"--to-store", &to, &"--index", &tidx,
+        &"import",
+        &p.caibx,
+        &"--store",
+        &p.store,
+        &"--to-store",
+        &to,
+        &"--index",
+        &tidx,
         &"--json",
     ]));
     assert_eq!(out["casync_digest"], "sha512-256", "{out}");
@@ -509,7 +497,14 @@ fn import_converts_to_a_tessera_store() {
     assert_eq!(fs::read(&made).unwrap(), fs::read(&tidx).unwrap());
     // A tessera index is not imported.
     let err = run_err(&[
-        &"import", &tidx, &"--store", &to, &"--to-store", &to, &"--index", &made,
+        &"import",
+        &tidx,
+        &"--store",
+        &to,
+        &"--to-store",
+        &to,
+        &"--index",
+        &made,
     ]);
     assert!(err.contains("not a casync one"), "{err}");
 }

@@ -104,7 +104,9 @@ mod tests {
 
     #[test]
     fn zero_ids_match_hashing_zeros() {
-        let lens = [1u32, 63, 64, 65, 127, 128, 129, 4096, 65_535, 65_536, 65_537, 300_000];
+        let lens = [
+            1u32, 63, 64, 65, 127, 128, 129, 4096, 65_535, 65_536, 65_537, 300_000,
+        ];
         for d in [
             ChunkDigest::Sha256,
             ChunkDigest::Sha512_256,

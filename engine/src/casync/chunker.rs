@@ -19,7 +19,11 @@ pub fn discriminator(params: &ChunkerParams) -> u32 {
 /// Length of the chunk casync cuts at the start of `data` (all of `data` when no cut is
 /// found in it: the image's last chunk).
 pub fn cut_len(params: &ChunkerParams, data: &[u8]) -> usize {
-    let (min, avg, max) = (params.min as usize, params.avg as usize, params.max as usize);
+    let (min, avg, max) = (
+        params.min as usize,
+        params.avg as usize,
+        params.max as usize,
+    );
     if min == avg && avg == max {
         return data.len().min(avg);
     }

@@ -112,7 +112,11 @@ pub fn parse_index(bytes: &[u8], origin: &str) -> Result<Index> {
         ChunkDigest::Sha256
     };
     let (min, avg, max) = (u64_at(bytes, 24), u64_at(bytes, 32), u64_at(bytes, 40));
-    for (name, v, at) in [("minimum", min, 24), ("average", avg, 32), ("maximum", max, 40)] {
+    for (name, v, at) in [
+        ("minimum", min, 24),
+        ("average", avg, 32),
+        ("maximum", max, 40),
+    ] {
         if !(1..=MAX_CHUNK).contains(&v) {
             return Err(bad(format!(
                 "{name} chunk size {v} at offset {at} is outside 1..={MAX_CHUNK}"
@@ -261,7 +265,11 @@ pub fn decompress_chunk(
     if data.len() != expected_len as usize {
         return Err(corrupt(format!(
             "decompressed to {}{} bytes, the index says {expected_len}",
-            if data.len() as u64 == limit { "more than " } else { "" },
+            if data.len() as u64 == limit {
+                "more than "
+            } else {
+                ""
+            },
             data.len().min(expected_len as usize)
         )));
     }
@@ -462,7 +470,14 @@ mod tests {
     /// A `.caibx` of `chunks` as casync writes it.
     fn caibx(flags: u64, sizes: (u64, u64, u64), chunks: &[(ChunkId, u64)]) -> Vec<u8> {
         let mut b = Vec::new();
-        for v in [INDEX_LEN as u64, CA_FORMAT_INDEX, flags, sizes.0, sizes.1, sizes.2] {
+        for v in [
+            INDEX_LEN as u64,
+            CA_FORMAT_INDEX,
+            flags,
+            sizes.0,
+            sizes.1,
+            sizes.2,
+        ] {
             b.extend_from_slice(&v.to_le_bytes());
         }
         b.extend_from_slice(&u64::MAX.to_le_bytes());
@@ -485,11 +500,7 @@ mod tests {
         caibx(
             CA_FORMAT_SHA512_256,
             (16, 64, 256),
-            &[
-                (d.id(b"abc"), 3),
-                (d.id(&[0; 200]), 200),
-                (d.id(b"x"), 1),
-            ],
+            &[(d.id(b"abc"), 3), (d.id(&[0; 200]), 200), (d.id(b"x"), 1)],
         )
     }
 
@@ -537,15 +548,24 @@ mod tests {
         let e = parse_index(&caibx(0, (16, 64, 256), &[(id, 300)]), "t")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("item at offset 64") && e.contains("300 bytes"), "{e}");
+        assert!(
+            e.contains("item at offset 64") && e.contains("300 bytes"),
+            "{e}"
+        );
         let e = parse_index(&caibx(0, (16, 64, 256), &[(id, 5), (id, 0)]), "t")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("item at offset 104") && e.contains("not after"), "{e}");
+        assert!(
+            e.contains("item at offset 104") && e.contains("not after"),
+            "{e}"
+        );
         let e = parse_index(&caibx(0, (16, 64, 32 << 20), &[]), "t")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("maximum chunk size") && e.contains("offset 40"), "{e}");
+        assert!(
+            e.contains("maximum chunk size") && e.contains("offset 40"),
+            "{e}"
+        );
     }
 
     fn xz(data: &[u8]) -> Vec<u8> {
@@ -582,7 +602,10 @@ mod tests {
         let e = decompress_chunk(d, id, b"plain bytes", 11, "here")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("not zstd, xz or gzip") && e.contains("here"), "{e}");
+        assert!(
+            e.contains("not zstd, xz or gzip") && e.contains("here"),
+            "{e}"
+        );
     }
 
     #[test]
