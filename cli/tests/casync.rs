@@ -508,3 +508,46 @@ fn import_converts_to_a_tessera_store() {
     ]);
     assert!(err.contains("not a casync one"), "{err}");
 }
+
+#[test]
+fn a_signed_caibx_is_checked_against_the_trusted_key() {
+    if skip_unless(casync_available(), "casync") {
+        return;
+    }
+    let p = publish(1_000_000, 101, &[]);
+    let (secret, public) = (p.dir.path().join("k.sec"), p.dir.path().join("k.pub"));
+    run_ok(&[
+        &"keygen",
+        &"--secret-key",
+        &secret,
+        &"--public-key",
+        &public,
+    ]);
+    run_ok(&[
+        &"sign",
+        &p.caibx,
+        &"--secret-key",
+        &secret,
+        &"--version",
+        &"3",
+    ]);
+    let target = p.dir.path().join("out.raw");
+    run_ok(&[
+        &"sync",
+        &p.caibx,
+        &target,
+        &"--store",
+        &p.store,
+        &"--trusted-key",
+        &public,
+        &"--min-version",
+        &"3",
+    ]);
+    assert_eq!(fs::read(&target).unwrap(), fs::read(&p.image).unwrap());
+    // One byte of the index changed (a chunk id): the signature no longer matches.
+    let mut bytes = fs::read(&p.caibx).unwrap();
+    bytes[80] ^= 1;
+    fs::write(&p.caibx, &bytes).unwrap();
+    let err = run_err(&[&"verify", &p.caibx, &target, &"--trusted-key", &public]);
+    assert!(err.contains("signature"), "{err}");
+}
