@@ -173,13 +173,13 @@ fn the_chunker_cuts_where_casync_cuts() {
     if skip_unless(casync_available(), "casync") {
         return;
     }
-    for extra in [
-        &[][..],
-        &["--chunk-size=1000:5000:20000"],
-        &["--chunk-size=32"],
-        &["--chunk-size=8192:8192:8192"],
+    for (len, extra) in [
+        (3_000_000, &[][..]),
+        (1_000_000, &["--chunk-size=1000:5000:20000"]),
+        (100_000, &["--chunk-size=32"]),
+        (1_000_000, &["--chunk-size=8192:8192:8192"]),
     ] {
-        let p = publish(3_000_000, 21, extra);
+        let p = publish(len, 21, extra);
         let index = tessera_engine::casync::parse_index(&fs::read(&p.caibx).unwrap(), "t").unwrap();
         let image = fs::read(&p.image).unwrap();
         let mut pos = 0;
