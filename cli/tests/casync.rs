@@ -376,7 +376,8 @@ fn index_and_store_served_by_nginx() {
         let served = serve_and_copy(p.dir.path(), &[&index, "--store", &store], &[]);
         assert!(served == fs::read(&p.image).unwrap(), "served bytes differ");
     } else {
-        assert!(!skip_unless(false, "nbdcopy"));
+        // Fails under CI=true, where nbdcopy must exist.
+        skip_unless(false, "nbdcopy");
     }
 }
 
