@@ -15,7 +15,9 @@
 # - tessera (seed): `sync --seed old` into a new file (the same work as casync's);
 # - tessera (in place): `sync` into a copy of release N (the copy is not timed).
 # Every request crosses benches/latency-proxy.py, which delays each by DELAY_MS and
-# counts the bytes sent back ("downloaded"). Outputs are compared with the image (`cmp`).
+# counts the bytes sent back ("downloaded"). Outputs are compared with the image (`cmp`),
+# then deleted (at most one output exists at a time: the bench needs about the store's
+# size plus 1 GiB of free space).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -107,19 +109,19 @@ for run in $(seq "$RUNS"); do
         start_proxy
         run tessera-seed "$TESSERA" sync "$URL/c/new.caibx" "$O/s.img" --store "$URL/c/store.castr" \
             --seed "$OLD" --jobs "$JOBS" --json -q
-        cmp "$NEW" "$O/s.img"
+        cmp "$NEW" "$O/s.img"; rm -f "$O/s.img"
     }
     inplace_run() {
         cp --sparse=always "$OLD" "$O/t.img"; sync
         start_proxy
         run tessera-inplace "$TESSERA" sync "$URL/c/new.caibx" "$O/t.img" --store "$URL/c/store.castr" \
             --jobs "$JOBS" --json -q
-        cmp "$NEW" "$O/t.img"
+        cmp "$NEW" "$O/t.img"; rm -f "$O/t.img"
     }
     casync_run() {
         start_proxy
         run casync casync extract --store="$URL/c/store.castr" --seed="$OLD" "$URL/c/new.caibx" "$O/c.img"
-        cmp "$NEW" "$O/c.img"
+        cmp "$NEW" "$O/c.img"; rm -f "$O/c.img"
     }
     case $((run % 3)) in
         1) seed_run; casync_run; inplace_run ;;
