@@ -27,7 +27,9 @@ use crate::trust_args::TrustArgs;
 /// of TARGET was hashed against the index.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// The index of the image to write: a path or an http(s):// or s3:// URL.
+    /// The index of the image to write: a path or an http(s):// or s3:// URL. A casync
+    /// .caibx is read too, with its casync store (.castr) as --store; its chunks are
+    /// checked against its SHA-512/256 or SHA-256 ids (docs/CASYNC.md).
     index: PathBuf,
     /// File or block device to write.
     target: PathBuf,

@@ -63,28 +63,6 @@ fn fastmod(a: u32, m: u64, d: u32) -> u32 {
     ((u128::from(low) * u128::from(d)) >> 64) as u32
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn fastmod_is_the_remainder() {
-        let mut x = 0x9e37_79b9_u32;
-        for d in (1..2000).chain([65_535, 65_536, 48_000, 1 << 20, u32::MAX - 1, u32::MAX]) {
-            let m = fastmod_multiplier(d);
-            for a in [0, 1, d - 1, d, d.wrapping_add(1), u32::MAX, u32::MAX - 1] {
-                assert_eq!(fastmod(a, m, d), a % d, "{a} % {d}");
-            }
-            for _ in 0..50 {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                assert_eq!(fastmod(x, m, d), x % d, "{x} % {d}");
-            }
-        }
-    }
-}
-
 /// casync's buzhash table.
 #[rustfmt::skip]
 static TABLE: [u32; 256] = [
@@ -126,3 +104,25 @@ static TABLE: [u32; 256] = [
     0xe4e606f0, 0x05b21843, 0x37b45964, 0x5eff22f4, 0x6027f4cc, 0x77178b3c, 0xae507131,
     0x7bf7cabc, 0xf9c18d66, 0x593ade65, 0xd95ddf11
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fastmod_is_the_remainder() {
+        let mut x = 0x9e37_79b9_u32;
+        for d in (1..2000).chain([65_535, 65_536, 48_000, 1 << 20, u32::MAX - 1, u32::MAX]) {
+            let m = fastmod_multiplier(d);
+            for a in [0, 1, d - 1, d, d.wrapping_add(1), u32::MAX, u32::MAX - 1] {
+                assert_eq!(fastmod(a, m, d), a % d, "{a} % {d}");
+            }
+            for _ in 0..50 {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                assert_eq!(fastmod(x, m, d), x % d, "{x} % {d}");
+            }
+        }
+    }
+}
