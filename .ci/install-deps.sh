@@ -8,7 +8,9 @@ PACKAGES=(
   util-linux     # losetup, blockdev: loop-device tests
   zstd           # zstd -d: chunk files are plain zstd frames
   nginx          # remote store tests: nginx serving a store over HTTP
-  casync         # benchmark peer
+  casync         # benchmark peer; casync tests: indexes and stores made by casync make
+  liblzma-dev    # build: xz decompression of casync chunks (xz2 links the system liblzma)
+  pkg-config     # build: finds liblzma
   time           # /usr/bin/time -v: peak memory in benchmarks
   minisign       # trust tests: signatures cross-checked both ways
   cryptsetup-bin # trust tests: veritysetup format/verify of dm-verity trees

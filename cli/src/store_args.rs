@@ -10,8 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use tessera_engine::casync::CasyncStore;
 use tessera_engine::{
-    CacheOptions, CacheStore, ChunkStore, Index, PackFetcher, StoreRead, StoreWrite,
+    CacheOptions, CacheStore, ChunkDigest, ChunkStore, Index, PackFetcher, StoreRead, StoreWrite,
 };
 use tessera_stores::{IndexDest, IndexSource, S3Options, StoreOptions};
 
@@ -20,7 +21,8 @@ use tessera_stores::{IndexDest, IndexSource, S3Options, StoreOptions};
 pub struct StoreArgs {
     /// Pack store: a directory, http(s)://HOST/PATH (any web server or CDN that honours
     /// Range requests, read-only), or s3://BUCKET/PREFIX (credentials from
-    /// AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY).
+    /// AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY). For a casync index (.caibx): its casync
+    /// chunk store (.castr), as a directory or URL (docs/CASYNC.md).
     #[arg(long, value_name = "DIR|URL")]
     pub store: String,
     /// Keep fetched chunks in this local directory, in front of the store; shared safely
@@ -108,6 +110,16 @@ impl StoreArgs {
         store: Arc<dyn StoreRead>,
         index: &Index,
     ) -> anyhow::Result<Arc<dyn ChunkStore>> {
+        if index.digest() != ChunkDigest::Blake3 {
+            // A casync index: its chunks are files of a casync store (docs/CASYNC.md).
+            if let Some(dir) = &self.cache {
+                anyhow::bail!(
+                    "--cache {} is not supported with a casync index: drop --cache",
+                    dir.display()
+                );
+            }
+            return Ok(Arc::new(CasyncStore::new(store, index)));
+        }
         let Some(dir) = &self.cache else {
             return Ok(Arc::new(PackFetcher::open(store, index)?));
         };

@@ -6,6 +6,7 @@
 
 use std::cell::RefCell;
 
+use crate::digest::ChunkDigest;
 use crate::error::{Error, Result};
 use crate::ChunkId;
 
@@ -25,12 +26,26 @@ impl VerifiedChunk {
     /// # Errors
     /// [`Error::CorruptChunk`] if the hash differs.
     pub fn verify(id: ChunkId, data: Vec<u8>, origin: &str) -> Result<VerifiedChunk> {
-        let actual = ChunkId::of(&data);
+        VerifiedChunk::verify_with(ChunkDigest::Blake3, id, data, origin)
+    }
+
+    /// Checks that `data` hashes to `id` with `digest` (the index's, see
+    /// [`crate::Index::digest`]); `origin` names the source for the error.
+    ///
+    /// # Errors
+    /// [`Error::CorruptChunk`] if the hash differs.
+    pub fn verify_with(
+        digest: ChunkDigest,
+        id: ChunkId,
+        data: Vec<u8>,
+        origin: &str,
+    ) -> Result<VerifiedChunk> {
+        let actual = digest.id(&data);
         if actual != id {
             return Err(Error::CorruptChunk {
                 id,
                 origin: origin.to_string(),
-                reason: format!("{} bytes hash to {actual}", data.len()),
+                reason: format!("{} bytes hash to {actual} ({digest})", data.len()),
             });
         }
         Ok(VerifiedChunk { id, data })

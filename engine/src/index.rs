@@ -13,6 +13,7 @@ use blake3::hazmat::{
 use blake3::CHUNK_LEN;
 
 use crate::chunker::{ChunkerParams, ALGORITHM_FASTCDC2020_NC1};
+use crate::digest::ChunkDigest;
 use crate::error::{Error, Result};
 use crate::ChunkId;
 
@@ -55,6 +56,8 @@ pub struct Index {
     image_hash: [u8; 32],
     chunks: Vec<ChunkEntry>,
     root_hash: [u8; 32],
+    /// The hash the chunk ids are made with (BLAKE3 for format v1).
+    digest: ChunkDigest,
 }
 
 /// Computes chunk ids of all-zero chunks, caching one per length.
@@ -176,9 +179,38 @@ impl Index {
             image_hash,
             chunks,
             root_hash: [0; 32],
+            digest: ChunkDigest::Blake3,
         };
         index.root_hash = *blake3::hash(&index.to_bytes()).as_bytes();
         Ok(index)
+    }
+
+    /// Builds an index whose chunk ids are made with `digest` (a casync index): as
+    /// [`Index::new`], with zero flags computed with `digest`, no image hash (all zeros),
+    /// and `root_hash` given by the caller (the BLAKE3 of the file it was read from).
+    /// Such an index cannot be saved in format v1.
+    ///
+    /// # Errors
+    /// As [`Index::new`].
+    pub fn with_digest(
+        params: ChunkerParams,
+        digest: ChunkDigest,
+        records: impl IntoIterator<Item = (ChunkId, u32)>,
+        root_hash: [u8; 32],
+    ) -> Result<Index> {
+        let mut index = Index::new(params, [0; 32], records)?;
+        let zeros = digest.zero_ids(index.chunks.iter().map(|c| c.len));
+        for c in &mut index.chunks {
+            c.zero = zeros.get(&c.len) == Some(&c.id);
+        }
+        index.digest = digest;
+        index.root_hash = root_hash;
+        Ok(index)
+    }
+
+    /// The hash the chunk ids are made with.
+    pub fn digest(&self) -> ChunkDigest {
+        self.digest
     }
 
     /// Chunker parameters the image was cut with.
@@ -214,7 +246,8 @@ impl Index {
         Some(self.chunks.partition_point(|c| c.end() <= offset))
     }
 
-    /// Encodes the index in format v1.
+    /// Encodes the index in format v1 (meaningful for BLAKE3 indexes only: see
+    /// [`Index::save`]).
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(HEADER_LEN + RECORD_LEN * self.chunks.len() + TRAILER_LEN);
         out.extend_from_slice(&MAGIC);
@@ -340,6 +373,7 @@ impl Index {
             image_hash,
             chunks,
             root_hash: *blake3::hash(bytes).as_bytes(),
+            digest: ChunkDigest::Blake3,
         })
     }
 
@@ -412,6 +446,14 @@ impl Index {
     /// # Errors
     /// [`Error::Io`] naming the path.
     pub fn save(&self, path: &Path) -> Result<()> {
+        if self.digest != ChunkDigest::Blake3 {
+            return Err(Error::InvalidInput(format!(
+                "an index of {} chunk ids cannot be written as a tessera index ({}): \
+                 `tessera import` converts it",
+                self.digest,
+                path.display()
+            )));
+        }
         crate::fsutil::write_atomic(path, &self.to_bytes())
     }
 }

@@ -35,10 +35,12 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod casync;
 pub mod chunk;
 pub mod chunker;
 pub mod commit;
 pub mod device;
+pub mod digest;
 pub mod error;
 mod fsutil;
 mod id;
@@ -57,6 +59,7 @@ pub use chunk::VerifiedChunk;
 pub use chunker::{parse_size, Chunker, ChunkerParams};
 pub use commit::{commit, CommitReport};
 pub use device::{Device, DeviceKind};
+pub use digest::ChunkDigest;
 pub use error::{Error, ErrorKind, Result};
 pub use fsutil::write_atomic;
 pub use id::{ChunkId, ParseIdError};

@@ -150,6 +150,7 @@ pub fn check_chunks_with(
     mut each: impl FnMut(u32, &ChunkEntry, &[u8], bool) -> Result<()>,
 ) -> Result<Vec<Mismatch>> {
     let chunks = index.chunks();
+    let digest = index.digest();
     let positions = positions.into_iter();
     let workers = workers.max(1);
     // Buffers circulate: reader → hashers → this thread (in order) → back to the reader.
@@ -197,7 +198,7 @@ pub fn check_chunks_with(
                     let good = if c.zero {
                         buf.iter().all(|&b| b == 0)
                     } else {
-                        ChunkId::of(&buf) == c.id
+                        digest.id(&buf) == c.id
                     };
                     if done_tx.send(Ok((seq, k, buf, good))).is_err() {
                         return;

@@ -2,6 +2,7 @@
 
 mod check;
 mod commit;
+mod import;
 mod info;
 mod keygen;
 mod make;
@@ -32,6 +33,7 @@ pub enum Command {
     Keygen(keygen::Args),
     Sign(sign::Args),
     Verity(verity::Args),
+    Import(import::Args),
 }
 
 /// Runs a subcommand; `Ok` carries the exit code.
@@ -48,5 +50,6 @@ pub fn run(command: Command, out: &Output) -> anyhow::Result<ExitCode> {
         Command::Keygen(args) => keygen::run(args, out),
         Command::Sign(args) => sign::run(args, out),
         Command::Verity(args) => verity::run(args, out),
+        Command::Import(args) => import::run(args, out),
     }
 }

@@ -27,7 +27,9 @@ use crate::trust_args::TrustArgs;
 /// Stops cleanly on SIGINT or SIGTERM.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Index files (paths or http(s):// or s3:// URLs), one export each.
+    /// Index files (paths or http(s):// or s3:// URLs), one export each: tessera indexes
+    /// or casync .caibx files, whose chunks come from the casync store given as --store
+    /// (docs/CASYNC.md).
     #[arg(required = true, value_name = "INDEX")]
     indexes: Vec<PathBuf>,
     #[command(flatten)]

@@ -6,8 +6,8 @@ use std::time::Instant;
 
 use anyhow::Context;
 use tessera_engine::sync::DEFAULT_SCRATCH_SIZE;
-use tessera_engine::trust::{build_verity, VerityOptions, VerityReport};
-use tessera_engine::{Index, SeedSpec, SyncOptions, SyncReport};
+use tessera_engine::trust::{build_verity, load_index, VerityOptions, VerityReport};
+use tessera_engine::{SeedSpec, SyncOptions, SyncReport, TrustPolicy};
 
 use crate::output::{human_bytes, Output};
 use crate::store_args::{parse_size, StoreArgs};
@@ -27,7 +27,9 @@ use crate::trust_args::TrustArgs;
 /// of TARGET was hashed against the index.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// The index of the image to write: a path or an http(s):// or s3:// URL.
+    /// The index of the image to write: a path or an http(s):// or s3:// URL. A casync
+    /// .caibx is read too, with its casync store (.castr) as --store; its chunks are
+    /// checked against its SHA-512/256 or SHA-256 ids (docs/CASYNC.md).
     index: PathBuf,
     /// File or block device to write.
     target: PathBuf,
@@ -97,7 +99,8 @@ impl InPlaceArgs {
             })
             .collect();
         for (path, index) in &self.seed_index {
-            let index = Index::load(index)
+            // A tessera index or a casync .caibx.
+            let (index, _) = load_index(index, None, &TrustPolicy::default())
                 .with_context(|| format!("--seed-index for {}", path.display()))?;
             seeds.push(SeedSpec {
                 path: path.clone(),

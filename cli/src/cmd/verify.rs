@@ -13,7 +13,7 @@ use crate::trust_args::TrustArgs;
 /// not be read). Bytes past the image's end are ignored.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// The index file.
+    /// The index file: a tessera index or a casync .caibx (docs/CASYNC.md).
     index: PathBuf,
     /// File or block device to check.
     target: PathBuf,

@@ -154,7 +154,8 @@ impl<'a> Executor<'a> {
     ) -> Result<VerifiedChunk> {
         let mut buf = vec![0u8; len as usize];
         dev.read_exact_at(&mut buf, offset)?;
-        VerifiedChunk::verify(
+        VerifiedChunk::verify_with(
+            self.index.digest(),
             id,
             buf,
             &format!("{what} {} at offset {offset}", dev.name()),

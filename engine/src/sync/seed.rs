@@ -17,6 +17,7 @@ use std::sync::Mutex;
 
 use super::io::ReadAt;
 use super::plan::{Holder, Holdings, InPlace, Location};
+use crate::digest::ChunkDigest;
 use crate::error::Result;
 use crate::index::Index;
 use crate::progress::Progress;
@@ -160,6 +161,17 @@ pub(crate) fn scan(
     Ok(found.into_inner().expect("scan results"))
 }
 
+/// Length of the chunk cut at the start of `data` with the index's chunker: FastCDC for
+/// tessera indexes, casync's buzhash chunker for casync ones (their SHA-2 ids).
+fn cut_len(index: &Index, data: &[u8]) -> usize {
+    match index.digest() {
+        ChunkDigest::Blake3 => index.params().cut_len(data),
+        ChunkDigest::Sha512_256 | ChunkDigest::Sha256 => {
+            crate::casync::cut_len(&index.params(), data)
+        }
+    }
+}
+
 fn scan_segment(
     index: &Index,
     wanted: &HashSet<ChunkId>,
@@ -170,6 +182,7 @@ fn scan_segment(
     found: &Mutex<Found>,
 ) -> Result<()> {
     let params = index.params();
+    let digest = index.digest();
     let max = u64::from(params.max);
     // Cuts started before `end + 2 max` realign with the next segment's (FastCDC
     // resynchronises within a chunk or two); one more `max` lets the last of them be cut
@@ -186,8 +199,8 @@ fn scan_segment(
             break;
         }
         let rel = (pos - start) as usize;
-        let len = params.cut_len(&buf[rel..]);
-        let id = ChunkId::of(&buf[rel..rel + len]);
+        let len = cut_len(index, &buf[rel..]);
+        let id = digest.id(&buf[rel..rel + len]);
         if wanted.contains(&id) {
             hits.push((id, pos));
         }
@@ -209,7 +222,7 @@ fn scan_segment(
                 Some(&&(off, len, id)) if off == c.offset && len == c.len => id,
                 _ => {
                     let rel = (c.offset - start) as usize;
-                    ChunkId::of(&buf[rel..rel + c.len as usize])
+                    digest.id(&buf[rel..rel + c.len as usize])
                 }
             };
             if id == c.id {

@@ -86,7 +86,8 @@ pub fn signature_path(index: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// Checks index bytes against `policy`, then parses them.
+/// Checks index bytes against `policy`, then parses them: a tessera index, or a casync
+/// `.caibx` ([`crate::casync::parse_index`]).
 ///
 /// `origin` names the index and `signature` gives the text of its signature with where
 /// it came from, for messages. Nothing is parsed before the root hash and the signature
@@ -146,7 +147,11 @@ pub fn check_index_bytes(
         }
         Some(info)
     };
-    let index = Index::from_bytes(bytes, origin)?;
+    let index = if crate::casync::is_index(bytes) {
+        crate::casync::parse_index(bytes, origin)?
+    } else {
+        Index::from_bytes(bytes, origin)?
+    };
     Ok((
         index,
         TrustReport {
@@ -170,7 +175,10 @@ pub fn load_index(
     signature: Option<&Path>,
     policy: &TrustPolicy,
 ) -> Result<(Index, TrustReport)> {
-    let bytes = Index::read_file(path)?;
+    let mut bytes = Index::read_file(path)?;
+    if crate::casync::is_index(&bytes) {
+        bytes = crate::casync::read_index_file(path)?;
+    }
     let origin = path.display().to_string();
     if policy.trusted_keys.is_empty() {
         return check_index_bytes(&bytes, &origin, None, policy);

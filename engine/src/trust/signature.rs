@@ -409,7 +409,13 @@ pub fn sign_index_file(
     out: &Path,
 ) -> Result<SignReport> {
     let bytes = std::fs::read(index).map_err(|e| Error::io("reading index", index, e))?;
-    let parsed = Index::from_bytes(&bytes, &index.display().to_string())?;
+    let origin = index.display().to_string();
+    // A tessera index or a casync .caibx: either is signed as the bytes of its file.
+    let parsed = if crate::casync::is_index(&bytes) {
+        crate::casync::parse_index(&bytes, &origin)?
+    } else {
+        Index::from_bytes(&bytes, &origin)?
+    };
     let root = hex(&parsed.root_hash());
     let timestamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
