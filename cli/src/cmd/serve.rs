@@ -10,7 +10,7 @@ use anyhow::{bail, Context};
 use tessera_engine::{ImageReader, Overlay, ReaderOptions};
 use tessera_nbd::{
     Backend, BackendError, BackendResult, BlockState, Capabilities, ErrorKind, Export, Exports,
-    Extent, Server, ServerBuilder,
+    Extent, Server, ServerBuilder, TlsConfig,
 };
 
 use crate::output::{human_bytes, Output};
@@ -24,6 +24,8 @@ use crate::trust_args::TrustArgs;
 /// sent has been checked against the index: a chunk that fails its hash is answered
 /// with EIO and logged with its id. Exports are read-only unless --overlay is given;
 /// writes then go to a local copy-on-write file and the image and store stay untouched.
+/// With --tls-cert and --tls-key, clients may upgrade to TLS (nbds:// URIs); add
+/// --tls-required to refuse plain text, --tls-ca to require client certificates.
 /// Stops cleanly on SIGINT or SIGTERM.
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -64,7 +66,45 @@ pub struct Args {
     #[command(flatten)]
     trust: TrustArgs,
     #[command(flatten)]
+    tls: TlsArgs,
+    #[command(flatten)]
     limits: LimitArgs,
+}
+
+/// TLS (NBD_OPT_STARTTLS) with X.509 certificates, on TCP and Unix sockets alike.
+#[derive(clap::Args, Debug)]
+#[command(next_help_heading = "TLS")]
+struct TlsArgs {
+    /// Offer TLS with this certificate chain (PEM: the server's certificate first, then
+    /// any intermediates). Clients connect with nbds:// URIs; TLS is their choice unless
+    /// --tls-required. Its names (subjectAltName) must match the host clients connect to.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1; RSA, ECDSA or
+    /// Ed25519).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require every client to present a certificate signed by a CA in this PEM file;
+    /// other clients fail the TLS handshake. Implies nothing about plain connections:
+    /// add --tls-required to refuse them.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_ca: Option<PathBuf>,
+    /// Refuse clients that do not start TLS: every option before NBD_OPT_STARTTLS is
+    /// answered with NBD_REP_ERR_TLS_REQD, and NBD_OPT_EXPORT_NAME closes the connection.
+    #[arg(long, requires = "tls_cert")]
+    tls_required: bool,
+}
+
+impl TlsArgs {
+    /// The server's TLS settings, or `None` without --tls-cert.
+    fn load(&self) -> anyhow::Result<Option<TlsConfig>> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(None);
+        };
+        let config = TlsConfig::from_pem_files(cert, key, self.tls_ca.as_deref())
+            .context("loading the TLS credentials")?;
+        Ok(Some(config.required(self.tls_required)))
+    }
 }
 
 /// Limits that keep one misbehaving client from denying service to the others.
@@ -312,6 +352,9 @@ pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
     if args.indexes.len() > 1 && (args.name.is_some() || args.overlay.is_some()) {
         bail!("--name and --overlay need exactly one INDEX");
     }
+    // Bad credentials fail before any index or store is touched.
+    let tls = args.tls.load()?;
+    let scheme = if tls.is_some() { "nbds" } else { "nbd" };
     let store = args.store.open()?;
     let options = ReaderOptions {
         cache_bytes: args.cache_size,
@@ -349,6 +392,7 @@ pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
     let server = args
         .limits
         .apply(Server::builder(exports))
+        .tls(tls)
         .log(Arc::new(|line: &str| eprintln!("tessera serve: {line}")))
         .build();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -378,7 +422,7 @@ pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
         if let Some(path) = &args.unix {
             let (listener, ino) = tessera_nbd::bind_unix(path, args.unix_mode)?;
             announce(out, &names, |n| {
-                format!("nbd+unix:///{n}?socket={}", path.display())
+                format!("{scheme}+unix:///{n}?socket={}", path.display())
             });
             let served = server.serve_unix(listener, shutdown).await;
             // Only our own socket: whatever replaced it meanwhile stays.
@@ -391,7 +435,7 @@ pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
             let addr = listener
                 .local_addr()
                 .context("reading the listening address")?;
-            announce(out, &names, |n| format!("nbd://{addr}/{n}"));
+            announce(out, &names, |n| format!("{scheme}://{addr}/{n}"));
             server
                 .serve_tcp(listener, shutdown)
                 .await
