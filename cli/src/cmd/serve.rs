@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use tessera_engine::{ImageReader, Overlay, ReaderOptions};
+use tessera_engine::{ImageReader, Overlay, ReaderOptions, ReaderPool};
 use tessera_nbd::{
     Backend, BackendError, BackendResult, BlockState, Capabilities, ErrorKind, Export, Exports,
     Extent, Server, ServerBuilder, TlsConfig,
@@ -52,8 +52,9 @@ pub struct Args {
     /// Export name (one INDEX only) [default: the index file name without extension].
     #[arg(long, value_name = "NAME")]
     name: Option<String>,
-    /// Bytes of decompressed chunks kept in memory, per export (K, M, G suffixes: powers
-    /// of 1024).
+    /// Bytes of decompressed chunks kept in memory, for all exports together (one cache,
+    /// shared: a chunk used by several images is kept once; K, M, G suffixes: powers of
+    /// 1024).
     #[arg(long, value_name = "BYTES", default_value = "256M", value_parser = parse_size)]
     cache_size: u64,
     /// Make the export writable: writes go to this copy-on-write file (created if
@@ -356,10 +357,13 @@ pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
     let tls = args.tls.load()?;
     let scheme = if tls.is_some() { "nbds" } else { "nbd" };
     let store = args.store.open()?;
-    let options = ReaderOptions {
-        cache_bytes: args.cache_size,
-        ..ReaderOptions::default()
-    };
+    // One cache and one set of read-ahead threads for every export: memory and threads
+    // do not grow with the number of exports.
+    let defaults = ReaderOptions::default();
+    let pool = ReaderPool::new(
+        args.cache_size,
+        defaults.prefetch_threads.max(store.in_flight()),
+    );
     let mut exports = Exports::new();
     let mut names = HashSet::new();
     let mut backends = Vec::new();
@@ -381,7 +385,12 @@ pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
         );
         let writable = overlay.is_some() && !args.readonly;
         let backend = Arc::new(ImageBackend {
-            reader: Arc::new(ImageReader::new(index, chunks, options)),
+            reader: Arc::new(ImageReader::in_pool(
+                index,
+                chunks,
+                defaults.readahead_bytes,
+                pool.clone(),
+            )),
             overlay,
             writable,
         });
