@@ -721,3 +721,75 @@ fn unusable_credentials_stop_the_server_at_startup_naming_the_file() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn options_negotiated_before_starttls_are_forgotten() {
+    for tool in ["python3", "openssl"] {
+        if !have(tool) {
+            return;
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (idx, data) = make(dir.path());
+    let pki = Pki::new(dir.path());
+    // TLS optional: structured replies can be negotiated in plain text first.
+    let srv = Served::start(
+        dir.path(),
+        &serve_args(dir.path(), &idx, &pki, &["--listen", "127.0.0.1:0"]),
+    );
+    let (host, port) = srv.addr().split_once(':').unwrap();
+    let script = format!(
+        r#"
+import socket, ssl, struct
+s = socket.create_connection(({host:?}, {port}))
+assert s.recv(18, socket.MSG_WAITALL)[:8] == b"NBDMAGIC"
+s.sendall(struct.pack(">I", 1))
+def option(sock, opt, data=b""):
+    sock.sendall(struct.pack(">QII", 0x49484156454F5054, opt, len(data)) + data)
+def replies(sock):
+    out = []
+    while True:
+        h = b""
+        while len(h) < 20:
+            h += sock.recv(20 - len(h))
+        _, o, kind, n = struct.unpack(">QIII", h)
+        d = b""
+        while len(d) < n:
+            d += sock.recv(n - len(d))
+        out.append(kind)
+        if kind == 1 or kind >= 1 << 31:
+            return out
+# Structured replies, in plain text (a man in the middle could have sent this).
+option(s, 8)
+assert replies(s) == [1]
+option(s, 5)
+assert replies(s) == [1]
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.load_verify_locations({ca:?})
+ctx.load_cert_chain({cert:?}, {key:?})
+t = ctx.wrap_socket(s, server_hostname="localhost")
+# STARTTLS again: invalid once TLS runs.
+option(t, 5)
+assert replies(t) == [(1 << 31) + 3]
+option(t, 7, struct.pack(">I", 4) + b"disk" + struct.pack(">H", 0))
+assert replies(t)[-1] == 1
+t.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 0, 7, 4096, 512))
+h = b""
+while len(h) < 16:
+    h += t.recv(16 - len(h))
+# A simple reply: the structured replies asked for in plain text were forgotten.
+assert struct.unpack(">IIQ", h) == (0x67446698, 0, 7), h
+d = b""
+while len(d) < 512:
+    d += t.recv(512 - len(d))
+open({out:?}, "wb").write(d)
+"#,
+        ca = pki.file("ca-cert.pem").display().to_string(),
+        cert = pki.file("client-cert.pem").display().to_string(),
+        key = pki.file("client-key.pem").display().to_string(),
+        out = dir.path().join("read.bin").display().to_string(),
+    );
+    sh(Command::new("python3").arg("-c").arg(script));
+    let got = std::fs::read(dir.path().join("read.bin")).unwrap();
+    assert!(got == data[4096..4096 + 512], "read over TLS differs");
+}
