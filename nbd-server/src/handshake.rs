@@ -152,7 +152,8 @@ where
                 "option data of {} bytes exceeds {MAX_OPTION_DATA}",
                 header.len
             );
-            let kind = if session.tls == TlsState::Required && header.option != opt::ABORT {
+            let gated = !matches!(header.option, opt::ABORT | opt::STARTTLS);
+            let kind = if session.tls == TlsState::Required && gated {
                 rep::ERR_TLS_REQD
             } else {
                 rep::ERR_TOO_BIG
