@@ -21,6 +21,7 @@ PACKAGES=(
   nbdkit         # NBD benchmark peer: nbdkit file
   fuse3          # NBD tests: fusermount3 for nbdfuse mounts
   strace         # durability tests: the order of fsync, rename and directory fsync
+  openssl        # TLS tests: test CA, server and client certificates
 )
 
 missing=()

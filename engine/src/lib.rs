@@ -66,7 +66,7 @@ pub use id::{ChunkId, ParseIdError};
 pub use index::{ChunkEntry, Index};
 pub use make::{make, MakeOptions, MakeReport};
 pub use progress::{NoProgress, Progress};
-pub use reader::{ImageReader, Overlay, ReaderOptions, ReaderStats};
+pub use reader::{ImageReader, Overlay, ReaderOptions, ReaderPool, ReaderStats};
 pub use store::{
     CacheOptions, CacheStore, ChunkStore, Estimate, FetchStream, Fetched, LocalStore, PackFetcher,
     PackId, StoreRead, StoreWrite,

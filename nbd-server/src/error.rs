@@ -50,6 +50,11 @@ pub enum ErrorKind {
     /// The server dropped the connection to keep serving others: evicted to make room
     /// for a new client, or its unread replies held buffer memory others waited for.
     Limit,
+    /// The TLS handshake failed: garbage instead of TLS, a certificate refused by
+    /// either side.
+    Tls,
+    /// The server's configuration is unusable (TLS certificate or key files).
+    Config,
 }
 
 /// Why a connection or listener stopped.
@@ -80,6 +85,12 @@ pub enum Error {
     /// The server dropped the connection for the reason given, to serve other clients.
     #[error("dropped: {0}")]
     Dropped(String),
+    /// The TLS handshake after `NBD_OPT_STARTTLS` failed (rustls's reason).
+    #[error("TLS handshake failed: {0}")]
+    Tls(String),
+    /// A configuration file is unusable: the message names it and why.
+    #[error("{0}")]
+    Config(String),
 }
 
 impl Error {
@@ -90,6 +101,8 @@ impl Error {
             Error::Protocol(_) => ErrorKind::Protocol,
             Error::Timeout(_) | Error::Stalled(_) | Error::Idle(_) => ErrorKind::Timeout,
             Error::Dropped(_) => ErrorKind::Limit,
+            Error::Tls(_) => ErrorKind::Tls,
+            Error::Config(_) => ErrorKind::Config,
         }
     }
 

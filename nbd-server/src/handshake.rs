@@ -3,8 +3,13 @@
 //! Every option is answered (unknown ones with `NBD_REP_ERR_UNSUP`, malformed ones with
 //! `NBD_REP_ERR_INVALID`); the connection is only dropped when the stream itself is
 //! broken (bad magic, unknown client flags, EOF), on an unknown or over-long
-//! `NBD_OPT_EXPORT_NAME`, which has no way to report an error, and after
-//! [`MAX_OPTIONS`] options.
+//! `NBD_OPT_EXPORT_NAME`, which has no way to report an error, after [`MAX_OPTIONS`]
+//! options, and when a TLS handshake fails.
+//!
+//! With TLS configured, `NBD_OPT_STARTTLS` is acknowledged and the rest of the
+//! connection runs over TLS; everything negotiated before it is forgotten (a
+//! man in the middle could have injected it in plain text). When TLS is required, every
+//! option before it except `NBD_OPT_ABORT` is answered with `NBD_REP_ERR_TLS_REQD`.
 
 use std::sync::Arc;
 
@@ -12,6 +17,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::error::{excerpt, Error, Result};
 use crate::export::{Export, Exports, Limits};
+use crate::tls::{Conn, TlsConfig};
 use crate::wire::{self, info, opt, rep, Decoded, Invalid, Reader};
 
 /// The only metadata context served.
@@ -43,17 +49,35 @@ struct Session {
     structured: bool,
     /// Export name for which `base:allocation` was selected.
     meta_for: Option<String>,
+    /// Where TLS stands on this connection.
+    tls: TlsState,
 }
 
-/// Runs the handshake on `stream`. `Ok(None)` when the client aborted or listed exports
-/// and left.
+/// TLS on one connection, as the option handler sees it.
+#[derive(Default, Clone, Copy, PartialEq, Eq, Debug)]
+enum TlsState {
+    /// The server has no TLS credentials.
+    #[default]
+    Unavailable,
+    /// TLS may be started; options are served without it too.
+    Offered,
+    /// TLS must be started before any option but `NBD_OPT_ABORT`.
+    Required,
+    /// TLS is running.
+    Active,
+}
+
+/// Runs the handshake on `stream`, upgrading it to TLS if the client asks and `tls` is
+/// set. `Ok(None)` when the client aborted or listed exports and left.
 ///
 /// # Errors
-/// I/O failures and protocol violations that make the stream unusable.
-pub async fn negotiate<S>(
-    stream: &mut S,
+/// I/O failures, protocol violations that make the stream unusable, a failed TLS
+/// handshake.
+pub(crate) async fn negotiate<S>(
+    stream: &mut Conn<S>,
     exports: &Exports,
     limits: &Limits,
+    tls: Option<&TlsConfig>,
 ) -> Result<Option<Negotiated>>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -78,7 +102,15 @@ where
         )));
     }
     let no_zeroes = client_flags & wire::CLIENT_NO_ZEROES != 0;
-    let mut session = Session::default();
+    let tls_state = match tls {
+        None => TlsState::Unavailable,
+        Some(t) if t.is_required() => TlsState::Required,
+        Some(_) => TlsState::Offered,
+    };
+    let mut session = Session {
+        tls: tls_state,
+        ..Session::default()
+    };
     let mut count = 0usize;
     loop {
         let mut header = [0u8; wire::OPTION_HEADER_LEN];
@@ -120,7 +152,13 @@ where
                 "option data of {} bytes exceeds {MAX_OPTION_DATA}",
                 header.len
             );
-            wire::encode_option_reply(&mut out, header.option, rep::ERR_TOO_BIG, msg.as_bytes());
+            let gated = !matches!(header.option, opt::ABORT | opt::STARTTLS);
+            let kind = if session.tls == TlsState::Required && gated {
+                rep::ERR_TLS_REQD
+            } else {
+                rep::ERR_TOO_BIG
+            };
+            wire::encode_option_reply(&mut out, header.option, kind, msg.as_bytes());
             send(stream, &out).await?;
             continue;
         }
@@ -148,6 +186,18 @@ where
                 return Ok(Some(finish(export, &session)));
             }
             Step::Refuse(msg) => return Err(Error::Protocol(msg.into())),
+            Step::StartTls => {
+                send(stream, &out).await?;
+                let Some(config) = tls else {
+                    return Err(Error::Protocol("STARTTLS without TLS credentials".into()));
+                };
+                stream.start_tls(config).await?;
+                // Nothing negotiated in plain text carries over.
+                session = Session {
+                    tls: TlsState::Active,
+                    ..Session::default()
+                };
+            }
             Step::ExportName(name) => {
                 let Some(export) = exports.find(&name).cloned() else {
                     return Err(Error::Protocol(format!(
@@ -204,6 +254,8 @@ enum Step {
     Go(Arc<Export>),
     ExportName(String),
     Refuse(&'static str),
+    /// The ACK is in `out`: send it, then run the TLS handshake.
+    StartTls,
 }
 
 /// Handles one option, appending its replies to `out`.
@@ -218,6 +270,18 @@ fn handle_option(
     let error = |out: &mut Vec<u8>, kind: u32, msg: &str| {
         wire::encode_option_reply(out, option, kind, msg.as_bytes());
     };
+    if session.tls == TlsState::Required && !matches!(option, opt::STARTTLS | opt::ABORT) {
+        if option == opt::EXPORT_NAME {
+            // It cannot be refused with an error: the spec says to hang up.
+            return Step::Refuse("NBD_OPT_EXPORT_NAME before STARTTLS on a server requiring TLS");
+        }
+        error(
+            out,
+            rep::ERR_TLS_REQD,
+            "this server requires TLS: send NBD_OPT_STARTTLS first",
+        );
+        return Step::Continue;
+    }
     match option {
         // NBD_OPT_EXPORT_NAME cannot report an error: a bad name ends the connection.
         opt::EXPORT_NAME => match String::from_utf8(data.to_vec()) {
@@ -243,10 +307,24 @@ fn handle_option(
             wire::encode_option_reply(out, option, rep::ACK, &[]);
             Step::Continue
         }
-        opt::STARTTLS => {
-            error(out, rep::ERR_POLICY, "TLS is not offered by this server");
-            Step::Continue
-        }
+        opt::STARTTLS => match session.tls {
+            TlsState::Unavailable => {
+                error(out, rep::ERR_POLICY, "TLS is not offered by this server");
+                Step::Continue
+            }
+            TlsState::Active => {
+                error(out, rep::ERR_INVALID, "TLS is already running");
+                Step::Continue
+            }
+            TlsState::Offered | TlsState::Required if !data.is_empty() => {
+                error(out, rep::ERR_INVALID, "NBD_OPT_STARTTLS takes no data");
+                Step::Continue
+            }
+            TlsState::Offered | TlsState::Required => {
+                wire::encode_option_reply(out, option, rep::ACK, &[]);
+                Step::StartTls
+            }
+        },
         opt::EXTENDED_HEADERS => {
             error(out, rep::ERR_UNSUP, "extended headers are not supported");
             Step::Continue
@@ -423,6 +501,83 @@ mod tests {
         let mut huge = u32::MAX.to_be_bytes().to_vec();
         huge.extend_from_slice(&d[4..]);
         assert!(parse_info(&huge).is_err());
+    }
+
+    /// The reply type of the single option reply in `out`.
+    fn reply_kind(out: &[u8]) -> u32 {
+        assert!(out.len() >= 20, "{out:?}");
+        u32::from_be_bytes(out[12..16].try_into().unwrap())
+    }
+
+    fn step(option: u32, data: &[u8], tls: TlsState) -> (Step, Vec<u8>) {
+        let mut exports = Exports::new();
+        exports.add(Export::new(
+            "disk",
+            Arc::new(crate::MemoryBackend::new(vec![0; 4096], false)),
+        ));
+        let mut session = Session {
+            tls,
+            ..Session::default()
+        };
+        let mut out = Vec::new();
+        let s = handle_option(
+            option,
+            data,
+            &exports,
+            &Limits::default(),
+            &mut session,
+            &mut out,
+        );
+        (s, out)
+    }
+
+    #[test]
+    fn tls_required_answers_every_option_but_starttls_and_abort_with_tls_reqd() {
+        let mut go = 4u32.to_be_bytes().to_vec();
+        go.extend_from_slice(b"disk");
+        go.extend_from_slice(&0u16.to_be_bytes());
+        for (option, data) in [
+            (opt::LIST, &[][..]),
+            (opt::GO, &go[..]),
+            (opt::INFO, &go[..]),
+            (opt::STRUCTURED_REPLY, &[][..]),
+            (opt::LIST_META_CONTEXT, &[][..]),
+            (opt::SET_META_CONTEXT, &[][..]),
+            (opt::EXTENDED_HEADERS, &[][..]),
+            (999, &[][..]),
+        ] {
+            let (s, out) = step(option, data, TlsState::Required);
+            assert!(matches!(s, Step::Continue), "option {option}");
+            assert_eq!(reply_kind(&out), rep::ERR_TLS_REQD, "option {option}");
+            // Once TLS runs, the same option is served.
+            let (_, out) = step(option, data, TlsState::Active);
+            assert_ne!(reply_kind(&out), rep::ERR_TLS_REQD, "option {option}");
+        }
+        // EXPORT_NAME cannot carry an error: the connection ends.
+        let (s, _) = step(opt::EXPORT_NAME, b"disk", TlsState::Required);
+        assert!(matches!(s, Step::Refuse(_)));
+        let (s, out) = step(opt::ABORT, &[], TlsState::Required);
+        assert!(matches!(s, Step::Abort));
+        assert_eq!(reply_kind(&out), rep::ACK);
+    }
+
+    #[test]
+    fn starttls_is_acked_once_and_refused_without_credentials() {
+        for tls in [TlsState::Offered, TlsState::Required] {
+            let (s, out) = step(opt::STARTTLS, &[], tls);
+            assert!(matches!(s, Step::StartTls), "{tls:?}");
+            assert_eq!(reply_kind(&out), rep::ACK);
+            let (s, out) = step(opt::STARTTLS, b"x", tls);
+            assert!(matches!(s, Step::Continue));
+            assert_eq!(reply_kind(&out), rep::ERR_INVALID);
+        }
+        let (_, out) = step(opt::STARTTLS, &[], TlsState::Active);
+        assert_eq!(reply_kind(&out), rep::ERR_INVALID);
+        let (_, out) = step(opt::STARTTLS, &[], TlsState::Unavailable);
+        assert_eq!(reply_kind(&out), rep::ERR_POLICY);
+        // Offered, not required: plain options are served.
+        let (_, out) = step(opt::LIST, &[], TlsState::Offered);
+        assert_eq!(reply_kind(&out), rep::SERVER);
     }
 
     #[test]

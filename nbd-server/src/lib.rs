@@ -3,7 +3,9 @@
 //! The protocol is implemented in layers:
 //! - [`wire`]: pure encoding and decoding of magics, options, requests and replies;
 //! - handshake: fixed newstyle negotiation (GO, INFO, EXPORT_NAME, LIST, ABORT,
-//!   STRUCTURED_REPLY, LIST/SET_META_CONTEXT with `base:allocation`);
+//!   STRUCTURED_REPLY, LIST/SET_META_CONTEXT with `base:allocation`, STARTTLS);
+//! - [`TlsConfig`]: X.509 credentials (rustls) for STARTTLS, optionally required and
+//!   with client certificates checked against a CA;
 //! - transmission: pipelined requests, replies out of order from one writer task;
 //! - [`Server`]: accept loop with connection limits (global, per peer, eviction of idle
 //!   connections), timeouts, a fair share of the buffer budget, graceful shutdown;
@@ -35,6 +37,7 @@ mod export;
 mod handshake;
 mod registry;
 mod server;
+mod tls;
 mod transmission;
 mod unix;
 pub mod wire;
@@ -46,4 +49,5 @@ pub use backend::{
 pub use error::{Error, Result};
 pub use export::{Export, Exports, Limits};
 pub use server::{LogFn, Server, ServerBuilder};
+pub use tls::TlsConfig;
 pub use unix::{bind_unix, remove_unix_socket};

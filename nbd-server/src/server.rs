@@ -14,6 +14,7 @@ use crate::error::{chain, Error, Result};
 use crate::export::{Exports, Limits};
 use crate::handshake::negotiate;
 use crate::registry::{Caps, Registration, Registry};
+use crate::tls::{Conn, TlsConfig};
 use crate::transmission::{transmit, Settings, BUDGET_UNIT};
 
 /// Where the server reports what it cannot tell a client directly: failed requests
@@ -36,6 +37,7 @@ pub struct ServerBuilder {
     connection_budget: Option<u64>,
     peer_budget: Option<u64>,
     budget_wait: Duration,
+    tls: Option<TlsConfig>,
     log: LogFn,
 }
 
@@ -136,6 +138,15 @@ impl ServerBuilder {
         self
     }
 
+    /// TLS credentials: clients may (or, with [`TlsConfig::required`], must) upgrade
+    /// with `NBD_OPT_STARTTLS`. The TLS handshake counts against the handshake
+    /// timeout, and every other limit applies to TLS connections as to plain ones.
+    /// Default: none (`NBD_OPT_STARTTLS` is refused with `NBD_REP_ERR_POLICY`).
+    pub fn tls(mut self, tls: Option<TlsConfig>) -> Self {
+        self.tls = tls;
+        self
+    }
+
     /// Where log lines go. Default: standard error, prefixed with `nbd: `.
     pub fn log(mut self, log: LogFn) -> Self {
         self.log = log;
@@ -203,6 +214,7 @@ impl Server {
             connection_budget: None,
             peer_budget: None,
             budget_wait: Duration::from_secs(1),
+            tls: None,
             log: Arc::new(|line| eprintln!("nbd: {line}")),
         }
     }
@@ -226,7 +238,7 @@ impl Server {
 
     async fn connection<S>(
         &self,
-        mut stream: S,
+        stream: S,
         shutdown: watch::Receiver<bool>,
         reg: Registration,
     ) -> Result<()>
@@ -235,11 +247,12 @@ impl Server {
     {
         let cfg = &self.inner;
         let stats = reg.stats.clone();
+        let mut stream = Conn::Plain(stream);
         let work = async {
             let secs = cfg.handshake_timeout.as_secs();
             let neg = tokio::time::timeout(
                 cfg.handshake_timeout,
-                negotiate(&mut stream, &cfg.exports, &cfg.limits),
+                negotiate(&mut stream, &cfg.exports, &cfg.limits, cfg.tls.as_ref()),
             )
             .await
             .map_err(|_| Error::Timeout(secs))??;

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use tessera_engine::{ImageReader, Overlay, ReaderOptions};
+use tessera_engine::{ImageReader, Overlay, ReaderOptions, ReaderPool};
 use tessera_nbd::{
     Backend, BackendError, BackendResult, BlockState, Capabilities, ErrorKind, Export, Exports,
-    Extent, Server, ServerBuilder,
+    Extent, Server, ServerBuilder, TlsConfig,
 };
 
 use crate::output::{human_bytes, Output};
@@ -24,6 +24,8 @@ use crate::trust_args::TrustArgs;
 /// sent has been checked against the index: a chunk that fails its hash is answered
 /// with EIO and logged with its id. Exports are read-only unless --overlay is given;
 /// writes then go to a local copy-on-write file and the image and store stay untouched.
+/// With --tls-cert and --tls-key, clients may upgrade to TLS (nbds:// URIs); add
+/// --tls-required to refuse plain text, --tls-ca to require client certificates.
 /// Stops cleanly on SIGINT or SIGTERM.
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -52,8 +54,9 @@ pub struct Args {
     /// Export name (one INDEX only) [default: the index file name without extension].
     #[arg(long, value_name = "NAME")]
     name: Option<String>,
-    /// Bytes of decompressed chunks kept in memory, per export (K, M, G suffixes: powers
-    /// of 1024).
+    /// Bytes of decompressed chunks kept in memory, for all exports together (one cache,
+    /// shared: a chunk used by several images is kept once; K, M, G suffixes: powers of
+    /// 1024).
     #[arg(long, value_name = "BYTES", default_value = "256M", value_parser = parse_size)]
     cache_size: u64,
     /// Make the export writable: writes go to this copy-on-write file (created if
@@ -66,7 +69,45 @@ pub struct Args {
     #[command(flatten)]
     trust: TrustArgs,
     #[command(flatten)]
+    tls: TlsArgs,
+    #[command(flatten)]
     limits: LimitArgs,
+}
+
+/// TLS (NBD_OPT_STARTTLS) with X.509 certificates, on TCP and Unix sockets alike.
+#[derive(clap::Args, Debug)]
+#[command(next_help_heading = "TLS")]
+struct TlsArgs {
+    /// Offer TLS with this certificate chain (PEM: the server's certificate first, then
+    /// any intermediates). Clients connect with nbds:// URIs; TLS is their choice unless
+    /// --tls-required. Its names (subjectAltName) must match the host clients connect to.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1; RSA, ECDSA or
+    /// Ed25519).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require every client to present a certificate signed by a CA in this PEM file;
+    /// other clients fail the TLS handshake. Implies nothing about plain connections:
+    /// add --tls-required to refuse them.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_ca: Option<PathBuf>,
+    /// Refuse clients that do not start TLS: every option before NBD_OPT_STARTTLS is
+    /// answered with NBD_REP_ERR_TLS_REQD, and NBD_OPT_EXPORT_NAME closes the connection.
+    #[arg(long, requires = "tls_cert")]
+    tls_required: bool,
+}
+
+impl TlsArgs {
+    /// The server's TLS settings, or `None` without --tls-cert.
+    fn load(&self) -> anyhow::Result<Option<TlsConfig>> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(None);
+        };
+        let config = TlsConfig::from_pem_files(cert, key, self.tls_ca.as_deref())
+            .context("loading the TLS credentials")?;
+        Ok(Some(config.required(self.tls_required)))
+    }
 }
 
 /// Limits that keep one misbehaving client from denying service to the others.
@@ -314,11 +355,17 @@ pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
     if args.indexes.len() > 1 && (args.name.is_some() || args.overlay.is_some()) {
         bail!("--name and --overlay need exactly one INDEX");
     }
+    // Bad credentials fail before any index or store is touched.
+    let tls = args.tls.load()?;
+    let scheme = if tls.is_some() { "nbds" } else { "nbd" };
     let store = args.store.open()?;
-    let options = ReaderOptions {
-        cache_bytes: args.cache_size,
-        ..ReaderOptions::default()
-    };
+    // One cache and one set of read-ahead threads for every export: memory and threads
+    // do not grow with the number of exports.
+    let defaults = ReaderOptions::default();
+    let pool = ReaderPool::new(
+        args.cache_size,
+        defaults.prefetch_threads.max(store.in_flight()),
+    );
     let mut exports = Exports::new();
     let mut names = HashSet::new();
     let mut backends = Vec::new();
@@ -340,7 +387,12 @@ pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
         );
         let writable = overlay.is_some() && !args.readonly;
         let backend = Arc::new(ImageBackend {
-            reader: Arc::new(ImageReader::new(index, chunks, options)),
+            reader: Arc::new(ImageReader::in_pool(
+                index,
+                chunks,
+                defaults.readahead_bytes,
+                pool.clone(),
+            )),
             overlay,
             writable,
         });
@@ -351,6 +403,7 @@ pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
     let server = args
         .limits
         .apply(Server::builder(exports))
+        .tls(tls)
         .log(Arc::new(|line: &str| eprintln!("tessera serve: {line}")))
         .build();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -380,7 +433,7 @@ pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
         if let Some(path) = &args.unix {
             let (listener, ino) = tessera_nbd::bind_unix(path, args.unix_mode)?;
             announce(out, &names, |n| {
-                format!("nbd+unix:///{n}?socket={}", path.display())
+                format!("{scheme}+unix:///{n}?socket={}", path.display())
             });
             let served = server.serve_unix(listener, shutdown).await;
             // Only our own socket: whatever replaced it meanwhile stays.
@@ -393,7 +446,7 @@ pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
             let addr = listener
                 .local_addr()
                 .context("reading the listening address")?;
-            announce(out, &names, |n| format!("nbd://{addr}/{n}"));
+            announce(out, &names, |n| format!("{scheme}://{addr}/{n}"));
             server
                 .serve_tcp(listener, shutdown)
                 .await

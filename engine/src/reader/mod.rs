@@ -7,6 +7,10 @@
 //! bytes; concurrent readers of one chunk fetch it once. Reads that run past what is
 //! cached queue the following chunks for background read-ahead threads.
 //!
+//! Readers of one process (an NBD server's exports) can share a [`ReaderPool`]: one
+//! cache and one set of read-ahead threads, so that memory and threads are bounded by its
+//! settings, not by the number of images served.
+//!
 //! [`Overlay`] adds a copy-on-write layer for writable exports.
 
 mod cache;
@@ -15,7 +19,7 @@ mod overlay;
 pub use overlay::Overlay;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
@@ -59,7 +63,8 @@ pub struct ReaderStats {
     pub hits: u64,
     /// Chunks fetched from the store (by reads or read-ahead).
     pub fetches: u64,
-    /// Decompressed bytes held in the cache now.
+    /// Decompressed bytes held in the cache now (by every reader sharing its
+    /// [`ReaderPool`]).
     pub cached_bytes: u64,
 }
 
@@ -75,7 +80,7 @@ pub struct Run {
 struct Inner {
     index: Index,
     store: Arc<dyn ChunkStore>,
-    cache: ChunkCache,
+    cache: Arc<ChunkCache>,
     hits: AtomicU64,
     fetches: AtomicU64,
 }
@@ -88,8 +93,99 @@ pub struct ImageReader {
     ahead_until: AtomicU64,
     /// End of the latest read, to detect sequential readers.
     last_end: AtomicU64,
-    queue: Option<Sender<usize>>,
-    workers: Vec<JoinHandle<()>>,
+    pool: Arc<ReaderPool>,
+}
+
+/// A background fetch: chunk `.1` of the reader `.0`, unless it was dropped meanwhile.
+type Job = (Weak<Inner>, usize);
+
+/// Background fetches queued by all readers of a pool, beyond which hints are dropped.
+const QUEUE: usize = 1024;
+
+/// One decompressed-chunk cache and one set of read-ahead threads for any number of
+/// [`ImageReader`]s. Chunks are cached by id, so readers of images that share chunks
+/// share them in memory too. Threads start when work is first queued, up to the pool's
+/// limit, and end when the pool is dropped (after the last reader using it).
+pub struct ReaderPool {
+    cache: Arc<ChunkCache>,
+    /// Taken on drop, which ends the threads.
+    jobs: Option<Sender<Job>>,
+    rx: Receiver<Job>,
+    max_threads: usize,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for ReaderPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReaderPool")
+            .field("cache_limit", &self.cache.limit())
+            .field("cached_bytes", &self.cache.bytes())
+            .field("max_threads", &self.max_threads)
+            .field("threads", &self.threads().len())
+            .finish()
+    }
+}
+
+impl ReaderPool {
+    /// A pool whose cache holds at most `cache_bytes` of decompressed chunks, with at
+    /// most `threads` read-ahead threads (0: no read-ahead nor `prefetch`).
+    pub fn new(cache_bytes: u64, threads: usize) -> Arc<ReaderPool> {
+        let (tx, rx) = bounded::<Job>(QUEUE);
+        Arc::new(ReaderPool {
+            cache: Arc::new(ChunkCache::new(cache_bytes)),
+            jobs: (threads > 0).then_some(tx),
+            rx,
+            max_threads: threads,
+            threads: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Read-ahead threads started so far.
+    pub fn thread_count(&self) -> usize {
+        self.threads().len()
+    }
+
+    fn threads(&self) -> std::sync::MutexGuard<'_, Vec<JoinHandle<()>>> {
+        self.threads.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a background fetch; false when the queue is full (the pool is busy).
+    fn queue(&self, job: Job) -> bool {
+        let Some(tx) = &self.jobs else { return false };
+        match tx.try_send(job) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => return false,
+        }
+        // Jobs waiting: another thread, if the limit allows.
+        let mut threads = self.threads();
+        if !self.rx.is_empty() && threads.len() < self.max_threads {
+            let rx = self.rx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("tessera-readahead-{}", threads.len()))
+                .spawn(move || {
+                    for (reader, i) in rx {
+                        if let Some(inner) = reader.upgrade() {
+                            inner.prefetch_one(i);
+                        }
+                    }
+                });
+            // Out of threads: those running (or the readers themselves) do the work.
+            if let Ok(t) = spawned {
+                threads.push(t);
+            }
+        }
+        true
+    }
+}
+
+impl Drop for ReaderPool {
+    fn drop(&mut self) {
+        // The only sender: the threads see the end of the queue once it is drained.
+        self.jobs = None;
+        for t in self.threads().drain(..) {
+            let _ = t.join();
+        }
+    }
 }
 
 impl std::fmt::Debug for ImageReader {
@@ -103,43 +199,39 @@ impl std::fmt::Debug for ImageReader {
 }
 
 impl ImageReader {
-    /// A reader of the image `index` describes, with chunks from `store`.
+    /// A reader of the image `index` describes, with chunks from `store`, and a pool of
+    /// its own (`options.prefetch_threads`, raised to the store's
+    /// [`ChunkStore::in_flight`]).
     pub fn new(index: Index, store: Arc<dyn ChunkStore>, options: ReaderOptions) -> ImageReader {
+        let threads = match options.prefetch_threads {
+            0 => 0,
+            n => n.max(store.in_flight()),
+        };
+        let pool = ReaderPool::new(options.cache_bytes, threads);
+        ImageReader::in_pool(index, store, options.readahead_bytes, pool)
+    }
+
+    /// A reader sharing `pool`'s cache and threads with the other readers in it; it
+    /// reads `readahead_bytes` ahead of sequential reads.
+    pub fn in_pool(
+        index: Index,
+        store: Arc<dyn ChunkStore>,
+        readahead_bytes: u64,
+        pool: Arc<ReaderPool>,
+    ) -> ImageReader {
         let inner = Arc::new(Inner {
             index,
             store,
-            cache: ChunkCache::new(options.cache_bytes),
+            cache: pool.cache.clone(),
             hits: AtomicU64::new(0),
             fetches: AtomicU64::new(0),
         });
-        let threads = match options.prefetch_threads {
-            0 => 0,
-            n => n.max(inner.store.in_flight()),
-        };
-        let (queue, workers) = if threads > 0 {
-            let (tx, rx) = bounded::<usize>(1024);
-            let workers = (0..threads)
-                .map(|_| {
-                    let inner = inner.clone();
-                    let rx: Receiver<usize> = rx.clone();
-                    std::thread::spawn(move || {
-                        for i in rx {
-                            inner.prefetch_one(i);
-                        }
-                    })
-                })
-                .collect();
-            (Some(tx), workers)
-        } else {
-            (None, Vec::new())
-        };
         ImageReader {
             inner,
-            readahead: options.readahead_bytes,
+            readahead: readahead_bytes,
             ahead_until: AtomicU64::new(0),
             last_end: AtomicU64::new(0),
-            queue,
-            workers,
+            pool,
         }
     }
 
@@ -281,18 +373,20 @@ impl ImageReader {
     }
 
     fn enqueue(&self, from: u64, to: u64) {
-        let Some(queue) = &self.queue else { return };
+        if self.pool.jobs.is_none() {
+            return;
+        }
         let Some(mut i) = self.inner.index.chunk_at(from) else {
             return;
         };
         let chunks = self.inner.index.chunks();
         while i < chunks.len() && chunks[i].offset < to {
-            if !chunks[i].zero && !self.inner.cache.contains(&chunks[i].id) {
-                match queue.try_send(i) {
-                    Ok(()) => {}
-                    // A full queue means the threads are busy: drop the rest of the hint.
-                    Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => return,
-                }
+            if !chunks[i].zero
+                && !self.inner.cache.contains(&chunks[i].id)
+                && !self.pool.queue((Arc::downgrade(&self.inner), i))
+            {
+                // A full queue means the threads are busy: drop the rest of the hint.
+                return;
             }
             i += 1;
         }
@@ -340,15 +434,6 @@ impl Inner {
         }
         // Errors surface (and are reported) when a client reads the chunk.
         let _ = self.load(&slot, i);
-    }
-}
-
-impl Drop for ImageReader {
-    fn drop(&mut self) {
-        self.queue = None;
-        for w in self.workers.drain(..) {
-            let _ = w.join();
-        }
     }
 }
 

@@ -1093,3 +1093,38 @@ fn overlay_header_damage_is_a_clear_error() {
     let err = Overlay::create_on(small, &f.index).unwrap_err().to_string();
     assert!(err.contains("needs"), "{err}");
 }
+
+#[test]
+fn readers_in_one_pool_share_its_cache_and_start_threads_only_for_work() {
+    let f = fixture();
+    let store = CountingStore::new(&f);
+    let pool = ReaderPool::new(1 << 20, 3);
+    let readers: Vec<ImageReader> = (0..8)
+        .map(|_| ImageReader::in_pool(f.index.clone(), store.clone(), 4 << 20, pool.clone()))
+        .collect();
+    // Eight readers, no thread yet: nothing was queued.
+    assert_eq!(pool.thread_count(), 0);
+    let mut buf = vec![0u8; 64 << 10];
+    for r in &readers {
+        r.read_at(0, &mut buf).unwrap();
+        assert!(buf[..] == f.data[..64 << 10]);
+    }
+    // Each read queued read-ahead: the pool started threads, never more than its limit.
+    let want = stored_chunks(&f, 64 << 10, 1 << 20);
+    store.wait_for(&want);
+    let threads = pool.thread_count();
+    assert!((1..=3).contains(&threads), "{threads} threads");
+    // One cache: the chunks of the first read were fetched once for all eight readers.
+    let counts = store.counts();
+    for id in stored_chunks(&f, 0, 64 << 10) {
+        assert_eq!(counts.get(&id), Some(&1), "chunk {id}");
+    }
+    // ... and it stays within its limit whatever the number of readers.
+    for r in &readers {
+        r.read_at(2 << 20, &mut buf).unwrap();
+        assert!(r.stats().cached_bytes <= 1 << 20, "{:?}", r.stats());
+    }
+    // Dropping a reader leaves the others (and the pool's threads) working.
+    drop(readers.into_iter().next());
+    drop(pool);
+}

@@ -57,7 +57,10 @@ const SEGMENT: u64 = 16 << 20;
 /// Fetches the verified chunks of one index from the packs of a store.
 pub struct PackFetcher {
     shared: Arc<Shared>,
-    pool: Pool,
+    /// Threads of [`ChunkStore::fetch_ordered`], started on its first call: a fetcher
+    /// that only serves single chunks (an NBD export) has none.
+    pool: OnceLock<Pool>,
+    threads: usize,
 }
 
 struct Shared {
@@ -120,8 +123,14 @@ impl PackFetcher {
                 located: OnceLock::new(),
                 max_gap: max_gap(),
             }),
-            pool: Pool::new(threads, "tessera-fetch"),
+            pool: OnceLock::new(),
+            threads,
         }
+    }
+
+    fn pool(&self) -> &Pool {
+        self.pool
+            .get_or_init(|| Pool::new(self.threads, "tessera-fetch"))
     }
 }
 
@@ -417,7 +426,7 @@ struct Ordered<'a> {
 
 impl Ordered<'_> {
     fn start(&mut self) {
-        while self.running.len() < self.fetcher.pool.threads {
+        while self.running.len() < self.fetcher.threads {
             let Some(head) = self.queue.front() else {
                 break;
             };
@@ -430,7 +439,7 @@ impl Ordered<'_> {
             let shared = Arc::clone(&self.fetcher.shared);
             let cancelled = Arc::clone(&self.cancelled);
             let len = req.len;
-            self.fetcher.pool.spawn(move || {
+            self.fetcher.pool().spawn(move || {
                 if cancelled.load(Ordering::Relaxed) {
                     return;
                 }
@@ -506,7 +515,6 @@ type Job = Box<dyn FnOnce() + Send>;
 /// Worker threads that run blocking jobs; they end when the pool is dropped.
 struct Pool {
     tx: Sender<Job>,
-    threads: usize,
 }
 
 impl Pool {
@@ -524,7 +532,7 @@ impl Pool {
                 })
                 .expect("spawning a fetch thread");
         }
-        Pool { tx, threads }
+        Pool { tx }
     }
 
     fn spawn(&self, job: impl FnOnce() + Send + 'static) {
