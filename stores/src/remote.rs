@@ -83,6 +83,7 @@ impl RemoteStore {
                 base: spec.trim_end_matches('/').to_string(),
             },
             SpecKind::S3 => {
+                crate::no_headers_for_s3(spec, opts)?;
                 let path = S3Path::parse(spec)?;
                 let (bucket, credentials) = s3::bucket(&path.bucket, &opts.s3)?;
                 let prefix = if path.key.is_empty() {
@@ -152,17 +153,18 @@ impl RemoteStore {
 impl Naming {
     fn location(&self) -> String {
         match self {
-            Naming::Http { base } => base.clone(),
+            Naming::Http { base } => crate::redact(base),
             Naming::S3 { bucket, prefix, .. } => {
                 format!("s3://{}/{}", bucket.name(), prefix.trim_end_matches('/'))
             }
         }
     }
 
-    /// What messages name: the URL, or `s3://BUCKET/KEY` (never a signature).
+    /// What messages name: the URL (never its `user:password`), or `s3://BUCKET/KEY`
+    /// (never a signature).
     fn shown(&self, rel: &str) -> String {
         match self {
-            Naming::Http { base } => format!("{base}/{rel}"),
+            Naming::Http { base } => format!("{}/{rel}", crate::redact(base)),
             Naming::S3 { bucket, prefix, .. } => format!("s3://{}/{prefix}{rel}", bucket.name()),
         }
     }

@@ -125,6 +125,12 @@ impl PackFetcher {
     }
 }
 
+/// Whether a store refused a request (an I/O error of kind `PermissionDenied`: HTTP 401,
+/// 403, 407, a TLS failure), which no further request would change.
+fn refused(e: &Error) -> bool {
+    matches!(e, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied)
+}
+
 /// `base/rel`, without doubling a slash.
 fn join(base: &str, rel: &str) -> String {
     format!("{}/{rel}", base.trim_end_matches('/'))
@@ -236,8 +242,14 @@ impl Shared {
                         requests,
                     })
                 }
-                Err(e) if attempt >= self.store.retries() => return Err(e),
-                Err(_) => attempt += 1,
+                Err(e) => {
+                    self.store
+                        .bad_bytes(&rel, place.offset, u64::from(place.clen), &e);
+                    if attempt >= self.store.retries() {
+                        return Err(e);
+                    }
+                    attempt += 1;
+                }
             }
         }
     }
@@ -253,6 +265,24 @@ impl Shared {
             Ok(b) => b,
             Err(Error::MissingFile { .. }) => {
                 return entries.iter().map(|e| Err(self.missing(e, &rel))).collect()
+            }
+            // A refusal (credentials, TLS trust) is the same for every chunk: asking for
+            // each on its own would only repeat it, once per chunk.
+            Err(e) if refused(&e) => {
+                let why = match &e {
+                    Error::Io { source, .. } => format!("{e}: {source}"),
+                    e => e.to_string(),
+                };
+                let mut first = Some(e);
+                return entries
+                    .iter()
+                    .map(|entry| {
+                        Err(first.take().unwrap_or_else(|| Error::MissingChunk {
+                            id: entry.id,
+                            origin: format!("{} ({why})", self.location),
+                        }))
+                    })
+                    .collect();
             }
             // Each chunk on its own: its own error, or its bytes after all.
             Err(_) => return entries.iter().map(|e| self.fetch_one(e)).collect(),
@@ -289,12 +319,18 @@ impl Shared {
                         downloaded: share,
                         requests,
                     }),
-                    Err(e_first) if self.store.retries() == 0 => Err(e_first),
-                    Err(_) => self.fetch_one(e).map(|mut f| {
-                        f.downloaded += share;
-                        f.requests += requests;
-                        f
-                    }),
+                    Err(e_first) => {
+                        self.store
+                            .bad_bytes(&rel, place.offset, u64::from(place.clen), &e_first);
+                        if self.store.retries() == 0 {
+                            return Err(e_first);
+                        }
+                        self.fetch_one(e).map(|mut f| {
+                            f.downloaded += share;
+                            f.requests += requests;
+                            f
+                        })
+                    }
                 }
             })
             .collect()
