@@ -24,6 +24,8 @@ pub struct StoreArgs {
     /// (credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY). Repeat it to name
     /// mirrors (sync and serve): each request tries them in order; one that fails, or
     /// serves bytes that fail verification, is warned of and tried last from then on.
+    /// Proxies come from https_proxy/HTTPS_PROXY, http_proxy/HTTP_PROXY and ALL_PROXY
+    /// (NO_PROXY: hosts reached directly).
     #[arg(long = "store", value_name = "DIR|URL", required = true)]
     pub stores: Vec<String>,
     /// Keep fetched chunks in this local directory, in front of the store; shared safely
@@ -83,8 +85,7 @@ pub struct StoreArgs {
     )]
     pub client_cert: Option<PathBuf>,
     /// The private key (PEM) of --client-cert; the file must not be readable by every
-    /// user. Proxies come from HTTPS_PROXY/HTTP_PROXY/ALL_PROXY (NO_PROXY: hosts reached
-    /// directly).
+    /// user.
     #[arg(
         long,
         value_name = "FILE",

@@ -604,7 +604,10 @@ fn proxies_from_the_environment_and_no_proxy() {
         &["sync", &index, t, "--store", &url, "--retries", "0"],
         &[("HTTP_PROXY", &dead)],
     );
-    assert!(err.contains(&index), "{err}");
+    assert!(
+        err.contains(&index) && err.contains(&format!("through proxy {dead} (from HTTP_PROXY)")),
+        "{err}"
+    );
     // An unsupported proxy scheme is refused, naming the variable.
     let err = fails(
         &["sync", &index, t, "--store", &url],

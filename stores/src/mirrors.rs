@@ -303,10 +303,12 @@ impl StoreRead for MirrorStore {
         };
         self.mirrors[mirror].bad_bytes(rel, offset, len, why);
         self.warn_once(mirror, "corrupt", || {
+            // The fetcher names the bytes by this store's location, the first mirror's:
+            // name the mirror that served them instead.
+            let why = chain(why).replace(&self.names[0], &self.names[mirror]);
             format!(
-                "served bytes that failed verification ({}); they are fetched from another \
-                 mirror and it is tried last from now on",
-                chain(why)
+                "served bytes that failed verification ({why}); they are fetched from \
+                 another mirror and it is tried last from now on"
             )
         });
     }

@@ -46,6 +46,18 @@ pub(crate) enum Failure {
     TooLarge(String),
 }
 
+impl Failure {
+    /// The same failure with its message changed by `f`.
+    fn map(self, f: impl FnOnce(String) -> String) -> Failure {
+        match self {
+            Failure::Retry(m) => Failure::Retry(f(m)),
+            Failure::Fatal(m) => Failure::Fatal(f(m)),
+            Failure::Refused(m) => Failure::Refused(f(m)),
+            Failure::TooLarge(m) => Failure::TooLarge(f(m)),
+        }
+    }
+}
+
 /// What a GET found.
 pub(crate) enum Got {
     /// The body: the whole file (200), or the range asked (206).
@@ -59,10 +71,11 @@ pub(crate) enum Got {
 #[derive(Debug)]
 pub(crate) struct Transport {
     direct: Agent,
-    /// The agent for `http://` URLs through `HTTP_PROXY`, or why it cannot be used.
-    http_proxy: Option<Result<Agent, String>>,
-    /// The agent for `https://` URLs through `HTTPS_PROXY`, or why it cannot be used.
-    https_proxy: Option<Result<Agent, String>>,
+    /// The agent for `http://` URLs through `HTTP_PROXY` and what messages call that
+    /// proxy, or why it cannot be used.
+    http_proxy: Option<Result<(Agent, String), String>>,
+    /// The same for `https://` URLs through `HTTPS_PROXY`.
+    https_proxy: Option<Result<(Agent, String), String>>,
     proxies: Proxies,
     /// Extra headers, for the origin of the URL asked only.
     headers: Vec<(String, String)>,
@@ -77,8 +90,12 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 impl Transport {
     pub(crate) fn new(opts: &StoreOptions) -> Transport {
         let proxied = |p: &Option<(String, String)>| {
-            p.as_ref()
-                .map(|(var, url)| proxy(var, url).map(|proxy| agent(opts, Some(proxy))))
+            p.as_ref().map(|(var, url)| {
+                proxy(var, url).map(|proxy| {
+                    let shown = format!("proxy {} (from {var})", redact(url));
+                    (agent(opts, Some(proxy)), shown)
+                })
+            })
         };
         Transport {
             direct: agent(opts, None),
@@ -93,19 +110,19 @@ impl Transport {
         }
     }
 
-    /// The agent that reaches `url`: through the proxy its scheme has, unless `NO_PROXY`
-    /// names its host.
-    fn agent_for(&self, url: &str) -> Result<&Agent, Failure> {
+    /// The agent that reaches `url`: through the proxy its scheme has (then also what
+    /// messages call it), unless `NO_PROXY` names its host.
+    fn agent_for(&self, url: &str) -> Result<(&Agent, Option<&str>), Failure> {
         let proxy = if url.starts_with("https://") {
             &self.https_proxy
         } else {
             &self.http_proxy
         };
         match proxy {
-            Some(_) if self.proxies.bypass(&host_of(url)) => Ok(&self.direct),
-            Some(Ok(agent)) => Ok(agent),
+            Some(_) if self.proxies.bypass(&host_of(url)) => Ok((&self.direct, None)),
+            Some(Ok((agent, shown))) => Ok((agent, Some(shown))),
             Some(Err(why)) => Err(Failure::Fatal(why.clone())),
-            None => Ok(&self.direct),
+            None => Ok((&self.direct, None)),
         }
     }
 
@@ -188,7 +205,7 @@ impl Transport {
                 .checked_sub(started.elapsed())
                 .filter(|d| !d.is_zero())
                 .ok_or_else(|| self.past_deadline())?;
-            let agent = self.agent_for(&current)?;
+            let (agent, via) = self.agent_for(&current)?;
             let mut req = if head {
                 agent.head(&current)
             } else {
@@ -220,7 +237,10 @@ impl Transport {
             if let Some(r) = range {
                 req = req.header("range", r);
             }
-            let resp = req.call().map_err(|e| self.classify(e))?;
+            let resp = req.call().map_err(|e| match via {
+                Some(proxy) => self.classify(e).map(|m| format!("through {proxy}: {m}")),
+                None => self.classify(e),
+            })?;
             let status = resp.status().as_u16();
             if let Some(refusal) = self.refusal(status, &current, credentials) {
                 return Err(refusal);
@@ -434,6 +454,7 @@ impl Transport {
         self.retrying("deleting", shown, |_| {
             let mut resp = self
                 .agent_for(url)?
+                .0
                 .delete(url)
                 .call()
                 .map_err(|e| self.classify(e))?;
@@ -450,6 +471,7 @@ impl Transport {
         self.retrying("uploading", shown, |_| {
             let mut resp = self
                 .agent_for(url)?
+                .0
                 .put(url)
                 .send(body)
                 .map_err(|e| self.classify(e))?;

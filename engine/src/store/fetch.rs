@@ -620,11 +620,13 @@ mod tests {
         (store, index, pack.id)
     }
 
-    /// A store whose first `bad` range answers have a byte flipped.
+    /// A store whose first `bad` range answers have a byte flipped; counts the bad bytes
+    /// it is told of.
     struct Flaky {
         inner: Arc<LocalStore>,
         bad: AtomicU32,
         retries: u32,
+        told: AtomicU32,
     }
 
     impl StoreRead for Flaky {
@@ -652,6 +654,11 @@ mod tests {
         }
         fn retries(&self) -> u32 {
             self.retries
+        }
+        fn bad_bytes(&self, rel: &str, _: u64, _: u64, why: &Error) {
+            assert!(rel.starts_with("packs/"));
+            assert_eq!(why.kind(), crate::ErrorKind::CorruptChunk);
+            self.told.fetch_add(1, Ordering::SeqCst);
         }
     }
 
@@ -768,18 +775,22 @@ mod tests {
             inner: store.clone(),
             bad: AtomicU32::new(2),
             retries: 2,
+            told: AtomicU32::new(0),
         });
         let f = PackFetcher::open(flaky.clone(), &index).unwrap();
         let got: Vec<Fetched> = f.fetch_ordered(all.clone()).map(|r| r.unwrap()).collect();
         assert_eq!(got.len(), 10);
-        // The coalesced answer was bad for one chunk; its refetch was bad once more.
+        // The coalesced answer was bad for one chunk; its refetch was bad once more. The
+        // store was told of each bad answer before it was asked again.
         assert_eq!(got.iter().map(|g| g.requests).sum::<u64>(), 3);
+        assert_eq!(flaky.told.load(Ordering::SeqCst), 2);
         // Without retries the error names the chunk, the pack and the offset.
         let f = PackFetcher::open(
             Arc::new(Flaky {
                 inner: store,
                 bad: AtomicU32::new(1),
                 retries: 0,
+                told: AtomicU32::new(0),
             }),
             &index,
         )
@@ -793,6 +804,55 @@ mod tests {
                 && msg.contains("offset"),
             "{msg}"
         );
+    }
+
+    /// A store that refuses every range request (as HTTP 401 does), counting them.
+    struct Refusing {
+        inner: Arc<LocalStore>,
+        asked: AtomicU32,
+    }
+
+    impl StoreRead for Refusing {
+        fn location(&self) -> String {
+            self.inner.location()
+        }
+        fn read_file(&self, rel: &str, limit: u64) -> Result<Option<Vec<u8>>> {
+            self.inner.read_file(rel, limit)
+        }
+        fn read_range(&self, rel: &str, _: u64, _: u64) -> Result<Vec<u8>> {
+            self.asked.fetch_add(1, Ordering::SeqCst);
+            let e = std::io::Error::new(std::io::ErrorKind::PermissionDenied, "HTTP 401");
+            Err(Error::io("fetching", rel, e))
+        }
+        fn file_size(&self, rel: &str) -> Result<Option<u64>> {
+            self.inner.file_size(rel)
+        }
+        fn list_packs(&self) -> Result<Vec<PackId>> {
+            self.inner.list_packs()
+        }
+        fn retries(&self) -> u32 {
+            5
+        }
+    }
+
+    /// A refusal is not asked again chunk by chunk: one request, every chunk failing
+    /// with it.
+    #[test]
+    fn a_refused_request_is_not_repeated_per_chunk() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, index, _) = fixture(dir.path(), 20);
+        let refusing = Arc::new(Refusing {
+            inner: store,
+            asked: AtomicU32::new(0),
+        });
+        let f = PackFetcher::open(refusing.clone(), &index).unwrap();
+        let errs: Vec<String> = f
+            .fetch_ordered(index.chunks().to_vec())
+            .map(|r| r.unwrap_err().to_string())
+            .collect();
+        assert_eq!(errs.len(), 20);
+        assert!(errs[1].contains("HTTP 401"), "{errs:?}");
+        assert_eq!(refusing.asked.load(Ordering::SeqCst), 1);
     }
 
     #[test]
