@@ -8,6 +8,7 @@ PACKAGES=(
   util-linux     # losetup, blockdev: loop-device tests
   zstd           # zstd -d: chunk files are plain zstd frames
   nginx          # remote store tests: nginx serving a store over HTTP
+  openssl        # http_auth tests: htpasswd hashes, a private CA, server and client certs
   casync         # benchmark peer
   time           # /usr/bin/time -v: peak memory in benchmarks
   minisign       # trust tests: signatures cross-checked both ways
