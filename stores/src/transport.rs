@@ -779,6 +779,88 @@ pub(crate) fn remote_error(what: &'static str, url: &str, msg: String) -> Error 
 mod tests {
     use super::{base64, content_range, origin, redact, redirect_target, split_credentials};
 
+    /// A server answering each request with `answer(port, head)`; returns its port and
+    /// the heads (lower case) it saw.
+    fn recording_server(
+        answer: impl Fn(&str) -> String + Send + 'static,
+    ) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let heads = seen.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => head.extend_from_slice(&buf[..k]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                let _ = conn.write_all(answer(&head).as_bytes());
+                heads.lock().unwrap().push(head);
+            }
+        });
+        (port, seen)
+    }
+
+    /// Headers and URL credentials go to their origin, and follow a redirect there, but
+    /// not to another origin.
+    #[test]
+    fn credentials_never_follow_a_redirect_to_another_origin() {
+        let ok = |_: &str| {
+            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok".to_string()
+        };
+        let (other, other_seen) = recording_server(ok);
+        let (home, home_seen) = recording_server(move |head: &str| {
+            let location = if head.starts_with("get /away ") {
+                format!("http://127.0.0.1:{other}/there")
+            } else if head.starts_with("get /near ") {
+                "/here".to_string()
+            } else {
+                return ok(head);
+            };
+            format!(
+                "HTTP/1.1 302 Found\r\nLocation: {location}\r\nContent-Length: 0\r\n\
+                 Connection: close\r\n\r\n"
+            )
+        });
+        let mut opts = crate::StoreOptions::default();
+        opts.http.add_header("X-Token: t0k", "test").unwrap();
+        opts.http.proxies = crate::options::Proxies::default(); // Whatever the environment says.
+        let t = super::Transport::new(&opts);
+        for path in ["near", "away"] {
+            let url = format!("http://u:pw@127.0.0.1:{home}/{path}");
+            match t.get("fetching", &redact(&url), &url, 10).unwrap() {
+                super::Got::Body(b) => assert_eq!(b, b"ok"),
+                super::Got::NotFound => panic!("404"),
+            }
+        }
+        let basic = format!(
+            "authorization: basic {}",
+            base64(b"u:pw").to_ascii_lowercase()
+        );
+        let home_seen = home_seen.lock().unwrap();
+        assert_eq!(home_seen.len(), 3, "near, here, away");
+        for head in home_seen.iter() {
+            assert!(
+                head.contains("x-token: t0k") && head.contains(&basic),
+                "{head}"
+            );
+        }
+        let other_seen = other_seen.lock().unwrap();
+        assert_eq!(other_seen.len(), 1);
+        assert!(
+            !other_seen[0].contains("x-token") && !other_seen[0].contains("authorization"),
+            "{}",
+            other_seen[0]
+        );
+    }
+
     #[test]
     fn credentials_in_urls_are_used_and_never_shown() {
         let url = "https://fleet:p%40ss%3Aw0rd@cdn.example.com:8443/store/x?a=b@c";
