@@ -353,7 +353,8 @@ fn read_secret(path: &Path, what: &str) -> Result<Vec<u8>> {
 }
 
 /// Proxy URLs from the environment, as given (checked when a request needs one).
-#[derive(Debug, Clone, Default)]
+/// `Debug` shows them without their credentials.
+#[derive(Clone, Default)]
 pub(crate) struct Proxies {
     /// (variable, URL) for `http://` URLs.
     pub(crate) http: Option<(String, String)>,
@@ -361,6 +362,20 @@ pub(crate) struct Proxies {
     pub(crate) https: Option<(String, String)>,
     /// `NO_PROXY`'s entries, lower case.
     pub(crate) no_proxy: Vec<String>,
+}
+
+impl std::fmt::Debug for Proxies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown = |p: &Option<(String, String)>| {
+            p.as_ref()
+                .map(|(var, url)| format!("{var}={}", crate::redact(url)))
+        };
+        f.debug_struct("Proxies")
+            .field("http", &shown(&self.http))
+            .field("https", &shown(&self.https))
+            .field("no_proxy", &self.no_proxy)
+            .finish()
+    }
 }
 
 impl Proxies {
@@ -483,6 +498,12 @@ mod tests {
             assert!(!p.bypass(host), "{host}");
         }
         assert!(proxies(&["*"]).bypass("anything"));
+        let with_secret = Proxies {
+            https: Some(("HTTPS_PROXY".into(), "http://u:s3cr3t@proxy:3128".into())),
+            ..Proxies::default()
+        };
+        let shown = format!("{with_secret:?}");
+        assert!(shown.contains("HTTPS_PROXY=http://***@proxy:3128") && !shown.contains("s3cr3t"));
         assert!(!proxies(&[]).bypass("anything"));
     }
 
