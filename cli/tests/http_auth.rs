@@ -128,7 +128,7 @@ fn basic_auth_in_the_url_is_sent_and_never_shown() {
     assert_eq!(fs::read(&target).unwrap(), fs::read(&p.image).unwrap());
 
     // A wrong password: one request, refused, the URL named without the secret.
-    let before = nginx.access_log().len();
+    let before = nginx.requests().len();
     let wrong = format!("http://fleet:wrong-{PASSWORD}@127.0.0.1:{port}");
     let err = fails(
         &["sync", &format!("{wrong}/image.tidx"), t, "--store", &wrong],
@@ -142,13 +142,13 @@ fn basic_auth_in_the_url_is_sent_and_never_shown() {
     );
     assert!(!err.contains(PASSWORD) && !err.contains("s3cr3t"), "{err}");
     assert_eq!(
-        nginx.access_log().len() - before,
+        nginx.requests().len() - before,
         1,
         "one request, no retries"
     );
 
     // No credentials: told so, one request.
-    let before = nginx.access_log().len();
+    let before = nginx.requests().len();
     let bare = format!("http://127.0.0.1:{port}");
     let err = fails(
         &["sync", &format!("{bare}/image.tidx"), t, "--store", &bare],
@@ -158,11 +158,11 @@ fn basic_auth_in_the_url_is_sent_and_never_shown() {
         err.contains("HTTP 401") && err.contains("no credentials were sent"),
         "{err}"
     );
-    assert_eq!(nginx.access_log().len() - before, 1);
+    assert_eq!(nginx.requests().len() - before, 1);
 
     // A local index and a protected store: the store's refusal names the store's URL,
     // after one request (the location file), not one per chunk.
-    let before = nginx.access_log().len();
+    let before = nginx.requests().len();
     let local_index = p.store.join("image.tidx");
     let err = fails(
         &["sync", local_index.to_str().unwrap(), t, "--store", &wrong],
@@ -173,7 +173,7 @@ fn basic_auth_in_the_url_is_sent_and_never_shown() {
         "{err}"
     );
     assert!(!err.contains("s3cr3t"), "{err}");
-    assert_eq!(nginx.access_log().len() - before, 1);
+    assert_eq!(nginx.requests().len() - before, 1);
 }
 
 #[test]
@@ -211,7 +211,7 @@ fn a_bearer_token_from_a_header_file_or_flag() {
     assert_eq!(fs::read(&target).unwrap(), fs::read(&p.image).unwrap());
 
     // A wrong token: one request, the status and URL, never the token.
-    let before = nginx.access_log().len();
+    let before = nginx.requests().len();
     let wrong = format!("Authorization: Bearer not-{TOKEN}");
     let err = fails(
         &["sync", &index, t, "--store", &url, "--header", &wrong],
@@ -222,11 +222,11 @@ fn a_bearer_token_from_a_header_file_or_flag() {
         "{err}"
     );
     assert!(!err.contains(TOKEN), "{err}");
-    assert_eq!(nginx.access_log().len() - before, 1, "one request");
+    assert_eq!(nginx.requests().len() - before, 1, "one request");
 
     // A header file every user can read is refused before any request.
     fs::set_permissions(&headers, fs::Permissions::from_mode(0o644)).unwrap();
-    let before = nginx.access_log().len();
+    let before = nginx.requests().len();
     let err = fails(
         &["sync", &index, t, "--store", &url, "--header-file", hf],
         &[],
@@ -236,7 +236,7 @@ fn a_bearer_token_from_a_header_file_or_flag() {
         "{err}"
     );
     assert!(!err.contains(TOKEN), "{err}");
-    assert_eq!(nginx.access_log().len(), before);
+    assert_eq!(nginx.requests().len(), before);
     // A malformed header names itself, not its value.
     let err = fails(
         &[
@@ -389,15 +389,15 @@ fn tls_with_a_private_ca_and_client_certificates() {
     );
     assert!(!err.contains("gave up after"), "not retried: {err}");
     // The CA, no client certificate: nginx's 400, one request, with what to give.
-    let before = nginx.access_log().len();
+    let before = nginx.requests().len();
     let err = fails(&["sync", &index, t, "--store", &url, "--ca-cert", &ca], &[]);
     assert!(
         err.contains(&index) && err.contains("HTTP 400") && err.contains("--client-cert"),
         "{err}"
     );
-    assert_eq!(nginx.access_log().len() - before, 1);
+    assert_eq!(nginx.requests().len() - before, 1);
     // A certificate from a CA nginx does not trust: refused, once.
-    let before = nginx.access_log().len();
+    let before = nginx.requests().len();
     let (rogue, rogue_key) = (pki.path("rogue.pem"), pki.path("rogue.key"));
     let err = fails(
         &[
@@ -416,10 +416,7 @@ fn tls_with_a_private_ca_and_client_certificates() {
         &[],
     );
     assert!(err.contains(&index) && err.contains("HTTP 400"), "{err}");
-    assert!(
-        nginx.access_log().len() - before <= 1,
-        "at most one request"
-    );
+    assert!(nginx.requests().len() - before <= 1, "at most one request");
     // A key file every user can read is refused; a key without its certificate too.
     fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
     let err = fails(

@@ -109,12 +109,12 @@ fn a_dead_and_a_corrupt_mirror_cost_time_not_the_update() {
     );
     // The bad chunk came from the good mirror, which served only what the corrupt one got
     // wrong (everything else came from the corrupt mirror, ahead of it).
-    let good_log = good.access_log();
+    let good_log = good.requests();
     assert!(!good_log.is_empty(), "the good mirror served the bad chunk");
     assert!(
-        good_log.len() < corrupt.access_log().len(),
+        good_log.len() < corrupt.requests().len(),
         "good {good_log:?} corrupt {:?}",
-        corrupt.access_log()
+        corrupt.requests()
     );
 }
 

@@ -103,10 +103,14 @@ impl RemoteStore {
                 )))
             }
         };
+        let transport = match naming {
+            Naming::S3 { .. } => Transport::new(opts).s3(),
+            Naming::Http { .. } => Transport::new(opts),
+        };
         Ok(RemoteStore {
             inner: Arc::new(Inner {
                 naming,
-                transport: Transport::new(opts),
+                transport,
                 jobs: opts.jobs.max(1),
                 retries: opts.retries,
                 recent: Mutex::new(VecDeque::new()),
@@ -766,6 +770,26 @@ mod tests {
             ..StoreOptions::default()
         };
         RemoteStore::open("s3://b/p", &opts).unwrap()
+    }
+
+    /// S3 refusing a request: one request, and the error points at the AWS credentials,
+    /// not at headers.
+    #[test]
+    fn an_s3_refusal_is_not_retried_and_names_the_aws_credentials() {
+        let (url, seen) = status_server(403);
+        let msg = chain(
+            &s3_store(url)
+                .read_file("locations/x.tloc", 100)
+                .unwrap_err(),
+        );
+        assert!(
+            msg.contains("s3://b/p/locations/x.tloc")
+                && msg.contains("HTTP 403")
+                && msg.contains("AWS_ACCESS_KEY_ID")
+                && !msg.contains("--header"),
+            "{msg}"
+        );
+        assert_eq!(seen.load(Ordering::SeqCst), 1);
     }
 
     /// Pack uploads run behind `make`; flush waits for them and reports the first

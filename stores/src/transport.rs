@@ -80,6 +80,8 @@ pub(crate) struct Transport {
     /// Extra headers, for the origin of the URL asked only.
     headers: Vec<(String, String)>,
     client_cert: bool,
+    /// Requests go to S3 (signed with AWS credentials, not ours).
+    s3: bool,
     retries: u32,
     backoff: Duration,
     deadline: Duration,
@@ -104,10 +106,17 @@ impl Transport {
             proxies: opts.http.proxies.clone(),
             headers: opts.http.headers.clone(),
             client_cert: opts.http.client.is_some(),
+            s3: false,
             retries: opts.retries,
             backoff: opts.backoff,
             deadline: opts.deadline,
         }
+    }
+
+    /// The same, for requests to S3: a refusal points at the AWS credentials.
+    pub(crate) fn s3(mut self) -> Transport {
+        self.s3 = true;
+        self
     }
 
     /// The agent that reaches `url`: through the proxy its scheme has (then also what
@@ -269,6 +278,13 @@ impl Transport {
     /// without a client certificate, which is how nginx refuses a client that sent none),
     /// saying what was sent. `None` for any other status.
     fn refusal(&self, status: u16, url: &str, credentials: bool) -> Option<Failure> {
+        if self.s3 && matches!(status, 401 | 403) {
+            return Some(Failure::Refused(format!(
+                "HTTP {status} (refused by the S3 service: check AWS_ACCESS_KEY_ID, \
+                 AWS_SECRET_ACCESS_KEY and the bucket's policy; without ListBucket permission \
+                 S3 answers 403 for a missing key too)"
+            )));
+        }
         let sent = if credentials {
             "the credentials sent were refused"
         } else {

@@ -69,7 +69,7 @@ impl Nginx {
 
     /// Serves `root` with `listen 127.0.0.1:PORT {listen}` (e.g. `ssl`) and the server
     /// directives `server(dir)` returns (`dir`: nginx's own directory, for files such as
-    /// an htpasswd), logging each request to [`Nginx::access_log`].
+    /// an htpasswd), logging each request (see [`Nginx::requests`]).
     pub fn start_with(root: &Path, listen: &str, server: impl FnOnce(&Path) -> String) -> Nginx {
         let dir = TempDir::new().unwrap();
         let port = free_port();
@@ -114,13 +114,43 @@ impl Nginx {
         ([127, 0, 0, 1], self.port).into()
     }
 
-    /// The lines of the access log so far (one per request answered).
-    pub fn access_log(&self) -> Vec<String> {
-        std::fs::read_to_string(self._dir.path().join("access.log"))
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_string)
-            .collect()
+    /// The access log's line of every request answered so far, in order. nginx logs a
+    /// request once it is done, which can be just after its client saw the answer: a
+    /// request of our own (`/.log-barrier`, left out) is made and waited for in the log
+    /// first, so every request answered before is there.
+    pub fn requests(&self) -> Vec<String> {
+        let log = || {
+            std::fs::read_to_string(self._dir.path().join("access.log"))
+                .unwrap_or_default()
+                .lines()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        let barriers =
+            |lines: &[String]| lines.iter().filter(|l| l.contains("/.log-barrier")).count();
+        let seen = barriers(&log());
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        write!(
+            s,
+            "GET /.log-barrier HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let _ = s.read_to_end(&mut Vec::new());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let lines = log();
+            if barriers(&lines) > seen {
+                return lines
+                    .into_iter()
+                    .filter(|l| !l.contains("/.log-barrier"))
+                    .collect();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nginx never logged its barrier request"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
