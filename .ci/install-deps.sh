@@ -8,6 +8,7 @@ PACKAGES=(
   util-linux     # losetup, blockdev: loop-device tests
   zstd           # zstd -d: chunk files are plain zstd frames
   nginx          # remote store tests: nginx serving a store over HTTP
+  openssl        # http_auth, serve_tls tests: htpasswd hashes, a private CA, server and client certs
   casync         # benchmark peer; casync tests: indexes and stores made by casync make
   liblzma-dev    # build: xz decompression of casync chunks (xz2 links the system liblzma)
   pkg-config     # build: finds liblzma
@@ -21,7 +22,6 @@ PACKAGES=(
   nbdkit         # NBD benchmark peer: nbdkit file
   fuse3          # NBD tests: fusermount3 for nbdfuse mounts
   strace         # durability tests: the order of fsync, rename and directory fsync
-  openssl        # TLS tests: test CA, server and client certificates
 )
 
 missing=()

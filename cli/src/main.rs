@@ -6,6 +6,7 @@
 
 mod cmd;
 mod output;
+mod remembered;
 mod store_args;
 mod trust_args;
 

@@ -37,6 +37,14 @@ impl Output {
         }
     }
 
+    /// Prints a note for people on stderr unless quiet.
+    pub fn note(&self, text: impl AsRef<str>) {
+        self.finish_progress();
+        if !self.quiet {
+            eprintln!("tessera: {}", text.as_ref());
+        }
+    }
+
     /// Clears any progress bar.
     pub fn finish_progress(&self) {
         if let Some(bar) = self.bar.lock().expect("progress lock").take() {

@@ -14,17 +14,22 @@ use tessera_engine::casync::CasyncStore;
 use tessera_engine::{
     CacheOptions, CacheStore, ChunkDigest, ChunkStore, Index, PackFetcher, StoreRead, StoreWrite,
 };
-use tessera_stores::{IndexDest, IndexSource, S3Options, StoreOptions};
+use tessera_stores::{HttpOptions, IndexDest, IndexSource, MirrorStore, S3Options, StoreOptions};
 
 /// Where chunks live, and how to reach them.
 #[derive(clap::Args, Debug, Clone)]
 pub struct StoreArgs {
     /// Pack store: a directory, http(s)://HOST/PATH (any web server or CDN that honours
-    /// Range requests, read-only), or s3://BUCKET/PREFIX (credentials from
-    /// AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY). For a casync index (.caibx): its casync
-    /// chunk store (.castr), as a directory or URL (docs/CASYNC.md).
-    #[arg(long, value_name = "DIR|URL")]
-    pub store: String,
+    /// Range requests, read-only; https://USER:PASSWORD@HOST/PATH for Basic
+    /// authentication, percent-encoded, never shown in messages), or s3://BUCKET/PREFIX
+    /// (credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY). For a casync index
+    /// (.caibx): its casync chunk store (.castr), as a directory or URL (docs/CASYNC.md).
+    /// Repeat it to name mirrors (sync and serve): each request tries them in order; one
+    /// that fails, or serves bytes that fail verification, is warned of and tried last
+    /// from then on. Proxies come from https_proxy/HTTPS_PROXY, http_proxy/HTTP_PROXY and
+    /// ALL_PROXY (NO_PROXY: hosts reached directly).
+    #[arg(long = "store", value_name = "DIR|URL", required = true)]
+    pub stores: Vec<String>,
     /// Keep fetched chunks in this local directory, in front of the store; shared safely
     /// by concurrent processes, least recently used chunks evicted past --cache-limit.
     /// For readers only (sync, serve): `make` refuses it.
@@ -57,6 +62,39 @@ pub struct StoreArgs {
     /// S3 region for signing [default: AWS_REGION, AWS_DEFAULT_REGION, or us-east-1].
     #[arg(long, value_name = "REGION")]
     pub s3_region: Option<String>,
+    /// Send this header with every request to an http(s):// store or index URL, e.g.
+    /// 'Authorization: Bearer TOKEN' (repeatable). Other local users can read a command
+    /// line: put secrets in --header-file instead. Not sent after a redirect to another
+    /// host, nor to s3:// (signed with AWS credentials).
+    #[arg(long = "header", value_name = "'NAME: VALUE'", help_heading = "HTTP")]
+    pub headers: Vec<String>,
+    /// Send the headers in FILE (one 'NAME: VALUE' a line; blank lines and # comments
+    /// skipped), as --header does. The file must not be readable by every user.
+    #[arg(long, value_name = "FILE", help_heading = "HTTP")]
+    pub header_file: Option<PathBuf>,
+    /// Trust the CA certificates (PEM) in FILE for https:// servers, instead of the
+    /// built-in Mozilla roots (repeatable; to keep trusting public CAs too, also give
+    /// /etc/ssl/certs/ca-certificates.crt).
+    #[arg(long, value_name = "FILE", help_heading = "HTTP")]
+    pub ca_cert: Vec<PathBuf>,
+    /// Present the client certificate (PEM, leaf first) in FILE to https:// servers that
+    /// verify clients (mTLS); needs --client-key.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "client_key",
+        help_heading = "HTTP"
+    )]
+    pub client_cert: Option<PathBuf>,
+    /// The private key (PEM) of --client-cert; the file must not be readable by every
+    /// user.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "client_cert",
+        help_heading = "HTTP"
+    )]
+    pub client_key: Option<PathBuf>,
 }
 
 impl StoreArgs {
@@ -74,6 +112,20 @@ impl StoreArgs {
             self.deadline.is_finite() && self.deadline > 0.0,
             "--deadline must be a positive number of seconds"
         );
+        let mut http = HttpOptions::default();
+        for (i, h) in self.headers.iter().enumerate() {
+            http.add_header(h, &format!("--header {}", i + 1))?;
+        }
+        if let Some(f) = &self.header_file {
+            http.add_header_file(f).context("--header-file")?;
+        }
+        for f in &self.ca_cert {
+            http.add_ca_file(f).context("--ca-cert")?;
+        }
+        if let (Some(cert), Some(key)) = (&self.client_cert, &self.client_key) {
+            http.set_client_identity(cert, key)
+                .context("--client-cert/--client-key")?;
+        }
         Ok(StoreOptions {
             jobs: self.jobs,
             timeout: Duration::from_secs_f64(self.timeout),
@@ -85,17 +137,54 @@ impl StoreArgs {
                 region: self.s3_region.clone(),
                 path_style: None,
             },
+            http,
             ..StoreOptions::default()
         })
     }
 
-    /// Opens the store for reading.
+    /// The store for messages (its URL's `user:password` shown as `***`).
+    pub fn shown(&self) -> String {
+        tessera_stores::redact(&self.stores[0])
+    }
+
+    /// Opens the store for reading; with several --store, the mirrors, whose failures are
+    /// warned of on stderr.
     ///
     /// # Errors
     /// A missing directory, a malformed URL, bad options.
     pub fn open(&self) -> anyhow::Result<Arc<dyn StoreRead>> {
-        tessera_stores::open_store(&self.store, &self.options()?)
-            .with_context(|| format!("opening store {}", self.store))
+        let opts = self.options()?;
+        let mut mirrors = Vec::new();
+        for spec in &self.stores {
+            mirrors.push(
+                tessera_stores::open_store(spec, &opts)
+                    .with_context(|| format!("opening store {}", tessera_stores::redact(spec)))?,
+            );
+        }
+        if mirrors.len() == 1 {
+            return Ok(mirrors.pop().expect("one store"));
+        }
+        let warn = Box::new(|msg: &str| eprintln!("tessera: warning: {msg}"));
+        Ok(Arc::new(MirrorStore::new(mirrors, warn)?))
+    }
+
+    /// Opens the one store a command that checks or changes a store works on.
+    ///
+    /// # Errors
+    /// Several --store given; as [`StoreArgs::open`].
+    pub fn open_single(&self, command: &str) -> anyhow::Result<Arc<dyn StoreRead>> {
+        self.single(command)?;
+        self.open()
+    }
+
+    fn single(&self, command: &str) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.stores.len() == 1,
+            "--store given {} times: mirrors are for readers (sync, serve); {command} works \
+             on one store: run it on each",
+            self.stores.len()
+        );
+        Ok(())
     }
 
     /// The verified chunks of `index` from `store` (opened by [`StoreArgs::open`]): its
@@ -146,11 +235,12 @@ impl StoreArgs {
                 "--cache {} is for readers (sync, serve): make writes the store {} itself \
                  and reads it directly; drop --cache",
                 dir.display(),
-                self.store
+                self.shown()
             );
         }
-        tessera_stores::open_store_for_write(&self.store, &self.options()?)
-            .with_context(|| format!("opening store {}", self.store))
+        self.single("a command that writes a store")?;
+        tessera_stores::open_store_for_write(&self.stores[0], &self.options()?)
+            .with_context(|| format!("opening store {}", self.shown()))
     }
 
     /// An index given as a path or URL, for `TrustArgs::load`: a path is left to be read
@@ -169,8 +259,9 @@ impl StoreArgs {
             );
             if too_large {
                 anyhow::Error::new(e).context(format!(
-                    "index {spec} is larger than --max-index-size ({} bytes); raise it if \
-                     the index is genuine",
+                    "index {} is larger than --max-index-size ({} bytes); raise it if the \
+                     index is genuine",
+                    tessera_stores::redact(&spec),
                     self.max_index_size
                 ))
             } else {

@@ -24,6 +24,7 @@
 //! ```
 #![deny(missing_docs)]
 
+mod mirrors;
 mod options;
 mod remote;
 mod s3;
@@ -33,10 +34,12 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-pub use options::{S3Options, StoreOptions};
+pub use mirrors::{MirrorStore, Warn};
+pub use options::{HttpOptions, S3Options, StoreOptions};
 pub use remote::RemoteStore;
 use tessera_engine::store::{StoreRead, StoreWrite};
 use tessera_engine::{Error, Index, LocalStore, Result};
+pub use transport::redact;
 
 /// What kind of place a spec names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,12 +122,14 @@ pub enum IndexSource {
 /// file path another user could predict or plant is ever involved.
 #[derive(Debug)]
 pub struct RemoteIndex {
-    /// The index's URL, which every message names.
+    /// The index's URL, which every message names (any `user:password` shown as `***`).
     pub url: String,
     /// The index file's bytes, not checked yet.
     pub bytes: Vec<u8>,
-    /// The URL of its signature: `URL.minisig`.
+    /// The URL of its signature, `URL.minisig`, as messages show it.
     pub signature_url: String,
+    /// The signature's URL as it is fetched (with credentials).
+    signature_fetch: String,
     opts: StoreOptions,
 }
 
@@ -137,7 +142,7 @@ impl RemoteIndex {
     /// Transport errors naming the signature's URL, a body over 64 KiB included.
     pub fn fetch_signature(&self) -> Result<Option<Vec<u8>>> {
         fetch_file(
-            &self.signature_url,
+            &self.signature_fetch,
             &self.opts,
             tessera_engine::trust::MAX_SIGNATURE_LEN,
         )
@@ -156,9 +161,10 @@ pub fn fetch_index(spec: &str, opts: &StoreOptions) -> Result<IndexSource> {
     }
     let bytes = fetch_file(spec, opts, opts.max_index_size)?.ok_or_else(|| not_found(spec))?;
     Ok(IndexSource::Remote(Box::new(RemoteIndex {
-        url: spec.to_string(),
+        url: redact(spec),
         bytes,
-        signature_url: format!("{spec}.minisig"),
+        signature_url: redact(&format!("{spec}.minisig")),
+        signature_fetch: format!("{spec}.minisig"),
         opts: opts.clone(),
     })))
 }
@@ -173,19 +179,34 @@ pub fn fetch_file(spec: &str, opts: &StoreOptions, limit: u64) -> Result<Option<
         SpecKind::Local => Err(Error::InvalidInput(format!("not a URL: {spec}"))),
         SpecKind::Http => {
             let t = transport::Transport::new(opts);
-            match t.get("fetching", spec, spec, limit)? {
+            match t.get("fetching", &redact(spec), spec, limit)? {
                 transport::Got::Body(b) => Ok(Some(b)),
                 transport::Got::NotFound => Ok(None),
             }
         }
-        SpecKind::S3 => s3::get_object(&s3::S3Path::parse(spec)?, opts, limit),
+        SpecKind::S3 => {
+            no_headers_for_s3(spec, opts)?;
+            s3::get_object(&s3::S3Path::parse(spec)?, opts, limit)
+        }
     }
+}
+
+/// Refuses extra headers for an `s3://` spec: its requests are signed with AWS
+/// credentials, and an `Authorization` of ours would conflict.
+pub(crate) fn no_headers_for_s3(spec: &str, opts: &StoreOptions) -> Result<()> {
+    if opts.http.has_headers() {
+        return Err(Error::InvalidInput(format!(
+            "{spec}: --header and --header-file apply to http(s):// URLs only; s3:// requests \
+             are signed with AWS credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)"
+        )));
+    }
+    Ok(())
 }
 
 fn not_found(spec: &str) -> Error {
     Error::io(
         "fetching index",
-        PathBuf::from(spec),
+        PathBuf::from(redact(spec)),
         std::io::Error::new(std::io::ErrorKind::NotFound, "not found (HTTP 404)"),
     )
 }
@@ -242,6 +263,7 @@ impl IndexDest {
         if !self.staged {
             return Ok(());
         }
+        no_headers_for_s3(&self.spec, opts)?;
         let bytes = std::fs::read(&self.local)
             .map_err(|e| Error::io("reading staged index", &self.local, e))?;
         s3::put_object(&s3::S3Path::parse(&self.spec)?, opts, &bytes)

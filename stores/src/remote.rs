@@ -83,6 +83,7 @@ impl RemoteStore {
                 base: spec.trim_end_matches('/').to_string(),
             },
             SpecKind::S3 => {
+                crate::no_headers_for_s3(spec, opts)?;
                 let path = S3Path::parse(spec)?;
                 let (bucket, credentials) = s3::bucket(&path.bucket, &opts.s3)?;
                 let prefix = if path.key.is_empty() {
@@ -102,10 +103,14 @@ impl RemoteStore {
                 )))
             }
         };
+        let transport = match naming {
+            Naming::S3 { .. } => Transport::new(opts).s3(),
+            Naming::Http { .. } => Transport::new(opts),
+        };
         Ok(RemoteStore {
             inner: Arc::new(Inner {
                 naming,
-                transport: Transport::new(opts),
+                transport,
                 jobs: opts.jobs.max(1),
                 retries: opts.retries,
                 recent: Mutex::new(VecDeque::new()),
@@ -152,17 +157,18 @@ impl RemoteStore {
 impl Naming {
     fn location(&self) -> String {
         match self {
-            Naming::Http { base } => base.clone(),
+            Naming::Http { base } => crate::redact(base),
             Naming::S3 { bucket, prefix, .. } => {
                 format!("s3://{}/{}", bucket.name(), prefix.trim_end_matches('/'))
             }
         }
     }
 
-    /// What messages name: the URL, or `s3://BUCKET/KEY` (never a signature).
+    /// What messages name: the URL (never its `user:password`), or `s3://BUCKET/KEY`
+    /// (never a signature).
     fn shown(&self, rel: &str) -> String {
         match self {
-            Naming::Http { base } => format!("{base}/{rel}"),
+            Naming::Http { base } => format!("{}/{rel}", crate::redact(base)),
             Naming::S3 { bucket, prefix, .. } => format!("s3://{}/{prefix}{rel}", bucket.name()),
         }
     }
@@ -764,6 +770,26 @@ mod tests {
             ..StoreOptions::default()
         };
         RemoteStore::open("s3://b/p", &opts).unwrap()
+    }
+
+    /// S3 refusing a request: one request, and the error points at the AWS credentials,
+    /// not at headers.
+    #[test]
+    fn an_s3_refusal_is_not_retried_and_names_the_aws_credentials() {
+        let (url, seen) = status_server(403);
+        let msg = chain(
+            &s3_store(url)
+                .read_file("locations/x.tloc", 100)
+                .unwrap_err(),
+        );
+        assert!(
+            msg.contains("s3://b/p/locations/x.tloc")
+                && msg.contains("HTTP 403")
+                && msg.contains("AWS_ACCESS_KEY_ID")
+                && !msg.contains("--header"),
+            "{msg}"
+        );
+        assert_eq!(seen.load(Ordering::SeqCst), 1);
     }
 
     /// Pack uploads run behind `make`; flush waits for them and reports the first

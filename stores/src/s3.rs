@@ -82,7 +82,10 @@ pub(crate) fn get_object(
         .get_object(creds.as_ref(), &path.key)
         .sign(SIGNED_FOR);
     let shown = format!("s3://{}/{}", path.bucket, path.key);
-    match Transport::new(opts).get("fetching", &shown, url.as_str(), limit)? {
+    match Transport::new(opts)
+        .s3()
+        .get("fetching", &shown, url.as_str(), limit)?
+    {
         Got::Body(b) => Ok(Some(b)),
         Got::NotFound => Ok(None),
     }
@@ -95,7 +98,7 @@ pub(crate) fn put_object(path: &S3Path, opts: &StoreOptions, body: &[u8]) -> Res
     let url = bucket
         .put_object(creds.as_ref(), &path.key)
         .sign(SIGNED_FOR);
-    Transport::new(opts).put(&shown, url.as_str(), body)
+    Transport::new(opts).s3().put(&shown, url.as_str(), body)
 }
 
 /// Largest answer to one listing request.

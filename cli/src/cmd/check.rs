@@ -44,18 +44,18 @@ struct Json<'a> {
 }
 
 pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
-    let store = args.store.open()?;
+    let store = args.store.open_single("check")?;
     let opts = args.store.options()?;
     let mut indexes = Vec::new();
     for spec in &args.indexes {
         let spec = spec.to_string_lossy();
         indexes.push(
             tessera_stores::load_index(&spec, &opts)
-                .with_context(|| format!("loading index {spec}"))?,
+                .with_context(|| format!("loading index {}", tessera_stores::redact(&spec)))?,
         );
     }
-    let report =
-        check(&*store, &indexes).with_context(|| format!("checking store {}", args.store.store))?;
+    let report = check(&*store, &indexes)
+        .with_context(|| format!("checking store {}", args.store.shown()))?;
     let ok = report.ok();
     if args.json {
         out.json(&Json {

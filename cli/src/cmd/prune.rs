@@ -79,7 +79,7 @@ pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
         let spec = spec.to_string_lossy();
         keep.push(
             tessera_stores::load_index(&spec, &opts)
-                .with_context(|| format!("loading kept index {spec}"))?,
+                .with_context(|| format!("loading kept index {}", tessera_stores::redact(&spec)))?,
         );
     }
     let popts = PruneOptions {
@@ -89,7 +89,7 @@ pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
     };
     debug_assert_eq!(DEFAULT_GRACE, Duration::from_secs(3600));
     let report = prune(&*store, &keep, &popts)
-        .with_context(|| format!("pruning store {}", args.store.store))?;
+        .with_context(|| format!("pruning store {}", args.store.shown()))?;
     if args.json {
         out.json(&report)?;
     } else {

@@ -1,6 +1,6 @@
 //! `tessera sync`: write an image into a file or block device, in place.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -10,6 +10,7 @@ use tessera_engine::trust::{build_verity, load_index, VerityOptions, VerityRepor
 use tessera_engine::{SeedSpec, SyncOptions, SyncReport, TrustPolicy};
 
 use crate::output::{human_bytes, Output};
+use crate::remembered;
 use crate::store_args::{parse_size, StoreArgs};
 use crate::trust_args::TrustArgs;
 
@@ -79,6 +80,15 @@ struct InPlaceArgs {
     /// do not fit are fetched from the store instead.
     #[arg(long, value_name = "BYTES", value_parser = parse_size, default_value_t = DEFAULT_SCRATCH_SIZE)]
     scratch_size: u64,
+    /// Scan TARGET and every --seed even when tessera remembers what they hold. By
+    /// default, a verified sync records the index TARGET then holds in the state
+    /// directory ($TESSERA_STATE_DIR or ~/.local/state/tessera, in seeds/), and a later
+    /// sync plans from that record instead of scanning TARGET (or the slot given as
+    /// --seed), when the record still matches the device (path, device or inode, size,
+    /// file modification time, and a sample of its chunks); every chunk is still hashed
+    /// when read.
+    #[arg(long)]
+    rescan: bool,
     /// Write into a block device even while it is mounted or claimed by the kernel
     /// (device-mapper, RAID, swap). Without it such a device is refused: a mounted file
     /// system keeps writing its own blocks (at the latest its superblock at unmount) over
@@ -119,6 +129,35 @@ impl InPlaceArgs {
     }
 }
 
+/// Plans from the remembered indexes of TARGET and of each --seed without one given.
+fn recall_seeds(opts: &mut SyncOptions, target: &Path, out: &Output) {
+    let journal = opts
+        .journal
+        .clone()
+        .unwrap_or_else(|| tessera_engine::sync::default_journal_path(target));
+    let pending = journal.exists();
+    let note = |m: String| out.note(m);
+    let same = |a: &Path, b: &Path| match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    for seed in opts.seeds.iter_mut().filter(|s| s.index.is_none()) {
+        seed.index = remembered::recall(&seed.path, pending, &note);
+    }
+    let target_known = opts
+        .seeds
+        .iter()
+        .any(|s| s.index.is_some() && same(&s.path, target));
+    if !target_known {
+        if let Some(index) = remembered::recall(target, pending, &note) {
+            opts.seeds.push(SeedSpec {
+                path: target.to_path_buf(),
+                index: Some(index),
+            });
+        }
+    }
+}
+
 /// Parses `PATH=INDEX` (split at the first `=`).
 fn parse_seed_index(s: &str) -> Result<(PathBuf, PathBuf), String> {
     match s.split_once('=') {
@@ -138,10 +177,22 @@ struct Json<'a> {
 pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
     let index = args.trust.load(&args.store.fetch_index(&args.index)?)?;
     let store = args.store.chunks(args.store.open()?, &index)?;
-    let opts = args.in_place.options()?;
+    let mut opts = args.in_place.options()?;
+    if !args.in_place.rescan {
+        recall_seeds(&mut opts, &args.target, out);
+    }
     let started = Instant::now();
     let report = tessera_engine::sync_with(&index, &args.target, &*store, &opts, out)
         .with_context(|| format!("syncing {}", args.target.display()))?;
+    if !report.dry_run {
+        if let Err(e) = remembered::remember(&args.target, &index) {
+            out.note(format!(
+                "warning: could not remember the index of {} (the next sync scans it): \
+                 {e:#}",
+                args.target.display()
+            ));
+        }
+    }
     let verity = match &args.verity_hash_file {
         Some(f) if !report.dry_run => Some(
             build_verity(&index, &args.target, f, &VerityOptions::default(), out)

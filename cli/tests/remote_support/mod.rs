@@ -64,18 +64,26 @@ pub struct Nginx {
 impl Nginx {
     /// Serves `root` at `http://127.0.0.1:PORT/`.
     pub fn start(root: &Path) -> Nginx {
+        Nginx::start_with(root, "", |_| String::new())
+    }
+
+    /// Serves `root` with `listen 127.0.0.1:PORT {listen}` (e.g. `ssl`) and the server
+    /// directives `server(dir)` returns (`dir`: nginx's own directory, for files such as
+    /// an htpasswd), logging each request (see [`Nginx::requests`]).
+    pub fn start_with(root: &Path, listen: &str, server: impl FnOnce(&Path) -> String) -> Nginx {
         let dir = TempDir::new().unwrap();
         let port = free_port();
         let d = dir.path().display();
+        let extra = server(dir.path());
         // master_process off: one process that keeps our (root) identity, so it can read
         // the temporary directories the tests create.
         let conf = format!(
             "daemon off;\nmaster_process off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
              events {{ worker_connections 1024; }}\n\
-             http {{\n  access_log off;\n  client_body_temp_path {d}/t1;\n  proxy_temp_path {d}/t2;\n\
+             http {{\n  access_log {d}/access.log;\n  client_body_temp_path {d}/t1;\n  proxy_temp_path {d}/t2;\n\
              \x20 fastcgi_temp_path {d}/t3;\n  uwsgi_temp_path {d}/t4;\n  scgi_temp_path {d}/t5;\n\
              \x20 keepalive_requests 100000;\n\
-             \x20 server {{ listen 127.0.0.1:{port}; root {root}; }}\n}}\n",
+             \x20 server {{ listen 127.0.0.1:{port} {listen}; root {root};\n{extra}\n }}\n}}\n",
             root = root.display()
         );
         let conf_path = dir.path().join("nginx.conf");
@@ -104,6 +112,45 @@ impl Nginx {
 
     pub fn addr(&self) -> SocketAddr {
         ([127, 0, 0, 1], self.port).into()
+    }
+
+    /// The access log's line of every request answered so far, in order. nginx logs a
+    /// request once it is done, which can be just after its client saw the answer: a
+    /// request of our own (`/.log-barrier`, left out) is made and waited for in the log
+    /// first, so every request answered before is there.
+    pub fn requests(&self) -> Vec<String> {
+        let log = || {
+            std::fs::read_to_string(self._dir.path().join("access.log"))
+                .unwrap_or_default()
+                .lines()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        let barriers =
+            |lines: &[String]| lines.iter().filter(|l| l.contains("/.log-barrier")).count();
+        let seen = barriers(&log());
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        write!(
+            s,
+            "GET /.log-barrier HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let _ = s.read_to_end(&mut Vec::new());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let lines = log();
+            if barriers(&lines) > seen {
+                return lines
+                    .into_iter()
+                    .filter(|l| !l.contains("/.log-barrier"))
+                    .collect();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nginx never logged its barrier request"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 

@@ -134,6 +134,12 @@ impl PackFetcher {
     }
 }
 
+/// Whether a store refused a request (an I/O error of kind `PermissionDenied`: HTTP 401,
+/// 403, 407, a TLS failure), which no further request would change.
+fn refused(e: &Error) -> bool {
+    matches!(e, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied)
+}
+
 /// `base/rel`, without doubling a slash.
 fn join(base: &str, rel: &str) -> String {
     format!("{}/{rel}", base.trim_end_matches('/'))
@@ -245,8 +251,14 @@ impl Shared {
                         requests,
                     })
                 }
-                Err(e) if attempt >= self.store.retries() => return Err(e),
-                Err(_) => attempt += 1,
+                Err(e) => {
+                    self.store
+                        .bad_bytes(&rel, place.offset, u64::from(place.clen), &e);
+                    if attempt >= self.store.retries() {
+                        return Err(e);
+                    }
+                    attempt += 1;
+                }
             }
         }
     }
@@ -262,6 +274,24 @@ impl Shared {
             Ok(b) => b,
             Err(Error::MissingFile { .. }) => {
                 return entries.iter().map(|e| Err(self.missing(e, &rel))).collect()
+            }
+            // A refusal (credentials, TLS trust) is the same for every chunk: asking for
+            // each on its own would only repeat it, once per chunk.
+            Err(e) if refused(&e) => {
+                let why = match &e {
+                    Error::Io { source, .. } => format!("{e}: {source}"),
+                    e => e.to_string(),
+                };
+                let mut first = Some(e);
+                return entries
+                    .iter()
+                    .map(|entry| {
+                        Err(first.take().unwrap_or_else(|| Error::MissingChunk {
+                            id: entry.id,
+                            origin: format!("{} ({why})", self.location),
+                        }))
+                    })
+                    .collect();
             }
             // Each chunk on its own: its own error, or its bytes after all.
             Err(_) => return entries.iter().map(|e| self.fetch_one(e)).collect(),
@@ -298,12 +328,18 @@ impl Shared {
                         downloaded: share,
                         requests,
                     }),
-                    Err(e_first) if self.store.retries() == 0 => Err(e_first),
-                    Err(_) => self.fetch_one(e).map(|mut f| {
-                        f.downloaded += share;
-                        f.requests += requests;
-                        f
-                    }),
+                    Err(e_first) => {
+                        self.store
+                            .bad_bytes(&rel, place.offset, u64::from(place.clen), &e_first);
+                        if self.store.retries() == 0 {
+                            return Err(e_first);
+                        }
+                        self.fetch_one(e).map(|mut f| {
+                            f.downloaded += share;
+                            f.requests += requests;
+                            f
+                        })
+                    }
                 }
             })
             .collect()
@@ -592,11 +628,13 @@ mod tests {
         (store, index, pack.id)
     }
 
-    /// A store whose first `bad` range answers have a byte flipped.
+    /// A store whose first `bad` range answers have a byte flipped; counts the bad bytes
+    /// it is told of.
     struct Flaky {
         inner: Arc<LocalStore>,
         bad: AtomicU32,
         retries: u32,
+        told: AtomicU32,
     }
 
     impl StoreRead for Flaky {
@@ -624,6 +662,11 @@ mod tests {
         }
         fn retries(&self) -> u32 {
             self.retries
+        }
+        fn bad_bytes(&self, rel: &str, _: u64, _: u64, why: &Error) {
+            assert!(rel.starts_with("packs/"));
+            assert_eq!(why.kind(), crate::ErrorKind::CorruptChunk);
+            self.told.fetch_add(1, Ordering::SeqCst);
         }
     }
 
@@ -740,18 +783,22 @@ mod tests {
             inner: store.clone(),
             bad: AtomicU32::new(2),
             retries: 2,
+            told: AtomicU32::new(0),
         });
         let f = PackFetcher::open(flaky.clone(), &index).unwrap();
         let got: Vec<Fetched> = f.fetch_ordered(all.clone()).map(|r| r.unwrap()).collect();
         assert_eq!(got.len(), 10);
-        // The coalesced answer was bad for one chunk; its refetch was bad once more.
+        // The coalesced answer was bad for one chunk; its refetch was bad once more. The
+        // store was told of each bad answer before it was asked again.
         assert_eq!(got.iter().map(|g| g.requests).sum::<u64>(), 3);
+        assert_eq!(flaky.told.load(Ordering::SeqCst), 2);
         // Without retries the error names the chunk, the pack and the offset.
         let f = PackFetcher::open(
             Arc::new(Flaky {
                 inner: store,
                 bad: AtomicU32::new(1),
                 retries: 0,
+                told: AtomicU32::new(0),
             }),
             &index,
         )
@@ -765,6 +812,55 @@ mod tests {
                 && msg.contains("offset"),
             "{msg}"
         );
+    }
+
+    /// A store that refuses every range request (as HTTP 401 does), counting them.
+    struct Refusing {
+        inner: Arc<LocalStore>,
+        asked: AtomicU32,
+    }
+
+    impl StoreRead for Refusing {
+        fn location(&self) -> String {
+            self.inner.location()
+        }
+        fn read_file(&self, rel: &str, limit: u64) -> Result<Option<Vec<u8>>> {
+            self.inner.read_file(rel, limit)
+        }
+        fn read_range(&self, rel: &str, _: u64, _: u64) -> Result<Vec<u8>> {
+            self.asked.fetch_add(1, Ordering::SeqCst);
+            let e = std::io::Error::new(std::io::ErrorKind::PermissionDenied, "HTTP 401");
+            Err(Error::io("fetching", rel, e))
+        }
+        fn file_size(&self, rel: &str) -> Result<Option<u64>> {
+            self.inner.file_size(rel)
+        }
+        fn list_packs(&self) -> Result<Vec<PackId>> {
+            self.inner.list_packs()
+        }
+        fn retries(&self) -> u32 {
+            5
+        }
+    }
+
+    /// A refusal is not asked again chunk by chunk: one request, every chunk failing
+    /// with it.
+    #[test]
+    fn a_refused_request_is_not_repeated_per_chunk() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, index, _) = fixture(dir.path(), 20);
+        let refusing = Arc::new(Refusing {
+            inner: store,
+            asked: AtomicU32::new(0),
+        });
+        let f = PackFetcher::open(refusing.clone(), &index).unwrap();
+        let errs: Vec<String> = f
+            .fetch_ordered(index.chunks().to_vec())
+            .map(|r| r.unwrap_err().to_string())
+            .collect();
+        assert_eq!(errs.len(), 20);
+        assert!(errs[1].contains("HTTP 401"), "{errs:?}");
+        assert_eq!(refusing.asked.load(Ordering::SeqCst), 1);
     }
 
     #[test]

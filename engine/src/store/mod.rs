@@ -141,6 +141,13 @@ pub trait StoreRead: Send + Sync {
         0
     }
 
+    /// Told by a fetcher that the `len` bytes at `offset` of `rel` that this store returned
+    /// failed verification (`why`), before it asks for them again: a store of mirrors
+    /// asks another mirror then, and says which one failed. Default: nothing.
+    fn bad_bytes(&self, rel: &str, offset: u64, len: u64, why: &crate::Error) {
+        let _ = (rel, offset, len, why);
+    }
+
     /// For writers: a cheap check that the frame at `offset` (`clen` bytes) of the pack
     /// `id` holds exactly `data`, when reading it costs little (the local store does it;
     /// the default trusts the pack's table of contents and answers `true`). `make` writes

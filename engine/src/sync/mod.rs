@@ -200,7 +200,9 @@ pub fn default_journal_path(target: &Path) -> PathBuf {
         .join(format!("{shown}-{tag}.tessera-journal"))
 }
 
-fn state_dir() -> PathBuf {
+/// tessera's state directory: `$TESSERA_STATE_DIR`, else `$XDG_STATE_HOME/tessera`, else
+/// `~/.local/state/tessera`, else `/var/lib/tessera`.
+pub fn state_dir() -> PathBuf {
     let env = |k: &str| {
         std::env::var_os(k)
             .filter(|v| !v.is_empty())
