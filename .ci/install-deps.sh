@@ -19,6 +19,8 @@ PACKAGES=(
   nbdkit         # NBD benchmark peer: nbdkit file
   fuse3          # NBD tests: fusermount3 for nbdfuse mounts
   strace         # durability tests: the order of fsync, rename and directory fsync
+  qemu-system-x86 # kernel VM test: boots a Debian kernel (software emulation)
+  busybox-static # kernel VM test: the guest's userland
 )
 
 missing=()
@@ -29,8 +31,44 @@ if ((${#missing[@]})); then
   echo "installing: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  # qemu-system-x86 and qemu-utils in one transaction at the same version: a newer
+  # (backported) qemu-utils breaks the distribution's qemu-system-common, so installing
+  # qemu-system-x86 alone would remove qemu-img.
+  if [[ " ${missing[*]} " == *" qemu-system-x86 "* ]]; then
+    v=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
+    pinned=("qemu-system-x86=$v" "qemu-utils=$v")
+    for p in "${missing[@]}"; do
+      [[ $p == qemu-system-x86 || $p == qemu-utils ]] || pinned+=("$p")
+    done
+    missing=("${pinned[@]}")
+  fi
+  apt-get install -y -qq --no-install-recommends --allow-downgrades "${missing[@]}"
 fi
+qemu-img --version >/dev/null
+
+# The kernel VM test (cli/tests/kernel_vm.rs) boots Debian's kernel: its package is
+# downloaded (not installed) and unpacked into $TESSERA_VM_CACHE/PACKAGE, and
+# $TESSERA_VM_CACHE/current links to it.
+vm_cache=${TESSERA_VM_CACHE:-/var/cache/tessera-vm}
+kernel_package() {
+  apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-/ {print $2; exit}'
+}
+kpkg=$(kernel_package)
+if [[ -z "$kpkg" ]]; then
+  apt-get update -qq
+  kpkg=$(kernel_package)
+fi
+[[ -n "$kpkg" ]] || { echo "no linux-image-*-amd64 package found behind linux-image-amd64" >&2; exit 1; }
+if [[ ! -d "$vm_cache/$kpkg" ]]; then
+  echo "downloading: $kpkg (for the kernel VM test, into $vm_cache)"
+  mkdir -p "$vm_cache"
+  tmp=$(mktemp -d "$vm_cache/.tmp-XXXXXX")
+  (cd "$tmp" && apt-get download -q "$kpkg" 2>&1 | grep -v 'unsandboxed' || true)
+  dpkg-deb -x "$tmp"/"$kpkg"_*.deb "$tmp/root"
+  mv "$tmp/root" "$vm_cache/$kpkg"
+  rm -rf "$tmp"
+fi
+ln -sfn "$kpkg" "$vm_cache/current"
 
 # moto's S3-compatible server (PyPI, pinned) for the S3 store tests.
 if ! python3 -c 'import moto.server, flask_cors' 2>/dev/null; then
