@@ -57,6 +57,7 @@ fn prerequisites() -> Option<(PathBuf, PathBuf)> {
         "nbdcopy",
         "sha256sum",
         "ldd",
+        "strip",
     ] {
         if skip_unless(which(tool).is_some(), tool) {
             return None;
@@ -271,8 +272,23 @@ fn copy_with_libraries(root: &Path, binary: &Path) {
     }
 }
 
-/// Builds the initramfs (an uncompressed newc cpio archive) in DIR/initramfs.cpio.
-fn initramfs(dir: &Path, modules: &Path, params: &str, extra: &[PathBuf]) -> PathBuf {
+/// Copies the directory `from` to `to`, recursively.
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        let dest = to.join(path.file_name().unwrap());
+        if path.is_dir() {
+            copy_tree(&path, &dest);
+        } else {
+            std::fs::copy(&path, &dest).unwrap();
+        }
+    }
+}
+
+/// Builds the initramfs (an uncompressed newc cpio archive) in DIR/initramfs.cpio, with
+/// the tessera binary under test (stripped) and `data` as /data.
+fn initramfs(dir: &Path, modules: &Path, params: &str, data: &Path) -> PathBuf {
     let root = dir.join("initramfs");
     for sub in ["bin", "sbin", "proc", "sys", "dev", "lib/modules"] {
         std::fs::create_dir_all(root.join(sub)).unwrap();
@@ -285,9 +301,14 @@ fn initramfs(dir: &Path, modules: &Path, params: &str, extra: &[PathBuf]) -> Pat
     for tool in ["nbd-client", "veritysetup"] {
         copy_with_libraries(&root, &which(tool).unwrap());
     }
-    for file in extra {
-        copy_with_libraries(&root, file);
-    }
+    let tessera = Path::new(env!("CARGO_BIN_EXE_tessera"));
+    copy_with_libraries(&root, tessera);
+    std::fs::remove_file(root.join(tessera.strip_prefix("/").unwrap())).unwrap();
+    sh(Command::new("strip")
+        .arg("-o")
+        .arg(root.join("bin/tessera"))
+        .arg(tessera));
+    copy_tree(data, &root.join("data"));
     let wanted = ["e1000", "nbd", "crc32c_generic", "ext4", "dm_verity"];
     let mut list = String::new();
     for ko in module_closure(modules, &wanted) {
@@ -402,6 +423,9 @@ fn boot(dir: &Path, kernel: &Path, initramfs: &Path) -> Report {
         std::fs::read_to_string(dir.join("qemu.err")).unwrap()
     );
     let report = Report::parse(console);
+    for (key, value) in &report.lines {
+        eprintln!("guest: {key} {value}");
+    }
     assert!(
         report.all("done").len() == 1,
         "the guest did not finish; console:\n{}",
@@ -498,10 +522,14 @@ fn the_kernel_attaches_mounts_and_verifies_tessera_exports() {
         ],
     );
     let params = format!(
-        "RO_PORT={}\nRW_PORT={}\nVERITY_ROOT={root}\nBAD_ROOT={bad_root}\nATTACH=0\n",
+        "RO_PORT={}\nRW_PORT={}\nVERITY_ROOT={root}\nBAD_ROOT={bad_root}\nATTACH=1\n",
         read_only.port, writable.port
     );
-    let initramfs = initramfs(dir, &modules, &params, &[]);
+    // For `tessera attach` in the guest: the index and its store.
+    let data = dir.join("data");
+    copy_tree(&store, &data.join("store"));
+    std::fs::copy(&index, data.join("fs.tidx")).unwrap();
+    let initramfs = initramfs(dir, &modules, &params, &data);
     let report = boot(dir, &kernel, &initramfs);
     read_only.stop();
     writable.stop();
@@ -571,4 +599,42 @@ fn the_kernel_attaches_mounts_and_verifies_tessera_exports() {
     assert!(stat.contains("File not found"), "{removed}: {stat}");
     sh(Command::new("e2fsck").args(["-f", "-n"]).arg(&view));
     assert_eq!(sha256(&image), image_sha, "the image changed");
+
+    // 5. `tessera attach` in the guest: the whole image over one connection and four,
+    // the busy device refused, detach and signals ending it with status 0, and the
+    // overlay's writes kept across attachments while --readonly refuses new ones.
+    for dev in ["attach1", "attach4"] {
+        assert_eq!(report.one("size", dev), image_len.to_string(), "{dev}");
+        assert_eq!(report.one("sha256", dev), image_sha, "{dev}");
+    }
+    let sockets = |n| report.one("sockets", n).parse::<i64>().unwrap();
+    assert_eq!(
+        sockets("four") - sockets("one"),
+        3,
+        "one socket pair per connection"
+    );
+    let busy = report.one("busy", "");
+    assert!(
+        busy.starts_with("rc=1") && busy.contains("/dev/nbd4") && busy.contains("busy"),
+        "{busy}"
+    );
+    for dev in ["nbd4 ", "nbd5 ", "nbd6 ", "nbd7 "] {
+        let exit = report.one("exit", dev);
+        assert!(exit.starts_with("0 "), "attach {dev}exited: {exit}");
+        assert!(exit.contains("detached /dev/"), "attach {dev}: {exit}");
+    }
+    let (before, after) = report.one("reattached", "").split_once(' ').unwrap();
+    assert_eq!(before.len(), 64, "nothing written through the overlay");
+    assert_eq!(
+        before, after,
+        "the overlay lost the file written before SIGTERM"
+    );
+    let readonly = report.one("readonly", "");
+    assert!(
+        !readonly.starts_with("rc=0")
+            && ["not permitted", "Permission denied", "Read-only"]
+                .iter()
+                .any(|m| readonly.contains(m)),
+        "{readonly}"
+    );
 }

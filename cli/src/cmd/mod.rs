@@ -1,5 +1,6 @@
 //! One module per subcommand: arguments in, one engine call, result out.
 
+mod attach;
 mod check;
 mod info;
 mod keygen;
@@ -30,6 +31,8 @@ pub enum Command {
     Keygen(keygen::Args),
     Sign(sign::Args),
     Verity(verity::Args),
+    Attach(attach::Args),
+    Detach(attach::DetachArgs),
 }
 
 /// Runs a subcommand; `Ok` carries the exit code.
@@ -45,5 +48,7 @@ pub fn run(command: Command, out: &Output) -> anyhow::Result<ExitCode> {
         Command::Keygen(args) => keygen::run(args, out),
         Command::Sign(args) => sign::run(args, out),
         Command::Verity(args) => verity::run(args, out),
+        Command::Attach(args) => attach::run(args, out),
+        Command::Detach(args) => attach::run_detach(args, out),
     }
 }
