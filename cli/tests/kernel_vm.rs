@@ -58,6 +58,7 @@ fn prerequisites() -> Option<(PathBuf, PathBuf)> {
         "sha256sum",
         "ldd",
         "strip",
+        "strace",
     ] {
         if skip_unless(which(tool).is_some(), tool) {
             return None;
@@ -298,7 +299,7 @@ fn initramfs(dir: &Path, modules: &Path, params: &str, data: &Path) -> PathBuf {
     for applet in applets.lines().filter(|a| *a != "busybox") {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
     }
-    for tool in ["nbd-client", "veritysetup"] {
+    for tool in ["nbd-client", "veritysetup", "strace"] {
         copy_with_libraries(&root, &which(tool).unwrap());
     }
     let tessera = Path::new(env!("CARGO_BIN_EXE_tessera"));
@@ -603,7 +604,7 @@ fn the_kernel_attaches_mounts_and_verifies_tessera_exports() {
     // 5. `tessera attach` in the guest: the whole image over one connection and four,
     // the busy device refused, detach and signals ending it with status 0, and the
     // overlay's writes kept across attachments while --readonly refuses new ones.
-    for dev in ["attach1", "attach4"] {
+    for dev in ["attach1", "attach4", "reconnect"] {
         assert_eq!(report.one("size", dev), image_len.to_string(), "{dev}");
         assert_eq!(report.one("sha256", dev), image_sha, "{dev}");
     }
@@ -618,7 +619,7 @@ fn the_kernel_attaches_mounts_and_verifies_tessera_exports() {
         busy.starts_with("rc=1") && busy.contains("/dev/nbd4") && busy.contains("busy"),
         "{busy}"
     );
-    for dev in ["nbd4 ", "nbd5 ", "nbd6 ", "nbd7 "] {
+    for dev in ["nbd4 ", "nbd5 ", "nbd6 ", "nbd7 ", "nbd8 "] {
         let exit = report.one("exit", dev);
         assert!(exit.starts_with("0 "), "attach {dev}exited: {exit}");
         assert!(exit.contains("detached /dev/"), "attach {dev}: {exit}");
@@ -628,6 +629,11 @@ fn the_kernel_attaches_mounts_and_verifies_tessera_exports() {
     assert_eq!(
         before, after,
         "the overlay lost the file written before SIGTERM"
+    );
+    let replaced: u32 = report.one("replaced", "").parse().unwrap();
+    assert_eq!(
+        replaced, 1,
+        "connections replaced after the injected failure"
     );
     let readonly = report.one("readonly", "");
     assert!(

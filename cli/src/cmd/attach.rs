@@ -168,6 +168,22 @@ async fn open_connection(
     Ok((OwnedFd::from(kernels), size, flags))
 }
 
+/// `NBD_CMD_RECONFIGURE` with `fd` in place of a dead connection. The kernel notices
+/// the old connection's end on its own (`ENOSPC`: no dead connection yet), so that is
+/// retried for up to 5 s.
+async fn reconfigure(nbd: &mut Nbd, number: u32, fd: &OwnedFd) -> anyhow::Result<()> {
+    let mut tries = 0;
+    loop {
+        match nbd.reconfigure(number, &[fd.as_raw_fd()]) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && tries < 50 => {
+                tries += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            r => return r.context("NBD_CMD_RECONFIGURE"),
+        }
+    }
+}
+
 pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
     let number = device_index(&args.device)?;
     let device = args.device.display().to_string();
@@ -257,13 +273,14 @@ pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
                             eprintln!("tessera attach: connection {n} failed: {e}; reconnecting");
                             let replaced = async {
                                 let (fd, _, _) = open_connection(&server, name, n, &tx).await?;
-                                nbd.reconfigure(number, &[fd.as_raw_fd()])
-                                    .context("NBD_CMD_RECONFIGURE")
+                                reconfigure(&mut nbd, number, &fd).await
                             }
                             .await;
                             if let Err(e) = replaced {
                                 eprintln!("tessera attach: connection {n} not replaced: {e:#}");
                                 live -= 1;
+                            } else {
+                                eprintln!("tessera attach: connection {n} replaced");
                             }
                         }
                     }

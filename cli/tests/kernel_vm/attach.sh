@@ -76,3 +76,25 @@ if wait_attached nbd7 $p7 && try "mount attach ro" mount -t ext4 -o ro /dev/nbd7
 fi
 kill -INT $p7
 finish nbd7 $p7
+say uptime overlay "$(cut -d' ' -f1 /proc/uptime)"
+
+# 5. Reconnection: strace makes one read of the in-process server's socket fail
+# (ECONNRESET, on the 20th recvfrom of a thread: the first few are the handshake's);
+# attach replaces the connection (NBD_CMD_RECONFIGURE) while the kernel holds its
+# requests, and the whole device still reads back right. With --seccomp-bpf only
+# recvfrom stops the process; one tokio worker thread makes it one failure (strace
+# counts per thread). The requests in flight on the failed connection are requeued by
+# the kernel when its request timer (30 s) finds the connection replaced: this part
+# takes about that long.
+TOKIO_WORKER_THREADS=1 strace -f --seccomp-bpf -qq -o /dev/null -e trace=recvfrom \
+  -e inject=recvfrom:error=ECONNRESET:when=20 \
+  tessera attach /data/fs.tidx --store /data/store /dev/nbd8 >/tmp/nbd8.log 2>&1 &
+p8=$!
+if wait_attached nbd8 $p8; then
+  measure reconnect /dev/nbd8
+  # The kernel's view, for the log: the failure, the new socket, the requeued requests.
+  dmesg | grep -i nbd8 | tail -8 | while read -r l; do say kmsg "$l"; done
+  say replaced "$(grep -c 'connection 0 replaced' /tmp/nbd8.log)"
+  try "tessera detach nbd8" tessera detach /dev/nbd8
+fi
+finish nbd8 $p8

@@ -40,9 +40,11 @@ ip addr add 10.0.2.15/24 dev eth0
 say boot "$(uname -r)"
 
 # size and SHA-256 of a whole block device
+# (and the guest's uptime, for the log)
 measure() {
   say size "$1" "$(blockdev --getsize64 "$2")"
   say sha256 "$1" "$(sha256sum "$2" | cut -d' ' -f1)"
+  say uptime "$1" "$(cut -d' ' -f1 /proc/uptime)"
 }
 
 # 1. Attach, one connection and four.
@@ -94,5 +96,6 @@ fi
 
 [ "$ATTACH" = 1 ] && . /attach.sh
 
+say uptime done "$(cut -d' ' -f1 /proc/uptime)"
 say done
 poweroff -f
