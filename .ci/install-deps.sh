@@ -46,33 +46,23 @@ if ((${#missing[@]})); then
 fi
 qemu-img --version >/dev/null
 
-# The kernel VM test (cli/tests/kernel_vm.rs) boots Debian's kernel: its package is
-# downloaded (not installed) and unpacked into $TESSERA_VM_CACHE/PACKAGE, and
-# $TESSERA_VM_CACHE/current links to it.
+# The kernel VM test (cli/tests/kernel_vm.rs) boots Debian's kernel: the package that
+# linux-image-amd64 currently names is downloaded (not installed) and unpacked into
+# $TESSERA_VM_CACHE/PACKAGE, and $TESSERA_VM_CACHE/current links to it. Done once; the
+# kernel then stays as it is.
 vm_cache=${TESSERA_VM_CACHE:-/var/cache/tessera-vm}
-kernel_package() {
-  apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-/ {print $2; exit}'
-}
-kpkg=$(kernel_package)
-if [[ -z "$kpkg" ]]; then
+if [[ ! -d "$vm_cache/current/boot" ]]; then
   apt-get update -qq
-  kpkg=$(kernel_package)
-fi
-[[ -n "$kpkg" ]] || { echo "no linux-image-*-amd64 package found behind linux-image-amd64" >&2; exit 1; }
-if [[ ! -d "$vm_cache/$kpkg" ]]; then
+  kpkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-/ {print $2; exit}')
+  [[ -n "$kpkg" ]] || { echo "no linux-image-*-amd64 package behind linux-image-amd64" >&2; exit 1; }
   echo "downloading: $kpkg (for the kernel VM test, into $vm_cache)"
   mkdir -p "$vm_cache"
   tmp=$(mktemp -d "$vm_cache/.tmp-XXXXXX")
+  # apt warns that it downloads as root outside its sandbox: expected here.
   (cd "$tmp" && apt-get download -q "$kpkg" 2>&1 | grep -v 'unsandboxed' || true)
   dpkg-deb -x "$tmp"/"$kpkg"_*.deb "$tmp/root"
+  rm -rf "${vm_cache:?}/$kpkg"
   mv "$tmp/root" "$vm_cache/$kpkg"
   rm -rf "$tmp"
-fi
-ln -sfn "$kpkg" "$vm_cache/current"
-
-# moto's S3-compatible server (PyPI, pinned) for the S3 store tests.
-if ! python3 -c 'import moto.server, flask_cors' 2>/dev/null; then
-  echo "installing: moto[server]==5.2.1 (PyPI)"
-  python3 -m pip install --quiet 'moto[server]==5.2.1' ||
-    python3 -m pip install --quiet --break-system-packages 'moto[server]==5.2.1'
+  ln -sfn "$kpkg" "$vm_cache/current"
 fi

@@ -616,7 +616,9 @@ fn the_kernel_attaches_mounts_and_verifies_tessera_exports() {
     );
     let busy = report.one("busy", "");
     assert!(
-        busy.starts_with("rc=1") && busy.contains("/dev/nbd4") && busy.contains("busy"),
+        busy.starts_with("rc=1")
+            && busy.contains("/dev/nbd4: the kernel refused NBD_CMD_CONNECT")
+            && busy.contains("in use"),
         "{busy}"
     );
     for dev in ["nbd4 ", "nbd5 ", "nbd6 ", "nbd7 ", "nbd8 "] {
@@ -634,6 +636,12 @@ fn the_kernel_attaches_mounts_and_verifies_tessera_exports() {
     assert_eq!(
         replaced, 1,
         "connections replaced after the injected failure"
+    );
+    let nodevice = report.one("nodevice", "");
+    assert!(
+        nodevice.starts_with("rc=1")
+            && nodevice.contains("/dev/nbd999: the kernel refused NBD_CMD_DISCONNECT"),
+        "{nodevice}"
     );
     let readonly = report.one("readonly", "");
     assert!(

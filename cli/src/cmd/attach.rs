@@ -217,7 +217,7 @@ pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(async {
+    let served = runtime.block_on(async {
         use tokio::signal::unix::{signal, SignalKind};
         let mut int = signal(SignalKind::interrupt()).context("handling SIGINT")?;
         let mut term = signal(SignalKind::terminate()).context("handling SIGTERM")?;
@@ -239,9 +239,8 @@ pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
             dead_conn_timeout_secs: DEAD_CONNECTION_SECS,
         };
         let raw: Vec<_> = fds.iter().map(|f| f.as_raw_fd()).collect();
-        nbd.connect(number, &config, &raw).with_context(|| {
-            format!("attaching {device} (NBD_CMD_CONNECT; EBUSY means it is in use)")
-        })?;
+        nbd.connect(number, &config, &raw)
+            .map_err(|e| refused(e, &device, "NBD_CMD_CONNECT"))?;
         // The kernel holds its own references to the sockets.
         drop(fds);
         out.line(format!(
@@ -290,14 +289,17 @@ pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
             // A signal: detach the device; the connections then end one by one.
             eprintln!("tessera attach: detaching {device}");
             nbd.disconnect(number)
-                .with_context(|| format!("detaching {device} (NBD_CMD_DISCONNECT)"))?;
+                .map_err(|e| refused(e, &device, "NBD_CMD_DISCONNECT"))?;
         }
         anyhow::Ok(())
-    })?;
-    backend
+    });
+    // The overlay is flushed however serving ended.
+    let flushed = backend
         .flush()
         .map_err(|e| anyhow::anyhow!(e.message))
-        .context("flushing the overlay")?;
+        .context("flushing the overlay");
+    served?;
+    flushed?;
     out.line(format!("detached {device}"));
     Ok(ExitCode::SUCCESS)
 }
@@ -308,9 +310,22 @@ pub fn run_detach(args: DetachArgs, out: &Output) -> anyhow::Result<ExitCode> {
     Nbd::open()
         .context("opening the kernel's NBD netlink interface")?
         .disconnect(number)
-        .with_context(|| format!("detaching {device} (NBD_CMD_DISCONNECT)"))?;
+        .map_err(|e| refused(e, &device.to_string(), "NBD_CMD_DISCONNECT"))?;
     out.line(format!("detached {device}"));
     Ok(ExitCode::SUCCESS)
+}
+
+/// The kernel's refusal of `command` for `device`, with what it usually means.
+fn refused(e: std::io::Error, device: &str, command: &str) -> anyhow::Error {
+    let hint = match e.raw_os_error() {
+        Some(libc::EBUSY) => " (the device is in use: attached already?)",
+        Some(libc::EPERM) => " (needs root: CAP_SYS_ADMIN)",
+        Some(libc::EINVAL) if command == "NBD_CMD_DISCONNECT" => {
+            " (no such device, or not attached)"
+        }
+        _ => "",
+    };
+    anyhow::anyhow!("{device}: the kernel refused {command}: {e}{hint}")
 }
 
 #[cfg(test)]

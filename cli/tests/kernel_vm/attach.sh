@@ -98,3 +98,7 @@ if wait_attached nbd8 $p8; then
   try "tessera detach nbd8" tessera detach /dev/nbd8
 fi
 finish nbd8 $p8
+
+# 6. Detaching a device that does not exist is an error naming it.
+out=$(tessera detach /dev/nbd999 2>&1)
+say nodevice "rc=$?" "$(echo "$out" | tr '\n' ' ')"
