@@ -256,9 +256,8 @@ fn copy_in(root: &Path, file: &Path) {
     std::fs::copy(file, &dest).unwrap_or_else(|e| panic!("copying {}: {e}", file.display()));
 }
 
-/// Copies the dynamically linked `binary` and the libraries `ldd` names for it.
-fn copy_with_libraries(root: &Path, binary: &Path) {
-    copy_in(root, binary);
+/// Copies the libraries `ldd` names for the dynamically linked `binary`.
+fn copy_libraries(root: &Path, binary: &Path) {
     for line in sh(Command::new("ldd").arg(binary)).lines() {
         let lib = match line.split_once("=>") {
             Some((_, right)) => right.split_whitespace().next(),
@@ -300,11 +299,12 @@ fn initramfs(dir: &Path, modules: &Path, params: &str, data: &Path) -> PathBuf {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
     }
     for tool in ["nbd-client", "veritysetup", "strace"] {
-        copy_with_libraries(&root, &which(tool).unwrap());
+        let path = which(tool).unwrap();
+        copy_in(&root, &path);
+        copy_libraries(&root, &path);
     }
     let tessera = Path::new(env!("CARGO_BIN_EXE_tessera"));
-    copy_with_libraries(&root, tessera);
-    std::fs::remove_file(root.join(tessera.strip_prefix("/").unwrap())).unwrap();
+    copy_libraries(&root, tessera);
     sh(Command::new("strip")
         .arg("-o")
         .arg(root.join("bin/tessera"))
