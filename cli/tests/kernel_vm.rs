@@ -1,9 +1,10 @@
 //! The Linux kernel's NBD client against `tessera serve`, for real: a Debian kernel boots
 //! under `qemu-system-x86_64` (software emulation) with a small initramfs (busybox,
-//! `nbd-client`, `veritysetup` and their libraries, the nbd, dm-verity and ext4 modules of
-//! the unpacked kernel package) and reaches the servers on the host through qemu's user
-//! networking. One boot runs every check (`kernel_vm/init.sh`) and prints what it saw on
-//! the serial console; this test compares that with the image.
+//! `nbd-client`, `veritysetup`, `strace`, the `tessera` under test and their libraries,
+//! the nbd, dm-verity and ext4 modules of the unpacked kernel package) and reaches the
+//! servers on the host through qemu's user networking, then runs `tessera attach` in the
+//! guest. One boot runs every check (`kernel_vm/init.sh`, `kernel_vm/attach.sh`) and
+//! prints what it saw on the serial console; this test compares that with the image.
 //!
 //! The kernel package is downloaded and unpacked by `.ci/install-deps.sh` into
 //! `$TESSERA_VM_CACHE` (default `/var/cache/tessera-vm`), `current/` naming it.
@@ -319,13 +320,9 @@ fn initramfs(dir: &Path, modules: &Path, params: &str, data: &Path) -> PathBuf {
     }
     std::fs::write(root.join("modules"), list).unwrap();
     std::fs::write(root.join("params"), params).unwrap();
-    for script in ["init.sh", "attach.sh"] {
-        let from = guest_file(script);
-        if from.exists() {
-            let name = if script == "init.sh" { "init" } else { script };
-            std::fs::copy(&from, root.join(name)).unwrap();
-            std::fs::set_permissions(root.join(name), Permissions::from_mode(0o755)).unwrap();
-        }
+    for (script, name) in [("init.sh", "init"), ("attach.sh", "attach.sh")] {
+        std::fs::copy(guest_file(script), root.join(name)).unwrap();
+        std::fs::set_permissions(root.join(name), Permissions::from_mode(0o755)).unwrap();
     }
     let cpio = dir.join("initramfs.cpio");
     sh(Command::new("sh").current_dir(&root).arg("-c").arg(format!(
@@ -523,7 +520,7 @@ fn the_kernel_attaches_mounts_and_verifies_tessera_exports() {
         ],
     );
     let params = format!(
-        "RO_PORT={}\nRW_PORT={}\nVERITY_ROOT={root}\nBAD_ROOT={bad_root}\nATTACH=1\n",
+        "RO_PORT={}\nRW_PORT={}\nVERITY_ROOT={root}\nBAD_ROOT={bad_root}\n",
         read_only.port, writable.port
     );
     // For `tessera attach` in the guest: the index and its store.

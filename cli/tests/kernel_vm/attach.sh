@@ -1,4 +1,4 @@
-# Sourced by init.sh when ATTACH=1: `tessera attach` (the host's binary, with its
+# Sourced by init.sh: `tessera attach` (the host's binary, with its
 # libraries) serving /data/fs.tidx from the local store /data/store in the guest, and
 # configuring the kernel's NBD devices through netlink. Reports `@@ KEY VALUE...` lines.
 

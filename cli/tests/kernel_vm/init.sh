@@ -1,13 +1,14 @@
 #!/bin/sh
 # PID 1 of the kernel VM test (cli/tests/kernel_vm.rs): a Debian kernel under qemu, with
-# busybox, nbd-client, veritysetup and their libraries in the initramfs. It attaches the
-# exports of the `tessera serve` processes on the host (10.0.2.2 through qemu's user
-# networking), runs every check once and prints the results on the serial console as
+# busybox, nbd-client, veritysetup, strace, tessera and their libraries in the
+# initramfs. It attaches the exports of the `tessera serve` processes on the host
+# (10.0.2.2 through qemu's user networking), then runs `tessera attach` (attach.sh),
+# each check once, and prints the results on the serial console as
 # lines `@@ KEY VALUE...`, which the test parses and compares with what it knows. It never
 # decides pass or fail itself: it reports what it saw. `@@ done` is the last line.
 #
 # /params (written by the test) sets: RO_PORT (exports `fs` and `tree`), RW_PORT (the
-# overlay export `rw`), VERITY_ROOT, BAD_ROOT, ATTACH (1 to run attach.sh too).
+# overlay export `rw`), VERITY_ROOT, BAD_ROOT.
 
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 mount -t proc proc /proc
@@ -94,7 +95,8 @@ if try "nbd-client rw" nbd-client -N rw 10.0.2.2 "$RW_PORT" /dev/nbd3 -b 4096; t
   try "nbd-client -d rw" nbd-client -d /dev/nbd3
 fi
 
-[ "$ATTACH" = 1 ] && . /attach.sh
+# 5. tessera attach, detach, reconnection.
+. /attach.sh
 
 say uptime done "$(cut -d' ' -f1 /proc/uptime)"
 say done
