@@ -1,5 +1,6 @@
 //! One module per subcommand: arguments in, one engine call, result out.
 
+mod attach;
 mod check;
 mod commit;
 mod import;
@@ -34,6 +35,8 @@ pub enum Command {
     Sign(sign::Args),
     Verity(verity::Args),
     Import(import::Args),
+    Attach(attach::Args),
+    Detach(attach::DetachArgs),
 }
 
 /// Runs a subcommand; `Ok` carries the exit code.
@@ -51,5 +54,7 @@ pub fn run(command: Command, out: &Output) -> anyhow::Result<ExitCode> {
         Command::Sign(args) => sign::run(args, out),
         Command::Verity(args) => verity::run(args, out),
         Command::Import(args) => import::run(args, out),
+        Command::Attach(args) => attach::run(args, out),
+        Command::Detach(args) => attach::run_detach(args, out),
     }
 }

@@ -202,11 +202,11 @@ fn parse_mode(s: &str) -> Result<u32, String> {
     Ok(mode)
 }
 
-/// An engine image (and optional overlay) as an NBD backend.
-struct ImageBackend {
-    reader: Arc<ImageReader>,
-    overlay: Option<Overlay>,
-    writable: bool,
+/// An engine image (and optional overlay) as an NBD backend (also `tessera attach`'s).
+pub(super) struct ImageBackend {
+    pub(super) reader: Arc<ImageReader>,
+    pub(super) overlay: Option<Overlay>,
+    pub(super) writable: bool,
 }
 
 fn backend_error(e: tessera_engine::Error) -> BackendError {
