@@ -1,11 +1,12 @@
 //! `tessera sync`: write an image into a file or block device, in place.
 
+use std::io::{BufWriter, IsTerminal};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::Context;
-use tessera_engine::sync::DEFAULT_SCRATCH_SIZE;
+use tessera_engine::sync::{sync_stream, DEFAULT_SCRATCH_SIZE};
 use tessera_engine::trust::{build_verity, VerityOptions, VerityReport};
 use tessera_engine::{Index, SeedSpec, SyncOptions, SyncReport};
 
@@ -25,11 +26,17 @@ use crate::trust_args::TrustArgs;
 /// A sync killed at any moment (including a power cut) is completed by running the same
 /// command again: it resumes from its journal. Success is reported only after every chunk
 /// of TARGET was hashed against the index.
+///
+/// TARGET `-` streams the image to stdout in order instead (for `ubiupdatevol`, flashers,
+/// handler chains): seeds are still used, every chunk is hashed before it is written, and
+/// the whole image's hash is checked at the end. A failure can come after part of the
+/// image was written: the consumer must keep what it received only if tessera exits 0
+/// (docs/INTEGRATION.md). The summary goes to stderr then.
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// The index of the image to write: a path or an http(s):// or s3:// URL.
     index: PathBuf,
-    /// File or block device to write.
+    /// File or block device to write, or `-` for stdout.
     target: PathBuf,
     #[command(flatten)]
     store: StoreArgs,
@@ -41,7 +48,7 @@ pub struct Args {
     /// the salt is the index's root hash).
     #[arg(long, value_name = "OUT")]
     verity_hash_file: Option<PathBuf>,
-    /// Print the result as JSON.
+    /// Print the result as JSON (on stderr when TARGET is `-`).
     #[arg(long)]
     json: bool,
 }
@@ -74,9 +81,9 @@ struct InPlaceArgs {
     #[arg(long, value_name = "PATH")]
     journal: Option<PathBuf>,
     /// Memory for breaking cycles of moves within TARGET (K, M, G suffixes); moves that
-    /// do not fit are fetched from the store instead.
-    #[arg(long, value_name = "BYTES", value_parser = parse_size, default_value_t = DEFAULT_SCRATCH_SIZE)]
-    scratch_size: u64,
+    /// do not fit are fetched from the store instead [default: 16M].
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    scratch_size: Option<u64>,
     /// Write into a block device even while it is mounted or claimed by the kernel
     /// (device-mapper, RAID, swap). Without it such a device is refused: a mounted file
     /// system keeps writing its own blocks (at the latest its superblock at unmount) over
@@ -108,7 +115,7 @@ impl InPlaceArgs {
             seeds,
             journal: self.journal.clone(),
             dry_run: self.dry_run,
-            scratch_size: self.scratch_size,
+            scratch_size: self.scratch_size.unwrap_or(DEFAULT_SCRATCH_SIZE),
             force: self.force,
             max_download: self.max_download,
             ..SyncOptions::default()
@@ -133,6 +140,9 @@ struct Json<'a> {
 }
 
 pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
+    if args.target.as_os_str() == "-" {
+        return run_stream(args, out);
+    }
     let index = args.trust.load(&args.store.fetch_index(&args.index)?)?;
     let store = args.store.chunks(args.store.open()?, &index)?;
     let opts = args.in_place.options()?;
@@ -195,5 +205,56 @@ pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
     if let Some(v) = &verity {
         out.line(format!("dm-verity root hash {}", v.verity_root_hash));
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `sync INDEX -`: the image to stdout, in order.
+fn run_stream(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
+    let p = &args.in_place;
+    for (flag, given) in [
+        ("--dry-run", p.dry_run),
+        ("--max-download", p.max_download.is_some()),
+        ("--journal", p.journal.is_some()),
+        ("--scratch-size", p.scratch_size.is_some()),
+        ("--force", p.force),
+        ("--verity-hash-file", args.verity_hash_file.is_some()),
+    ] {
+        anyhow::ensure!(
+            !given,
+            "{flag} does not apply to `sync INDEX -` (a stream to stdout: nothing to plan in \
+             place, resume or hash again)"
+        );
+    }
+    let stdout = std::io::stdout();
+    anyhow::ensure!(
+        !stdout.is_terminal(),
+        "refusing to write a binary image to a terminal: redirect stdout or pipe it"
+    );
+    let index = args.trust.load(&args.store.fetch_index(&args.index)?)?;
+    let store = args.store.chunks(args.store.open()?, &index)?;
+    let seeds = p.options()?.seeds;
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let started = Instant::now();
+    let mut sink = BufWriter::with_capacity(1 << 20, stdout.lock());
+    let report = sync_stream(&index, &mut sink, "stdout", &*store, &seeds, workers, out)
+        .context("streaming the image to stdout")?;
+    if args.json {
+        out.finish_progress();
+        eprintln!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let r = &report;
+    out.note(format!(
+        "stdout: {} written and verified in {:.2}s: {} from seeds, {} zero, {} fetched in {} \
+         chunks ({} downloaded in {} requests)",
+        human_bytes(r.image_size),
+        started.elapsed().as_secs_f64(),
+        human_bytes(r.bytes_from_seeds),
+        human_bytes(r.bytes_zero),
+        human_bytes(r.bytes_fetched),
+        r.chunks_fetched,
+        human_bytes(r.bytes_downloaded),
+        r.requests,
+    ));
     Ok(ExitCode::SUCCESS)
 }

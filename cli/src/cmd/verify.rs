@@ -15,7 +15,8 @@ use crate::trust_args::TrustArgs;
 pub struct Args {
     /// The index file.
     index: PathBuf,
-    /// File or block device to check.
+    /// File or block device to check, or `-` to read the image from stdin (read once, in
+    /// order, up to the image's size).
     target: PathBuf,
     #[command(flatten)]
     trust: TrustArgs,
@@ -33,7 +34,16 @@ struct Json<'a> {
 
 pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
     let index = args.trust.load_index(&args.index)?;
-    let report = tessera_engine::verify(&index, &args.target, out)?;
+    let report = if args.target.as_os_str() == "-" {
+        tessera_engine::verify_stream(&index, &mut std::io::stdin(), "stdin", out)?
+    } else {
+        tessera_engine::verify(&index, &args.target, out)?
+    };
+    let shown = if args.target.as_os_str() == "-" {
+        PathBuf::from("stdin")
+    } else {
+        args.target.clone()
+    };
     let ok = report.ok();
     if args.json {
         out.json(&Json {
@@ -43,12 +53,12 @@ pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
     } else if ok {
         out.line(format!(
             "{}: OK, {} chunks match {}",
-            args.target.display(),
+            shown.display(),
             report.chunk_count,
             args.index.display()
         ));
     }
-    match report.check(&args.target) {
+    match report.check(&shown) {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(mismatch) => {
             eprintln!("tessera: {mismatch} of {}", args.index.display());

@@ -25,6 +25,7 @@ mod journal;
 mod order;
 mod plan;
 mod seed;
+mod stream;
 mod target;
 
 use std::collections::{HashMap, HashSet};
@@ -40,6 +41,7 @@ pub use journal::{FileJournal, JournalIo, MemoryJournal};
 pub use plan::{
     plan, Holder, Holdings, InPlace, Location, Op, Phase, PlanTotals, Source, Stash, SyncPlan,
 };
+pub use stream::{sync_stream, StreamReport};
 pub use target::{open_target, OpenTarget};
 
 use self::fs::{is_io_kind, Fs, FsFile, RealFs};
@@ -461,6 +463,7 @@ pub fn sync_io(
         resume = r;
     }
     if let Some(r) = resume {
+        progress.resumed();
         let run = Run {
             phases: &r.phases,
             start: r.next_phase,
@@ -471,6 +474,7 @@ pub fn sync_io(
         return execute(index, &io, run, journal, store, progress);
     }
     let found = survey(index, &io, progress)?;
+    progress.start("planning", 0);
     let plan = plan(index, &found.holdings(), io.scratch_size);
     let run = Run {
         phases: &plan.phases,
