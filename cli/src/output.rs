@@ -44,6 +44,10 @@ impl Output {
         fd: Option<u32>,
         command: &str,
     ) -> anyhow::Result<Output> {
+        anyhow::ensure!(
+            fd.is_none() || mode == ProgressMode::Json,
+            "--progress-fd needs --progress json"
+        );
         let sink: Box<dyn Write + Send> = match fd {
             Some(0 | 1) => anyhow::bail!(
                 "--progress-fd {}: descriptors 0 and 1 are stdin and stdout (which carries \
@@ -62,10 +66,6 @@ impl Output {
                 Box::new(file)
             }
         };
-        anyhow::ensure!(
-            fd.is_none() || mode == ProgressMode::Json,
-            "--progress-fd needs --progress json"
-        );
         let events = (mode == ProgressMode::Json).then(|| Mutex::new(Events::new(sink, command)));
         Ok(Output {
             quiet,
@@ -275,16 +275,22 @@ impl Events {
         }
     }
 
+    /// The `done` event: its `phase_bytes_total` is what the last phase left undone (0
+    /// after a success), so `bytes_total` never shrinks.
     fn done(&mut self, exit_code: u8, error: Option<String>) {
         if self.step > 0 && self.dirty {
             self.emit(None, None);
         }
+        let undone = match self.phase_total {
+            UNKNOWN_TOTAL => 0,
+            total => total.saturating_sub(self.phase_done),
+        };
         self.run_base += self.phase_done;
         self.step += 1;
         self.phase = "done";
         self.task = "done".to_string();
         self.phase_done = 0;
-        self.phase_total = 0;
+        self.phase_total = undone;
         self.emit(Some(exit_code), error);
     }
 

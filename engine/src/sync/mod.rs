@@ -596,11 +596,22 @@ fn execute(
         verified,
     );
     let to_write = remaining.image_size - remaining.bytes_in_place;
-    progress.start("writing", to_write);
+    let written = |phases: &[Phase]| {
+        let t = plan::totals(index, phases);
+        t.image_size - t.bytes_in_place
+    };
+    if !resumed {
+        progress.start("writing", to_write);
+    }
     for p in start..phases.len() {
         if resumed && p == start {
+            // The interrupted phase's destinations are hashed first; what they hold
+            // already is not written again.
+            let planned = written(&phases[start..=start]);
+            progress.start("verifying", planned);
             let (phase, restash) = resume_phase(&exec, phases, start)?;
-            progress.start("writing", to_write);
+            let skipped = planned - written(std::slice::from_ref(&phase));
+            progress.start("writing", to_write - skipped);
             exec.run_phase(&phase, &restash)?;
         } else {
             exec.run_phase(&phases[p], &[])?;
