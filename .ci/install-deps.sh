@@ -19,6 +19,9 @@ PACKAGES=(
   nbdkit         # NBD benchmark peer: nbdkit file
   fuse3          # NBD tests: fusermount3 for nbdfuse mounts
   strace         # durability tests: the order of fsync, rename and directory fsync
+  man-db         # package test: man -w tessera-sync after dpkg -i
+  binutils       # package test: strip for the packaged binary
+  systemd        # package test: systemd-analyze verify of the example units
 )
 
 missing=()
@@ -30,6 +33,12 @@ if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# cargo-deb (crates.io) builds the Debian package in the package test.
+if ! command -v cargo-deb >/dev/null; then
+  echo "installing: cargo-deb (crates.io)"
+  cargo install --locked --quiet cargo-deb
 fi
 
 # moto's S3-compatible server (PyPI, pinned) for the S3 store tests.

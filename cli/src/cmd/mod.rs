@@ -1,6 +1,7 @@
 //! One module per subcommand: arguments in, one engine call, result out.
 
 mod check;
+mod generate;
 mod info;
 mod keygen;
 mod make;
@@ -30,6 +31,8 @@ pub enum Command {
     Keygen(keygen::Args),
     Sign(sign::Args),
     Verity(verity::Args),
+    #[command(hide = true)]
+    Generate(generate::Args),
 }
 
 /// Runs a subcommand; `Ok` carries the exit code.
@@ -45,5 +48,6 @@ pub fn run(command: Command, out: &Output) -> anyhow::Result<ExitCode> {
         Command::Keygen(args) => keygen::run(args, out),
         Command::Sign(args) => sign::run(args, out),
         Command::Verity(args) => verity::run(args, out),
+        Command::Generate(args) => generate::run(args, out),
     }
 }
