@@ -1,5 +1,6 @@
 //! `tessera make`: chunk an image into a store and write its index.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -74,6 +75,10 @@ pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
         opts.workers = n;
     }
     let stdin = args.source.as_os_str() == "-";
+    anyhow::ensure!(
+        !(stdin && std::io::stdin().is_terminal()),
+        "`make -` reads the image from stdin, which is a terminal: pipe the image in"
+    );
     anyhow::ensure!(
         !(stdin && args.verity.is_some()),
         "--verity needs the image again after chunking it: it cannot be used with `make -` \

@@ -1,5 +1,6 @@
 //! `tessera verify`: check that a target holds exactly an image.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -34,6 +35,10 @@ struct Json<'a> {
 
 pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
     let index = args.trust.load_index(&args.index)?;
+    anyhow::ensure!(
+        !(args.target.as_os_str() == "-" && std::io::stdin().is_terminal()),
+        "`verify INDEX -` reads the image from stdin, which is a terminal: pipe it in"
+    );
     let report = if args.target.as_os_str() == "-" {
         tessera_engine::verify_stream(&index, &mut std::io::stdin(), "stdin", out)?
     } else {
