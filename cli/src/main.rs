@@ -23,7 +23,11 @@ use clap::{CommandFactory, FromArgMatches, Parser};
     name = "tessera",
     version,
     propagate_version = true,
-    max_term_width = 100
+    max_term_width = 100,
+    after_long_help = "Exit status: 0 success; 1 the target does not hold the image (or another \
+                       failure); 2 usage; 3 retry later (network, store); 4 refused (untrusted \
+                       index, corrupt data); 5 broken (local I/O); 6 invalid request. See \
+                       docs/INTEGRATION.md."
 )]
 struct Cli {
     /// Print nothing but errors (and --json output).
