@@ -24,6 +24,9 @@ PACKAGES=(
   strace         # durability tests: the order of fsync, rename and directory fsync
   qemu-system-x86 # kernel VM test: boots a Debian kernel (software emulation)
   busybox-static # kernel VM test: the guest's userland
+  man-db         # package test: man -w tessera-sync after dpkg -i
+  binutils       # package test: strip for the packaged binary
+  systemd        # package test: systemd-analyze verify of the example units
 )
 
 missing=()
@@ -68,4 +71,17 @@ if [[ ! -d "$vm_cache/current/boot" ]]; then
   mv "$tmp/root" "$vm_cache/$kpkg"
   rm -rf "$tmp"
   ln -sfn "$kpkg" "$vm_cache/current"
+fi
+
+# cargo-deb (crates.io) builds the Debian package in the package test.
+if ! command -v cargo-deb >/dev/null; then
+  echo "installing: cargo-deb (crates.io)"
+  cargo install --locked --quiet cargo-deb
+fi
+
+# moto's S3-compatible server (PyPI, pinned) for the S3 store tests.
+if ! python3 -c 'import moto.server, flask_cors' 2>/dev/null; then
+  echo "installing: moto[server]==5.2.1 (PyPI)"
+  python3 -m pip install --quiet 'moto[server]==5.2.1' ||
+    python3 -m pip install --quiet --break-system-packages 'moto[server]==5.2.1'
 fi

@@ -119,12 +119,15 @@ impl TrustArgs {
             // answers 403 rather than 404, so every failure is reported as such.
             let bytes = match remote.fetch_signature() {
                 Ok(Some(bytes)) => bytes,
-                Ok(None) => anyhow::bail!(
-                    "{}: trusted keys are required but the signature {} is not on the server \
-                     (HTTP 404)",
-                    refusing(),
-                    remote.signature_url
-                ),
+                Ok(None) => {
+                    return Err(tessera_engine::Error::Untrusted(format!(
+                        "{}: trusted keys are required but the signature {} is not on the \
+                         server (HTTP 404)",
+                        refusing(),
+                        remote.signature_url
+                    ))
+                    .into())
+                }
                 Err(e) => {
                     return Err(anyhow::Error::from(e).context(format!(
                         "{}: trusted keys are required but the signature {} cannot be fetched",

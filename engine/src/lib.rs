@@ -64,8 +64,8 @@ pub use error::{Error, ErrorKind, Result};
 pub use fsutil::write_atomic;
 pub use id::{ChunkId, ParseIdError};
 pub use index::{ChunkEntry, Index};
-pub use make::{make, MakeOptions, MakeReport};
-pub use progress::{NoProgress, Progress};
+pub use make::{make, make_from, MakeOptions, MakeReport, MakeSource};
+pub use progress::{NoProgress, Progress, UNKNOWN_TOTAL};
 pub use reader::{ImageReader, Overlay, ReaderOptions, ReaderPool, ReaderStats};
 pub use store::{
     CacheOptions, CacheStore, ChunkStore, Estimate, FetchStream, Fetched, LocalStore, PackFetcher,
@@ -73,4 +73,4 @@ pub use store::{
 };
 pub use sync::{sync, sync_with, SeedSpec, SyncOptions, SyncPlan, SyncReport};
 pub use trust::{TrustPolicy, TrustReport, TrustedKey};
-pub use verify::{verify, verify_ok, VerifyReport};
+pub use verify::{verify, verify_ok, verify_stream, VerifyReport};

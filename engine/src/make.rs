@@ -21,7 +21,8 @@
 //! temporary name, then renamed) and no index naming them; the next `make` reuses them.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::Path;
+use std::io::Read;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use crossbeam_channel::{bounded, Sender};
@@ -35,7 +36,7 @@ use crate::index::{hex, Index, ZeroIds};
 use crate::pack::{
     parse_toc, toc_tail_len, Location, Locations, PackStream, PACK_TARGET, PACK_TRAILER,
 };
-use crate::progress::Progress;
+use crate::progress::{Progress, UNKNOWN_TOTAL};
 use crate::store::{locations_path, pack_path, PackId, StoreWrite};
 use crate::ChunkId;
 
@@ -157,20 +158,58 @@ pub fn make(
     opts: &MakeOptions,
     progress: &dyn Progress,
 ) -> Result<(Index, MakeReport)> {
-    let device = Device::open_read(source)?;
-    let image_size = device.size();
+    make_from(MakeSource::Path(source), store, index_out, opts, progress)
+}
+
+/// What [`make_from`] reads.
+pub enum MakeSource<'a> {
+    /// A file or block device, read up to the size it has when opened.
+    Path(&'a Path),
+    /// A stream (a pipe, stdin) read once, in order, to its end: never seeked, so its
+    /// size is known only at the end.
+    Stream {
+        /// The bytes.
+        reader: Box<dyn Read + Send + 'a>,
+        /// What it is, for messages (`stdin`).
+        name: PathBuf,
+    },
+}
+
+/// [`make`] from a file, a device or a stream.
+///
+/// # Errors
+/// As [`make`].
+pub fn make_from(
+    source: MakeSource<'_>,
+    store: &dyn StoreWrite,
+    index_out: &Path,
+    opts: &MakeOptions,
+    progress: &dyn Progress,
+) -> Result<(Index, MakeReport)> {
+    let device;
+    let (input, source, expected): (Box<dyn Read + Send + '_>, PathBuf, Option<u64>) = match source
+    {
+        MakeSource::Path(path) => {
+            device = Device::open_read(path)?;
+            let size = device.size();
+            // Read through a `Take` so a growing file never yields more than its size.
+            let input = Box::new(Read::take(device.file(), size));
+            (input, device.path().to_path_buf(), Some(size))
+        }
+        MakeSource::Stream { reader, name } => (reader, name, None),
+    };
     let known = known_chunks(store)?;
-    progress.start("chunking", image_size);
+    progress.start("chunking", expected.unwrap_or(UNKNOWN_TOTAL));
     let workers = opts.workers.max(1);
     let (cut_tx, cut_rx) = bounded::<Cut>(workers * 2);
     let (done_tx, done_rx) = bounded::<Result<Done>>(workers * 4);
     let claimed = Mutex::new(HashSet::<ChunkId>::new());
     let params = opts.params;
 
+    let source = source.as_path();
     let (image_hash, records, placed, mut report) = std::thread::scope(|s| -> Result<_> {
-        let reader = s.spawn(move || -> Result<[u8; 32]> {
-            // Read through a `Take` so a growing file never yields more than its size.
-            let mut chunker = Chunker::new(std::io::Read::take(device.file(), image_size), params);
+        let reader = s.spawn(move || -> Result<([u8; 32], u64)> {
+            let mut chunker = Chunker::new(input, params);
             let mut hasher = blake3::Hasher::new();
             let mut seq = 0u64;
             let mut read_total = 0u64;
@@ -180,7 +219,7 @@ pub fn make(
                         hasher.update(bytes);
                         read_total += bytes.len() as u64;
                     })
-                    .map_err(|e| Error::io("reading", device.path(), e))?;
+                    .map_err(|e| Error::io("reading", source, e))?;
                 let Some(raw) = next else { break };
                 if cut_tx
                     .send(Cut {
@@ -193,10 +232,10 @@ pub fn make(
                 }
                 seq += 1;
             }
-            if read_total != image_size {
+            if let Some(image_size) = expected.filter(|&size| size != read_total) {
                 return Err(Error::io(
                     "reading",
-                    device.path(),
+                    source,
                     std::io::Error::new(
                         std::io::ErrorKind::UnexpectedEof,
                         format!(
@@ -205,7 +244,7 @@ pub fn make(
                     ),
                 ));
             }
-            Ok(*hasher.finalize().as_bytes())
+            Ok((*hasher.finalize().as_bytes(), read_total))
         });
         for _ in 0..workers {
             let cut_rx = cut_rx.clone();
@@ -291,7 +330,7 @@ pub fn make(
         if let Some(e) = first_error {
             return Err(e);
         }
-        let image_hash = reader_result?;
+        let (image_hash, image_size) = reader_result?;
         if !pending.is_empty() {
             return Err(Error::InvalidInput(format!(
                 "make: {} chunks of {} were never placed in a pack",
@@ -524,6 +563,7 @@ fn process(
     let len = cut.data.len() as u32;
     let id = ChunkId::of(&cut.data);
     progress.advance(u64::from(len));
+    progress.chunks(1);
     let zero = zeros.get(len) == id;
     let mut claim = None;
     // One worker per distinct chunk: reuse it from a pack, or compress it.

@@ -70,6 +70,22 @@ pub(crate) fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
     })
 }
 
+/// `renameat2(2)` through its system call: musl before 1.2.5 has no wrapper for it, and
+/// the static musl build for devices must link.
+///
+/// # Safety
+/// As `renameat2(2)`: `old` and `new` are valid NUL-terminated strings, the descriptors
+/// are open directories or `AT_FDCWD`.
+unsafe fn renameat2(
+    olddirfd: libc::c_int,
+    old: *const libc::c_char,
+    newdirfd: libc::c_int,
+    new: *const libc::c_char,
+    flags: libc::c_uint,
+) -> libc::c_int {
+    libc::syscall(libc::SYS_renameat2, olddirfd, old, newdirfd, new, flags) as libc::c_int
+}
+
 /// `renameat2(from, to, RENAME_NOREPLACE)`.
 fn renameat2_noreplace(from: &Path, to: &Path) -> io::Result<()> {
     let cstr = |p: &Path| {
@@ -80,7 +96,7 @@ fn renameat2_noreplace(from: &Path, to: &Path) -> io::Result<()> {
     // SAFETY: both pointers are valid NUL-terminated strings that outlive the call;
     // AT_FDCWD makes relative paths relative to the working directory as usual.
     let rc = unsafe {
-        libc::renameat2(
+        renameat2(
             libc::AT_FDCWD,
             f.as_ptr(),
             libc::AT_FDCWD,
@@ -212,7 +228,7 @@ pub(crate) fn rename_between(
     // SAFETY: both pointers are valid NUL-terminated strings outliving the call; the dir
     // fds are owned by `from_dir` and `to_dir` and open for the whole call.
     let rc = unsafe {
-        libc::renameat2(
+        renameat2(
             from_dir.as_raw_fd(),
             f.as_ptr(),
             to_dir.as_raw_fd(),

@@ -58,6 +58,50 @@ impl VerifyReport {
     }
 }
 
+/// Checks that the stream `input` (a pipe, stdin) starts with the image of `index`: reads
+/// it once, in order, hashing each chunk against its id; bytes past the image are not
+/// read. `name` names the stream in messages.
+///
+/// # Errors
+/// [`Error::Io`] if the stream cannot be read; [`Error::VerifyFailed`] if it ends before
+/// the image does.
+pub fn verify_stream(
+    index: &Index,
+    input: &mut dyn std::io::Read,
+    name: &str,
+    progress: &dyn Progress,
+) -> Result<VerifyReport> {
+    progress.start("verifying", index.image_size());
+    let mut buf = Vec::new();
+    let (mut bad_chunks, mut first_bad_offset) = (0, None);
+    for c in index.chunks() {
+        buf.resize(c.len as usize, 0);
+        if let Err(e) = input.read_exact(&mut buf) {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                return Err(Error::VerifyFailed(format!(
+                    "{name} does not hold the image: it ends within the chunk at offset {} of \
+                     an image of {} bytes",
+                    c.offset,
+                    index.image_size()
+                )));
+            }
+            return Err(Error::io("reading", name, e));
+        }
+        if crate::ChunkId::of(&buf) != c.id {
+            bad_chunks += 1;
+            first_bad_offset.get_or_insert(c.offset);
+        }
+        progress.advance(u64::from(c.len));
+        progress.chunks(1);
+    }
+    Ok(VerifyReport {
+        image_size: index.image_size(),
+        chunk_count: index.chunks().len() as u64,
+        bad_chunks,
+        first_bad_offset,
+    })
+}
+
 /// Checks every chunk of `target` against `index`. Returns the report; use
 /// [`VerifyReport::check`] or [`verify_ok`] to turn a mismatch into an error.
 ///
@@ -217,6 +261,7 @@ pub fn check_chunks_with(
                 let c = &chunks[k as usize];
                 each(k, c, &buf, good)?;
                 progress.advance(u64::from(c.len));
+                progress.chunks(1);
                 if !good {
                     bad.push(Mismatch {
                         chunk: k,

@@ -1,5 +1,6 @@
 //! `tessera make`: chunk an image into a store and write its index.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -7,7 +8,7 @@ use std::time::Instant;
 use anyhow::Context;
 use tessera_engine::store::prune::MakeGuard;
 use tessera_engine::trust::{build_verity, VerityOptions, VerityReport};
-use tessera_engine::{ChunkerParams, MakeOptions};
+use tessera_engine::{ChunkerParams, MakeOptions, MakeSource};
 
 use crate::output::{human_bytes, Output};
 use crate::store_args::StoreArgs;
@@ -31,7 +32,8 @@ use crate::store_args::StoreArgs;
 /// for a running prune to end and runs again if that prune deleted a pack it reuses.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// The image: a file or a block device.
+    /// The image: a file, a block device, or `-` to read it from stdin (read once, in
+    /// order, to its end).
     source: PathBuf,
     /// Where chunks go: a directory (created if missing) or s3://BUCKET/PREFIX.
     #[command(flatten)]
@@ -72,6 +74,16 @@ pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
         anyhow::ensure!(n > 0, "--threads must be at least 1");
         opts.workers = n;
     }
+    let stdin = args.source.as_os_str() == "-";
+    anyhow::ensure!(
+        !(stdin && std::io::stdin().is_terminal()),
+        "`make -` reads the image from stdin, which is a terminal: pipe the image in"
+    );
+    anyhow::ensure!(
+        !(stdin && args.verity.is_some()),
+        "--verity needs the image again after chunking it: it cannot be used with `make -` \
+         (run `tessera verity` on the image where it lands)"
+    );
     let store = args.store.open_for_write()?;
     let dest = args.store.index_dest(&args.index)?;
     let started = Instant::now();
@@ -82,9 +94,24 @@ pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
     let (index, report) = loop {
         attempt += 1;
         guard.reset();
-        match tessera_engine::make(&args.source, &guard, dest.path(), &opts, out) {
+        let source = if stdin {
+            MakeSource::Stream {
+                reader: Box::new(std::io::stdin()),
+                name: PathBuf::from("stdin"),
+            }
+        } else {
+            MakeSource::Path(&args.source)
+        };
+        match tessera_engine::make_from(source, &guard, dest.path(), &opts, out) {
+            // stdin cannot be read twice: the race is reported instead.
+            Err(e) if stdin && guard.raced() => {
+                break Err(e).context(
+                    "a prune of the store deleted a pack this make reuses while it ran; \
+                     run it again",
+                )
+            }
             Err(_) if guard.raced() && attempt < 3 => continue,
-            r => break r,
+            r => break r.map_err(anyhow::Error::from),
         }
     }
     .with_context(|| format!("making an image of {}", args.source.display()))?;

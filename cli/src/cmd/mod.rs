@@ -4,6 +4,7 @@ mod attach;
 mod check;
 mod commit;
 mod import;
+mod generate;
 mod info;
 mod keygen;
 mod make;
@@ -37,6 +38,8 @@ pub enum Command {
     Import(import::Args),
     Attach(attach::Args),
     Detach(attach::DetachArgs),
+    #[command(hide = true)]
+    Generate(generate::Args),
 }
 
 /// Runs a subcommand; `Ok` carries the exit code.
@@ -56,5 +59,6 @@ pub fn run(command: Command, out: &Output) -> anyhow::Result<ExitCode> {
         Command::Import(args) => import::run(args, out),
         Command::Attach(args) => attach::run(args, out),
         Command::Detach(args) => attach::run_detach(args, out),
+        Command::Generate(args) => generate::run(args, out),
     }
 }

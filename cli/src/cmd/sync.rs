@@ -1,11 +1,12 @@
 //! `tessera sync`: write an image into a file or block device, in place.
 
+use std::io::{BufWriter, IsTerminal};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::Context;
-use tessera_engine::sync::DEFAULT_SCRATCH_SIZE;
+use tessera_engine::sync::{sync_stream, DEFAULT_SCRATCH_SIZE};
 use tessera_engine::trust::{build_verity, load_index, VerityOptions, VerityReport};
 use tessera_engine::{SeedSpec, SyncOptions, SyncReport, TrustPolicy};
 
@@ -26,13 +27,19 @@ use crate::trust_args::TrustArgs;
 /// A sync killed at any moment (including a power cut) is completed by running the same
 /// command again: it resumes from its journal. Success is reported only after every chunk
 /// of TARGET was hashed against the index.
+///
+/// TARGET `-` streams the image to stdout in order instead (for `ubiupdatevol`, flashers,
+/// handler chains): seeds are still used, every chunk is hashed before it is written, and
+/// the whole image's hash is checked at the end. A failure can come after part of the
+/// image was written: the consumer must keep what it received only if tessera exits 0
+/// (docs/INTEGRATION.md). The summary goes to stderr then.
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// The index of the image to write: a path or an http(s):// or s3:// URL. A casync
     /// .caibx is read too, with its casync store (.castr) as --store; its chunks are
     /// checked against its SHA-512/256 or SHA-256 ids (docs/CASYNC.md).
     index: PathBuf,
-    /// File or block device to write.
+    /// File or block device to write, or `-` for stdout.
     target: PathBuf,
     #[command(flatten)]
     store: StoreArgs,
@@ -44,7 +51,7 @@ pub struct Args {
     /// the salt is the index's root hash).
     #[arg(long, value_name = "OUT")]
     verity_hash_file: Option<PathBuf>,
-    /// Print the result as JSON.
+    /// Print the result as JSON (on stderr when TARGET is `-`).
     #[arg(long)]
     json: bool,
 }
@@ -77,9 +84,9 @@ struct InPlaceArgs {
     #[arg(long, value_name = "PATH")]
     journal: Option<PathBuf>,
     /// Memory for breaking cycles of moves within TARGET (K, M, G suffixes); moves that
-    /// do not fit are fetched from the store instead.
-    #[arg(long, value_name = "BYTES", value_parser = parse_size, default_value_t = DEFAULT_SCRATCH_SIZE)]
-    scratch_size: u64,
+    /// do not fit are fetched from the store instead [default: 16M].
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    scratch_size: Option<u64>,
     /// Scan TARGET and every --seed even when tessera remembers what they hold. By
     /// default, a verified sync records the index TARGET then holds in the state
     /// directory ($TESSERA_STATE_DIR or ~/.local/state/tessera, in seeds/), and a later
@@ -121,7 +128,7 @@ impl InPlaceArgs {
             seeds,
             journal: self.journal.clone(),
             dry_run: self.dry_run,
-            scratch_size: self.scratch_size,
+            scratch_size: self.scratch_size.unwrap_or(DEFAULT_SCRATCH_SIZE),
             force: self.force,
             max_download: self.max_download,
             ..SyncOptions::default()
@@ -175,6 +182,9 @@ struct Json<'a> {
 }
 
 pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
+    if args.target.as_os_str() == "-" {
+        return run_stream(args, out);
+    }
     let index = args.trust.load(&args.store.fetch_index(&args.index)?)?;
     let store = args.store.chunks(args.store.open()?, &index)?;
     let mut opts = args.in_place.options()?;
@@ -249,5 +259,56 @@ pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
     if let Some(v) = &verity {
         out.line(format!("dm-verity root hash {}", v.verity_root_hash));
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `sync INDEX -`: the image to stdout, in order.
+fn run_stream(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
+    let p = &args.in_place;
+    for (flag, given) in [
+        ("--dry-run", p.dry_run),
+        ("--max-download", p.max_download.is_some()),
+        ("--journal", p.journal.is_some()),
+        ("--scratch-size", p.scratch_size.is_some()),
+        ("--force", p.force),
+        ("--verity-hash-file", args.verity_hash_file.is_some()),
+    ] {
+        anyhow::ensure!(
+            !given,
+            "{flag} does not apply to `sync INDEX -` (a stream to stdout: nothing to plan in \
+             place, resume or hash again)"
+        );
+    }
+    let stdout = std::io::stdout();
+    anyhow::ensure!(
+        !stdout.is_terminal(),
+        "refusing to write a binary image to a terminal: redirect stdout or pipe it"
+    );
+    let index = args.trust.load(&args.store.fetch_index(&args.index)?)?;
+    let store = args.store.chunks(args.store.open()?, &index)?;
+    let seeds = p.options()?.seeds;
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let started = Instant::now();
+    let mut sink = BufWriter::with_capacity(1 << 20, stdout.lock());
+    let report = sync_stream(&index, &mut sink, "stdout", &*store, &seeds, workers, out)
+        .context("streaming the image to stdout")?;
+    if args.json {
+        out.finish_progress();
+        eprintln!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let r = &report;
+    out.note(format!(
+        "stdout: {} written and verified in {:.2}s: {} from seeds, {} zero, {} fetched in {} \
+         chunks ({} downloaded in {} requests)",
+        human_bytes(r.image_size),
+        started.elapsed().as_secs_f64(),
+        human_bytes(r.bytes_from_seeds),
+        human_bytes(r.bytes_zero),
+        human_bytes(r.bytes_fetched),
+        r.chunks_fetched,
+        human_bytes(r.bytes_downloaded),
+        r.requests,
+    ));
     Ok(ExitCode::SUCCESS)
 }

@@ -1,5 +1,6 @@
 //! `tessera verify`: check that a target holds exactly an image.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -15,7 +16,8 @@ use crate::trust_args::TrustArgs;
 pub struct Args {
     /// The index file: a tessera index or a casync .caibx (docs/CASYNC.md).
     index: PathBuf,
-    /// File or block device to check.
+    /// File or block device to check, or `-` to read the image from stdin (read once, in
+    /// order, up to the image's size).
     target: PathBuf,
     #[command(flatten)]
     trust: TrustArgs,
@@ -33,7 +35,20 @@ struct Json<'a> {
 
 pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
     let index = args.trust.load_index(&args.index)?;
-    let report = tessera_engine::verify(&index, &args.target, out)?;
+    anyhow::ensure!(
+        !(args.target.as_os_str() == "-" && std::io::stdin().is_terminal()),
+        "`verify INDEX -` reads the image from stdin, which is a terminal: pipe it in"
+    );
+    let report = if args.target.as_os_str() == "-" {
+        tessera_engine::verify_stream(&index, &mut std::io::stdin(), "stdin", out)?
+    } else {
+        tessera_engine::verify(&index, &args.target, out)?
+    };
+    let shown = if args.target.as_os_str() == "-" {
+        PathBuf::from("stdin")
+    } else {
+        args.target.clone()
+    };
     let ok = report.ok();
     if args.json {
         out.json(&Json {
@@ -43,12 +58,12 @@ pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
     } else if ok {
         out.line(format!(
             "{}: OK, {} chunks match {}",
-            args.target.display(),
+            shown.display(),
             report.chunk_count,
             args.index.display()
         ));
     }
-    match report.check(&args.target) {
+    match report.check(&shown) {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(mismatch) => {
             eprintln!("tessera: {mismatch} of {}", args.index.display());

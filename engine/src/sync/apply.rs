@@ -173,6 +173,7 @@ impl<'a> Executor<'a> {
         add(&self.counters.fetched, fetched.chunk.data().len() as u64);
         add(&self.counters.downloaded, fetched.downloaded);
         add(&self.counters.requests, fetched.requests);
+        self.progress.requests(fetched.requests);
         add(&self.counters.chunks_fetched, 1);
         fetched.chunk
     }
@@ -483,6 +484,7 @@ impl<'a> Executor<'a> {
         );
         add(&self.counters.written, len * n);
         self.progress.advance(len * n);
+        self.progress.chunks(n);
         Ok(())
     }
 }

@@ -25,6 +25,7 @@ mod journal;
 mod order;
 mod plan;
 mod seed;
+mod stream;
 mod target;
 
 use std::collections::{HashMap, HashSet};
@@ -40,6 +41,7 @@ pub use journal::{FileJournal, JournalIo, MemoryJournal};
 pub use plan::{
     plan, Holder, Holdings, InPlace, Location, Op, Phase, PlanTotals, Source, Stash, SyncPlan,
 };
+pub use stream::{sync_stream, StreamReport};
 pub use target::{open_target, OpenTarget};
 
 use self::fs::{is_io_kind, Fs, FsFile, RealFs};
@@ -463,6 +465,7 @@ pub fn sync_io(
         resume = r;
     }
     if let Some(r) = resume {
+        progress.resumed();
         let run = Run {
             phases: &r.phases,
             start: r.next_phase,
@@ -473,6 +476,7 @@ pub fn sync_io(
         return execute(index, &io, run, journal, store, progress);
     }
     let found = survey(index, &io, progress)?;
+    progress.start("planning", 0);
     let plan = plan(index, &found.holdings(), io.scratch_size);
     let run = Run {
         phases: &plan.phases,
@@ -594,11 +598,22 @@ fn execute(
         verified,
     );
     let to_write = remaining.image_size - remaining.bytes_in_place;
-    progress.start("writing", to_write);
+    let written = |phases: &[Phase]| {
+        let t = plan::totals(index, phases);
+        t.image_size - t.bytes_in_place
+    };
+    if !resumed {
+        progress.start("writing", to_write);
+    }
     for p in start..phases.len() {
         if resumed && p == start {
+            // The interrupted phase's destinations are hashed first; what they hold
+            // already is not written again.
+            let planned = written(&phases[start..=start]);
+            progress.start("verifying", planned);
             let (phase, restash) = resume_phase(&exec, phases, start)?;
-            progress.start("writing", to_write);
+            let skipped = planned - written(std::slice::from_ref(&phase));
+            progress.start("writing", to_write - skipped);
             exec.run_phase(&phase, &restash)?;
         } else {
             exec.run_phase(&phases[p], &[])?;
