@@ -466,7 +466,9 @@ impl Index {
         let mut records = Vec::with_capacity(raw.len());
         if version == FORMAT_VERSION_1 {
             records.extend(
-                raw.map(|(rec, len)| Record::Chunk(ChunkId(rec[..32].try_into().expect("32")), len)),
+                raw.map(|(rec, len)| {
+                    Record::Chunk(ChunkId(rec[..32].try_into().expect("32")), len)
+                }),
             );
         } else {
             let mut chunks = 0u64;
@@ -503,8 +505,7 @@ impl Index {
                             "zero run record {i} (at offset {at}) has a count of 0"
                         )));
                     }
-                    if matches!(records.last(), Some(Record::Zeros { len: l, .. }) if *l == len)
-                    {
+                    if matches!(records.last(), Some(Record::Zeros { len: l, .. }) if *l == len) {
                         return Err(bad(format!(
                             "zero run record {i} (at offset {at}) continues the run before it \
                              (same length {len}): runs must be written whole"
@@ -537,15 +538,13 @@ impl Index {
             format!("record at offset {}", record_at(r))
         };
         let mut zero_ids = ZeroIds::default();
-        let expanded = records
-            .iter()
-            .flat_map(|r| {
-                let (id, len, n) = match *r {
-                    Record::Chunk(id, len) => (id, len, 1),
-                    Record::Zeros { len, count } => (zero_ids.get(len), len, count),
-                };
-                std::iter::repeat_n((id, len), n as usize)
-            });
+        let expanded = records.iter().flat_map(|r| {
+            let (id, len, n) = match *r {
+                Record::Chunk(id, len) => (id, len, 1),
+                Record::Zeros { len, count } => (zero_ids.get(len), len, count),
+            };
+            std::iter::repeat_n((id, len), n as usize)
+        });
         let (chunks, offset) = entries(params, expanded, &mut zeros).map_err(|e| match e {
             Invalid::Length { position, len, .. } => bad(format!(
                 "chunk {position} ({}) has length {len}, outside 1..={} \
@@ -1013,14 +1012,21 @@ pub(crate) mod tests {
         let err = |bytes: Vec<u8>| Index::from_bytes(&bytes, "h.tidx").unwrap_err().to_string();
         // A zero chunk written as a chunk record: a second encoding of the same index.
         let e = err(raw_v2(p, 100, &[(zero, 100)]));
-        assert!(e.contains("h.tidx") && e.contains("record 0 (at offset 80)"), "{e}");
+        assert!(
+            e.contains("h.tidx") && e.contains("record 0 (at offset 80)"),
+            "{e}"
+        );
         assert!(e.contains("only as zero runs"), "{e}");
         // A run split in two.
         let e = err(raw_v2(p, 500, &[(run(2), flag), (run(3), flag)]));
         assert!(e.contains("record 1 (at offset 116)"), "{e}");
         assert!(e.contains("runs must be written whole"), "{e}");
         // Two runs of different lengths side by side are fine.
-        let ok = raw_v2(p, 399, &[(run(2), flag), (run(1), 100), (run(1), 99 | ZERO_RUN_FLAG)]);
+        let ok = raw_v2(
+            p,
+            399,
+            &[(run(2), flag), (run(1), 100), (run(1), 99 | ZERO_RUN_FLAG)],
+        );
         assert!(Index::from_bytes(&ok, "t").is_ok());
         // A count of 0, padding that is not zero, a length past the maximum or of 0.
         let e = err(raw_v2(p, 0, &[(run(0), flag)]));
@@ -1097,6 +1103,9 @@ pub(crate) mod tests {
         assert_eq!(sparse.finalize(), want);
         let mut empty = ImageHasher::default();
         empty.zeros(0);
-        assert_eq!(empty.finalize(), *blake3::hash(&0u64.to_le_bytes()).as_bytes());
+        assert_eq!(
+            empty.finalize(),
+            *blake3::hash(&0u64.to_le_bytes()).as_bytes()
+        );
     }
 }
