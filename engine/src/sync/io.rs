@@ -22,6 +22,11 @@ pub trait ReadAt: Send + Sync {
     /// # Errors
     /// [`Error::Io`] naming the device, including reads past the end.
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+    /// True when `[offset, offset + len)` is known to read as zeros without reading it
+    /// (a hole of a regular file). False when unknown.
+    fn is_hole(&self, _offset: u64, _len: u64) -> bool {
+        false
+    }
 }
 
 /// A device sync may write: positional writes, zeroing, and a durability barrier.
@@ -60,6 +65,9 @@ impl ReadAt for Device {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         Device::read_exact_at(self, buf, offset)
     }
+    fn is_hole(&self, offset: u64, len: u64) -> bool {
+        Device::is_hole(self, offset, len)
+    }
 }
 
 impl WriteAt for Device {
@@ -89,6 +97,9 @@ impl ReadAt for TargetRead<'_> {
     }
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.0.read_exact_at(buf, offset)
+    }
+    fn is_hole(&self, offset: u64, len: u64) -> bool {
+        self.0.is_hole(offset, len)
     }
 }
 
