@@ -204,16 +204,18 @@ impl Device {
         Ok(())
     }
 
-    /// True when `[offset, offset + len)` is wholly a hole of a regular file, known from
-    /// `SEEK_DATA` without reading it (reads of it return zeros). False when there is data
-    /// in it, on block devices, or when the file system cannot tell.
-    pub fn is_hole(&self, offset: u64, len: u64) -> bool {
-        self.kind == DeviceKind::File
-            && match crate::sys::seek_data(&self.file, offset) {
-                Ok(None) => true,
-                Ok(Some(data)) => data >= offset.saturating_add(len),
-                Err(_) => false,
-            }
+    /// Where the hole of a regular file that `offset` is in ends (`SEEK_DATA`): the bytes
+    /// from `offset` to there read as zeros. `offset` itself when there is data at
+    /// `offset`, on block devices, or when the file system cannot tell.
+    pub fn hole_end(&self, offset: u64) -> u64 {
+        if self.kind != DeviceKind::File {
+            return offset;
+        }
+        match crate::sys::seek_data(&self.file, offset) {
+            Ok(None) => self.size().max(offset),
+            Ok(Some(data)) => data.max(offset),
+            Err(_) => offset,
+        }
     }
 
     /// The image's bytes as [`Segments`](crate::chunker::Segments) for the chunker: holes

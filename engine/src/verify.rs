@@ -117,7 +117,7 @@ pub struct Mismatch {
 /// One thread reads the chunks in the order given (pass them sorted by offset, so a
 /// device streams) while `workers` threads hash them; zero chunks are compared with
 /// zeros instead of hashed, and a zero chunk that lies in a hole of the target
-/// ([`ReadAt::is_hole`]) is not read at all: holes cost a `SEEK_DATA` per chunk. Memory stays at a few chunks per worker. Progress advances
+/// ([`ReadAt::hole_end`]) is not read at all: a hole costs one `SEEK_DATA`. Memory stays at a few chunks per worker. Progress advances
 /// by each chunk's length.
 ///
 /// # Errors
@@ -163,19 +163,44 @@ pub fn check_chunks_with(
             .expect("the pool has room for its buffers");
     }
     let (read_tx, read_rx) = bounded::<(u64, u32, Vec<u8>)>(depth);
-    let (done_tx, done_rx) = bounded::<Result<(u64, u32, Vec<u8>, bool)>>(depth);
+    let (done_tx, done_rx) = bounded::<Result<(u64, Checked)>>(depth);
     // `move`: this thread's channel ends must drop when the closure returns (early on an
     // error too), so that the reader and the hashers stop before the scope joins them.
     std::thread::scope(move |s| {
         let reader_done = done_tx.clone();
         s.spawn(move || {
-            for (seq, k) in (0u64..).zip(positions) {
-                let Ok(mut buf) = pool_rx.recv() else { return };
-                let read = match chunks.get(k as usize) {
-                    Some(c) if c.zero && target.is_hole(c.offset, u64::from(c.len)) => {
-                        buf.clear();
-                        Ok(())
+            // Messages are numbered in order; zero chunks in a hole go in batches.
+            let mut seq = 0u64;
+            let mut holes: Vec<u32> = Vec::new();
+            // The last hole found, `(start, end)`: zero chunks inside it are not read.
+            let mut hole = (0u64, 0u64);
+            let flush = |holes: &mut Vec<u32>, seq: &mut u64| {
+                if holes.is_empty() {
+                    return true;
+                }
+                let batch = Checked::Holes(std::mem::take(holes));
+                *seq += 1;
+                reader_done.send(Ok((*seq - 1, batch))).is_ok()
+            };
+            for k in positions {
+                let c = chunks.get(k as usize);
+                if let Some(c) = c.filter(|c| c.zero) {
+                    if !(hole.0 <= c.offset && c.end() <= hole.1) {
+                        hole = (c.offset, target.hole_end(c.offset));
                     }
+                    if c.end() <= hole.1 {
+                        holes.push(k);
+                        if holes.len() == HOLE_BATCH && !flush(&mut holes, &mut seq) {
+                            return;
+                        }
+                        continue;
+                    }
+                }
+                if !flush(&mut holes, &mut seq) {
+                    return;
+                }
+                let Ok(mut buf) = pool_rx.recv() else { return };
+                let read = match c {
                     Some(c) => {
                         buf.resize(c.len as usize, 0);
                         target.read_exact_at(&mut buf, c.offset)
@@ -192,7 +217,9 @@ pub fn check_chunks_with(
                 if read_tx.send((seq, k, buf)).is_err() {
                     return;
                 }
+                seq += 1;
             }
+            flush(&mut holes, &mut seq);
         });
         for _ in 0..workers {
             let (read_rx, done_tx) = (read_rx.clone(), done_tx.clone());
@@ -200,12 +227,14 @@ pub fn check_chunks_with(
                 for (seq, k, buf) in read_rx {
                     let c = &chunks[k as usize];
                     let good = if c.zero {
-                        // Empty: a hole (see the reader).
                         crate::chunker::is_zero(&buf)
                     } else {
                         ChunkId::of(&buf) == c.id
                     };
-                    if done_tx.send(Ok((seq, k, buf, good))).is_err() {
+                    if done_tx
+                        .send(Ok((seq, Checked::Read(k, buf, good))))
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -216,26 +245,50 @@ pub fn check_chunks_with(
         let mut pending = BTreeMap::new();
         let mut next = 0u64;
         for done in &done_rx {
-            let (seq, k, buf, good) = done?;
-            pending.insert(seq, (k, buf, good));
-            while let Some((k, buf, good)) = pending.remove(&next) {
-                let c = &chunks[k as usize];
-                each(k, c, &buf, good)?;
-                progress.advance(u64::from(c.len));
-                if !good {
-                    bad.push(Mismatch {
-                        chunk: k,
-                        offset: c.offset,
-                        len: c.len,
-                        id: c.id,
-                    });
+            let (seq, checked) = done?;
+            pending.insert(seq, checked);
+            while let Some(checked) = pending.remove(&next) {
+                match checked {
+                    Checked::Read(k, buf, good) => {
+                        let c = &chunks[k as usize];
+                        each(k, c, &buf, good)?;
+                        progress.advance(u64::from(c.len));
+                        if !good {
+                            bad.push(Mismatch {
+                                chunk: k,
+                                offset: c.offset,
+                                len: c.len,
+                                id: c.id,
+                            });
+                        }
+                        let _ = pool_tx.send(buf);
+                    }
+                    Checked::Holes(ks) => {
+                        let mut len = 0;
+                        for k in ks {
+                            let c = &chunks[k as usize];
+                            each(k, c, &[], true)?;
+                            len += u64::from(c.len);
+                        }
+                        progress.advance(len);
+                    }
                 }
-                let _ = pool_tx.send(buf);
                 next += 1;
             }
         }
         Ok(bad)
     })
+}
+
+/// Zero chunks in a hole are handed over this many at a time.
+const HOLE_BATCH: usize = 4096;
+
+/// A message from the reader or a hasher to the in-order loop of [`check_chunks_with`].
+enum Checked {
+    /// A chunk read: its position, its bytes, whether they matched.
+    Read(u32, Vec<u8>, bool),
+    /// Zero chunks found in a hole of the target, not read: their positions.
+    Holes(Vec<u32>),
 }
 
 /// Runs [`verify`] and turns any mismatch into [`Error::VerifyFailed`].

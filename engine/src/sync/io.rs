@@ -22,10 +22,11 @@ pub trait ReadAt: Send + Sync {
     /// # Errors
     /// [`Error::Io`] naming the device, including reads past the end.
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
-    /// True when `[offset, offset + len)` is known to read as zeros without reading it
-    /// (a hole of a regular file). False when unknown.
-    fn is_hole(&self, _offset: u64, _len: u64) -> bool {
-        false
+    /// Where the hole that `offset` is in ends: bytes from `offset` up to the returned
+    /// offset are known to read as zeros without reading them (a hole of a regular file).
+    /// `offset` itself when there is data there or nothing is known.
+    fn hole_end(&self, offset: u64) -> u64 {
+        offset
     }
 }
 
@@ -65,8 +66,8 @@ impl ReadAt for Device {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         Device::read_exact_at(self, buf, offset)
     }
-    fn is_hole(&self, offset: u64, len: u64) -> bool {
-        Device::is_hole(self, offset, len)
+    fn hole_end(&self, offset: u64) -> u64 {
+        Device::hole_end(self, offset)
     }
 }
 
@@ -98,8 +99,8 @@ impl ReadAt for TargetRead<'_> {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.0.read_exact_at(buf, offset)
     }
-    fn is_hole(&self, offset: u64, len: u64) -> bool {
-        self.0.is_hole(offset, len)
+    fn hole_end(&self, offset: u64) -> u64 {
+        self.0.hole_end(offset)
     }
 }
 
