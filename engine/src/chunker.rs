@@ -575,11 +575,9 @@ mod tests {
             (9 << 20) + 4097,
         ];
         let mut data = vec![0u8; 200_003];
-        let mut seed = 10;
-        for &run in &runs {
+        for (seed, &run) in (10..).zip(runs.iter()) {
             data.extend(random(run % 150_000 + 1, seed));
             data.resize(data.len() + run, 0);
-            seed += 1;
         }
         let want = reference(&data, p);
         assert_eq!(cuts(&data, p), want, "written zeros");
