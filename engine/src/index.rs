@@ -190,6 +190,13 @@ impl ImageHasher {
     pub fn update(&mut self, mut bytes: &[u8]) {
         self.size += bytes.len() as u64;
         while !bytes.is_empty() {
+            if self.block.is_empty() && bytes.len() >= IMAGE_HASH_BLOCK {
+                // A whole block in place: hashed without a copy.
+                let (block, rest) = bytes.split_at(IMAGE_HASH_BLOCK);
+                self.outer.update(blake3::hash(block).as_bytes());
+                bytes = rest;
+                continue;
+            }
             let n = (IMAGE_HASH_BLOCK - self.block.len()).min(bytes.len());
             self.block.extend_from_slice(&bytes[..n]);
             bytes = &bytes[n..];
