@@ -155,11 +155,6 @@ impl Device {
         self.size.load(Ordering::Relaxed)
     }
 
-    /// The underlying file, for sequential reading.
-    pub fn file(&self) -> &File {
-        &self.file
-    }
-
     /// Reads exactly `buf.len()` bytes at `offset`.
     ///
     /// # Errors
