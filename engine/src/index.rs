@@ -479,6 +479,8 @@ impl Index {
             );
         } else {
             let mut chunks = 0u64;
+            // Bytes the records cover, checked against the header before any expansion.
+            let mut covered = 0u128;
             for (i, (rec, field)) in raw.enumerate() {
                 let len = field & !ZERO_RUN_FLAG;
                 let at = record_at(i);
@@ -527,7 +529,17 @@ impl Index {
                          the most this build holds"
                     )));
                 }
+                covered += match record {
+                    Record::Chunk(_, len) => u128::from(len),
+                    Record::Zeros { len, count } => u128::from(len) * u128::from(count),
+                };
                 records.push(record);
+            }
+            if covered != u128::from(image_size) {
+                return Err(bad(format!(
+                    "chunk lengths add up to {covered} bytes but the header says the image \
+                     has {image_size}"
+                )));
             }
         }
         // Chunk position where each record starts, to name records in errors.
