@@ -187,10 +187,7 @@ fn a_journal_owned_by_another_user_is_never_resumed() {
     assert!(journal.exists(), "the failed run left no journal");
     store.insert(id, held);
     // As another user's file, it is not resumed.
-    if skip_without_root(
-        std::os::unix::fs::chown(&journal, Some(65534), Some(65534)),
-        "changing a file's owner",
-    ) {
+    if skip_without_root(std::os::unix::fs::chown(&journal, Some(65534), Some(65534)), "changing a file's owner") {
         return;
     }
     let r = sync_with(
@@ -221,10 +218,7 @@ fn a_target_link_planted_by_another_user_in_a_shared_directory_is_refused() {
     fs::write(&victim, b"precious").unwrap();
     let target = shared.join("new.img");
     symlink(&victim, &target).unwrap();
-    if skip_without_root(
-        std::os::unix::fs::lchown(&target, Some(65534), Some(65534)),
-        "changing a link's owner",
-    ) {
+    if skip_without_root(std::os::unix::fs::lchown(&target, Some(65534), Some(65534)), "changing a link's owner") {
         return;
     }
     let err = sync_with(
