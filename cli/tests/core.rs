@@ -125,14 +125,20 @@ fn make_and_info_report_the_promised_fields() {
     }
     assert!(m.make["unique_chunks"].as_u64().unwrap() < m.make["chunk_count"].as_u64().unwrap());
     let info = json(&run_ok(&[&"info", &m.index, &"--json"]));
-    assert_eq!(info["format_version"], 1);
+    assert_eq!(info["format_version"], 2);
     assert_eq!(info["image_size"], 4_000_000);
     assert_eq!(info["chunk_count"], m.make["chunk_count"]);
     // The default chunk sizes, 4K:16K:64K.
     assert_eq!(info["chunker"]["min"], 4096);
     assert_eq!(info["chunker"]["avg"], 16384);
     assert_eq!(info["chunker"]["max"], 65536);
-    assert_eq!(info["image_hash"], blake3::hash(&img).to_hex().as_str());
+    // Format v2's image hash: BLAKE3 over the BLAKE3 of each 1 MiB block, then the size.
+    let mut blocks = blake3::Hasher::new();
+    for block in img.chunks(1 << 20) {
+        blocks.update(blake3::hash(block).as_bytes());
+    }
+    blocks.update(&(img.len() as u64).to_le_bytes());
+    assert_eq!(info["image_hash"], blocks.finalize().to_hex().as_str());
     let root = blake3::hash(&fs::read(&m.index).unwrap());
     assert_eq!(info["root_hash"], root.to_hex().as_str());
     assert_eq!(m.make["root_hash"], root.to_hex().as_str());

@@ -1,8 +1,11 @@
 //! Content-defined chunking with FastCDC (2020 variant, normalization level 1).
 //!
-//! [`Chunker`] streams any reader through a large buffer and yields owned chunks in order.
+//! [`Chunker`] streams an image through a large buffer and yields owned chunks in order.
 //! It avoids the per-chunk buffer shuffling of `fastcdc::v2020::StreamCDC` by cutting
 //! inside a multi-megabyte window and compacting only when fewer than `max` bytes remain.
+//! Its input is [`Segments`]: data and runs of zeros (holes of a file, zero blocks found
+//! by [`ZeroScan`]); chunks that lie wholly in zeros come out as one [`Piece::Zeros`]
+//! each run, without the zeros being read, cut or hashed.
 
 use std::io::{self, Read};
 
@@ -164,24 +167,196 @@ pub struct RawChunk {
     pub data: Vec<u8>,
 }
 
-/// Streams a reader into content-defined chunks, also feeding every byte to `on_bytes`
-/// (used to hash the whole image in the same pass).
-pub struct Chunker<R> {
-    source: R,
+/// What [`Chunker::next_piece`] yields: a chunk, or a run of equal chunks of zeros.
+#[derive(Debug)]
+pub enum Piece {
+    /// A chunk with its bytes (it may be all zeros: short zero stretches are cut as usual).
+    Chunk(RawChunk),
+    /// `count` chunks of `len` zero bytes each, from `offset`: the chunks a stream of
+    /// these zeros would give, without the zeros ever being in memory.
+    Zeros {
+        /// Offset of the first chunk in the image.
+        offset: u64,
+        /// Length of each chunk.
+        len: u32,
+        /// Number of chunks.
+        count: u64,
+    },
+}
+
+/// A piece of an image's byte stream, as [`Segments`] hands it over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Segment {
+    /// This many bytes were written to the start of the buffer (at least one).
+    Data(usize),
+    /// This many zero bytes come next (a hole, or zeros the source found).
+    Zeros(u64),
+    /// The stream has ended.
+    End,
+}
+
+/// An image's byte stream as data and runs of zeros: the seam between where the bytes
+/// come from (a file with holes, a block device, a pipe) and the chunker. Zero runs are
+/// a shortcut, never a different stream: the chunks are those of the same bytes read
+/// plainly.
+pub trait Segments {
+    /// The next piece of the stream; data goes to `buf` (which is never empty).
+    ///
+    /// # Errors
+    /// Read errors of the source.
+    fn next_segment(&mut self, buf: &mut [u8]) -> io::Result<Segment>;
+}
+
+impl<S: Segments + ?Sized> Segments for Box<S> {
+    fn next_segment(&mut self, buf: &mut [u8]) -> io::Result<Segment> {
+        (**self).next_segment(buf)
+    }
+}
+
+/// Where [`ZeroScan`] gets bytes from: data, or holes it knows of without reading.
+pub trait Source {
+    /// Fills the start of `buf` (returning [`Segment::Data`]), or reports a hole
+    /// ([`Segment::Zeros`]) or the end.
+    ///
+    /// # Errors
+    /// Read errors.
+    fn fill(&mut self, buf: &mut [u8]) -> io::Result<Segment>;
+}
+
+/// A plain reader as a [`Source`]: no holes (a pipe, standard input).
+pub struct Plain<R>(pub R);
+
+impl<R: Read> Source for Plain<R> {
+    fn fill(&mut self, buf: &mut [u8]) -> io::Result<Segment> {
+        loop {
+            match self.0.read(buf) {
+                Ok(0) => return Ok(Segment::End),
+                Ok(n) => return Ok(Segment::Data(n)),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Granularity of the zero scan: a block of this many zero bytes becomes a zero run.
+pub const SCAN_BLOCK: usize = 4096;
+/// Bytes [`ZeroScan`] reads at a time.
+const SCAN_WINDOW: usize = 1 << 20;
+
+/// [`Segments`] of a [`Source`]: holes pass through as zero runs, and the data read is
+/// scanned for all-zero blocks (allocated zeros, block devices) which become zero runs
+/// too, so that neither is chunked or hashed byte by byte.
+pub struct ZeroScan<S> {
+    source: S,
+    window: Vec<u8>,
+    pos: usize,
+    len: usize,
+}
+
+impl<S: Source> ZeroScan<S> {
+    /// A scan over `source`.
+    pub fn new(source: S) -> Self {
+        ZeroScan {
+            source,
+            window: vec![0; SCAN_WINDOW],
+            pos: 0,
+            len: 0,
+        }
+    }
+}
+
+/// True when `block` is all zeros (compared 16 bytes at a time).
+pub fn is_zero(block: &[u8]) -> bool {
+    let words = block.chunks_exact(16);
+    let tail = words.remainder();
+    words
+        .map(|w| u128::from_ne_bytes(w.try_into().expect("16 bytes")))
+        .all(|w| w == 0)
+        && tail.iter().all(|&b| b == 0)
+}
+
+impl<S: Source> Segments for ZeroScan<S> {
+    fn next_segment(&mut self, buf: &mut [u8]) -> io::Result<Segment> {
+        // Zeros across holes and windows add up to one run.
+        let mut zeros = 0u64;
+        loop {
+            if self.pos == self.len {
+                self.pos = 0;
+                self.len = 0;
+                match self.source.fill(&mut self.window)? {
+                    Segment::Data(n) => self.len = n,
+                    Segment::Zeros(n) => {
+                        zeros += n;
+                        continue;
+                    }
+                    Segment::End if zeros > 0 => return Ok(Segment::Zeros(zeros)),
+                    Segment::End => return Ok(Segment::End),
+                }
+            }
+            let n: usize = self.window[self.pos..self.len]
+                .chunks(SCAN_BLOCK)
+                .take_while(|b| is_zero(b))
+                .map(<[u8]>::len)
+                .sum();
+            zeros += n as u64;
+            self.pos += n;
+            if self.pos < self.len {
+                break;
+            }
+        }
+        if zeros > 0 {
+            return Ok(Segment::Zeros(zeros));
+        }
+        let rest = &self.window[self.pos..self.len];
+        let n: usize = rest
+            .chunks(SCAN_BLOCK)
+            .take_while(|b| !is_zero(b))
+            .map(<[u8]>::len)
+            .sum::<usize>()
+            .min(buf.len());
+        buf[..n].copy_from_slice(&rest[..n]);
+        self.pos += n;
+        Ok(Segment::Data(n))
+    }
+}
+
+/// What the chunker has taken in, for hashing the whole image in the same pass.
+#[derive(Debug)]
+pub enum Fed<'a> {
+    /// Bytes, in order.
+    Data(&'a [u8]),
+    /// This many zero bytes.
+    Zeros(u64),
+}
+
+/// Streams [`Segments`] into content-defined chunks, also reporting everything taken in
+/// to a callback (used to hash the whole image in the same pass).
+///
+/// Deterministic whatever the segments: a run of zeros yields [`Piece::Zeros`] for the
+/// chunks lying wholly in it, and those are exactly the chunks the zeros would give if
+/// read (a chunk's cut depends only on its first `max` bytes, so every chunk that starts
+/// at least `max` bytes before a run's end is a chunk of zeros of one fixed length).
+pub struct Chunker<S> {
+    source: S,
     params: ChunkerParams,
     buf: Vec<u8>,
     start: usize,
     end: usize,
     eof: bool,
     offset: u64,
+    /// Zeros that follow `buf[..end]` in the stream, not yet in the buffer.
+    pending: u64,
+    /// The length of a chunk cut from `max` zeros.
+    zero_cut: u32,
 }
 
 /// Size of the read window; large reads keep block devices and page cache streaming.
 const WINDOW: usize = 8 * 1024 * 1024;
 
-impl<R: Read> Chunker<R> {
+impl<S: Segments> Chunker<S> {
     /// A chunker over `source` with validated parameters.
-    pub fn new(source: R, params: ChunkerParams) -> Self {
+    pub fn new(source: S, params: ChunkerParams) -> Self {
         let cap = WINDOW.max(4 * params.max as usize);
         Chunker {
             source,
@@ -191,32 +366,68 @@ impl<R: Read> Chunker<R> {
             end: 0,
             eof: false,
             offset: 0,
+            pending: 0,
+            zero_cut: params.cut_len(&vec![0; params.max as usize]) as u32,
         }
     }
 
-    /// The next chunk, calling `on_bytes` with newly read bytes before cutting them.
+    /// Moves the unconsumed bytes to the start of the buffer.
+    fn compact(&mut self) {
+        self.buf.copy_within(self.start..self.end, 0);
+        self.end -= self.start;
+        self.start = 0;
+    }
+
+    /// The next piece, calling `fed` with what is newly taken in before cutting it.
     ///
     /// # Errors
     /// Any read error from the source.
-    pub fn next_chunk(&mut self, on_bytes: &mut dyn FnMut(&[u8])) -> io::Result<Option<RawChunk>> {
+    pub fn next_piece(&mut self, fed: &mut dyn FnMut(Fed<'_>)) -> io::Result<Option<Piece>> {
         let max = self.params.max as usize;
-        if self.end - self.start < max && !self.eof {
-            self.buf.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
-            self.start = 0;
-            while self.end < self.buf.len() {
-                match self.source.read(&mut self.buf[self.end..]) {
-                    Ok(0) => {
-                        self.eof = true;
-                        break;
-                    }
-                    Ok(n) => {
-                        on_bytes(&self.buf[self.end..self.end + n]);
-                        self.end += n;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(e),
+        loop {
+            let held = self.end - self.start;
+            if self.pending > 0
+                && held as u64 + self.pending >= max as u64
+                && is_zero(&self.buf[self.start..self.end])
+            {
+                // Every chunk that starts at least `max` bytes before the zeros end.
+                let zeros = held as u64 + self.pending;
+                let z = u64::from(self.zero_cut);
+                let count = (zeros - max as u64) / z + 1;
+                let taken = count * z;
+                let from_buf = taken.min(held as u64);
+                self.start += from_buf as usize;
+                self.pending -= taken - from_buf;
+                let offset = self.offset;
+                self.offset += taken;
+                return Ok(Some(Piece::Zeros {
+                    offset,
+                    len: self.zero_cut,
+                    count,
+                }));
+            }
+            if held >= max || (self.eof && self.pending == 0) {
+                break;
+            }
+            self.compact();
+            if self.pending > 0 {
+                // Zeros too few for a run of zero chunks (or after other bytes): as bytes.
+                let n = (max as u64 - held as u64).min(self.pending) as usize;
+                self.buf[self.end..self.end + n].fill(0);
+                self.end += n;
+                self.pending -= n as u64;
+                continue;
+            }
+            match self.source.next_segment(&mut self.buf[self.end..])? {
+                Segment::Data(n) => {
+                    fed(Fed::Data(&self.buf[self.end..self.end + n]));
+                    self.end += n;
                 }
+                Segment::Zeros(n) => {
+                    fed(Fed::Zeros(n));
+                    self.pending += n;
+                }
+                Segment::End => self.eof = true,
             }
         }
         if self.start == self.end {
@@ -230,7 +441,7 @@ impl<R: Read> Chunker<R> {
         };
         self.start += len;
         self.offset += len as u64;
-        Ok(Some(chunk))
+        Ok(Some(Piece::Chunk(chunk)))
     }
 }
 
@@ -277,26 +488,161 @@ mod tests {
         v
     }
 
-    fn cuts(data: &[u8], params: ChunkerParams) -> Vec<(u64, usize)> {
-        let mut c = Chunker::new(data, params);
+    /// Cuts of `source` with zero runs expanded, checking that what was fed adds up.
+    fn cuts_of(source: impl Segments, params: ChunkerParams, data: &[u8]) -> Vec<(u64, usize)> {
+        let mut c = Chunker::new(source, params);
         let mut out = vec![];
-        while let Some(ch) = c.next_chunk(&mut |_| {}).unwrap() {
-            out.push((ch.offset, ch.data.len()));
+        let mut fed = crate::index::ImageHasher::default();
+        while let Some(piece) = c
+            .next_piece(&mut |f| match f {
+                Fed::Data(d) => fed.update(d),
+                Fed::Zeros(n) => fed.zeros(n),
+            })
+            .unwrap()
+        {
+            match piece {
+                Piece::Chunk(ch) => {
+                    assert_eq!(ch.data, data[ch.offset as usize..][..ch.data.len()]);
+                    out.push((ch.offset, ch.data.len()));
+                }
+                Piece::Zeros { offset, len, count } => {
+                    assert!(count >= 1);
+                    for i in 0..count {
+                        let at = (offset + i * u64::from(len)) as usize;
+                        assert!(is_zero(&data[at..at + len as usize]));
+                        out.push((at as u64, len as usize));
+                    }
+                }
+            }
         }
+        let mut whole = crate::index::ImageHasher::default();
+        whole.update(data);
+        assert_eq!(fed.finalize(), whole.finalize(), "fed bytes differ");
         out
+    }
+
+    fn cuts(data: &[u8], params: ChunkerParams) -> Vec<(u64, usize)> {
+        cuts_of(ZeroScan::new(Plain(data)), params, data)
+    }
+
+    /// A file with holes: runs of zeros at least `hole` long are reported without their
+    /// bytes, in reads of at most `step` bytes.
+    struct Holey<'a> {
+        data: &'a [u8],
+        pos: usize,
+        hole: usize,
+        step: usize,
+    }
+
+    impl Source for Holey<'_> {
+        fn fill(&mut self, buf: &mut [u8]) -> io::Result<Segment> {
+            let rest = &self.data[self.pos..];
+            if rest.is_empty() {
+                return Ok(Segment::End);
+            }
+            let zeros = rest.iter().take_while(|&&b| b == 0).count();
+            if zeros >= self.hole {
+                self.pos += zeros;
+                return Ok(Segment::Zeros(zeros as u64));
+            }
+            let n = rest.len().min(buf.len()).min(self.step);
+            buf[..n].copy_from_slice(&rest[..n]);
+            self.pos += n;
+            Ok(Segment::Data(n))
+        }
+    }
+
+    fn reference(data: &[u8], p: ChunkerParams) -> Vec<(u64, usize)> {
+        fastcdc::v2020::StreamCDC::new(data, p.min, p.avg, p.max)
+            .map(|c| c.unwrap())
+            .map(|c| (c.offset, c.length))
+            .collect()
+    }
+
+    #[test]
+    fn holes_and_written_zeros_cut_like_plain_bytes() {
+        let p = ChunkerParams::new(4096, 16384, 65536).unwrap();
+        let max = p.max as usize;
+        let z = p.cut_len(&vec![0; max]);
+        // Zero runs of every awkward length: shorter than a chunk, around `max` and
+        // `max + z`, unaligned, long, at the start and at the end.
+        let runs = [
+            0,
+            100,
+            4095,
+            max - 1,
+            max,
+            max + 1,
+            max + z - 1,
+            max + z,
+            max + z + 1,
+            3 * max + 17,
+            5 << 20,
+            (9 << 20) + 4097,
+        ];
+        let mut data = vec![0u8; 200_003];
+        for (seed, &run) in (10..).zip(runs.iter()) {
+            data.extend(random(run % 150_000 + 1, seed));
+            data.resize(data.len() + run, 0);
+        }
+        let want = reference(&data, p);
+        assert_eq!(cuts(&data, p), want, "written zeros");
+        for (hole, step) in [
+            (1, 1 << 20),
+            (4096, 7777),
+            (max, 1 << 20),
+            (1 << 20, 100_000),
+        ] {
+            let holey = Holey {
+                data: &data,
+                pos: 0,
+                hole,
+                step,
+            };
+            assert_eq!(
+                cuts_of(ZeroScan::new(holey), p, &data),
+                want,
+                "holes of {hole}+ bytes, reads of {step}"
+            );
+        }
+        // An image that is one hole, and one ending in a short hole.
+        let empty = vec![0u8; (3 << 20) + 5];
+        let holey = Holey {
+            data: &empty,
+            pos: 0,
+            hole: 1,
+            step: 1,
+        };
+        assert_eq!(
+            cuts_of(ZeroScan::new(holey), p, &empty),
+            reference(&empty, p)
+        );
+    }
+
+    #[test]
+    fn long_zero_runs_come_out_as_one_piece() {
+        let p = ChunkerParams::default();
+        let mut data = random(100_000, 3);
+        data.resize(100_000 + (64 << 20), 0);
+        data.extend(random(10, 4));
+        let mut c = Chunker::new(ZeroScan::new(Plain(&data[..])), p);
+        let mut pieces = 0;
+        let mut zero_chunks = 0;
+        while let Some(piece) = c.next_piece(&mut |_| {}).unwrap() {
+            pieces += 1;
+            if let Piece::Zeros { count, .. } = piece {
+                zero_chunks += count;
+            }
+        }
+        assert!(zero_chunks > 1000, "{zero_chunks}");
+        assert!(pieces < 30, "{pieces} pieces");
     }
 
     #[test]
     fn matches_fastcdc_stream_reference() {
         let data = random(3 * 1024 * 1024 + 17, 1);
         let p = ChunkerParams::new(4096, 16384, 65536).unwrap();
-        let ours = cuts(&data, p);
-        let reference: Vec<(u64, usize)> =
-            fastcdc::v2020::StreamCDC::new(&data[..], p.min, p.avg, p.max)
-                .map(|c| c.unwrap())
-                .map(|c| (c.offset, c.length))
-                .collect();
-        assert_eq!(ours, reference);
+        assert_eq!(cuts(&data, p), reference(&data, p));
     }
 
     #[test]

@@ -22,6 +22,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::chunk::compress;
+use crate::digest::ChunkDigest;
 use crate::error::{Error, Result};
 use crate::index::{hex, Index, ZeroIds};
 use crate::pack::{Location, Locations, PackStream, PACK_TARGET};
@@ -77,6 +78,14 @@ pub fn commit(
             "commit: the image read is index {}, not the base index {}",
             hex(&image.index().root_hash()),
             hex(&base.root_hash())
+        )));
+    }
+    if base.digest() != ChunkDigest::Blake3 {
+        return Err(Error::InvalidInput(format!(
+            "commit: the base index {} names its chunks by {} (a casync index): import it \
+             first (tessera import) and serve the imported index",
+            hex(&base.root_hash()),
+            base.digest()
         )));
     }
     let size = base.image_size();

@@ -10,8 +10,64 @@ use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::chunker::{Segment, Source, ZeroScan};
 use crate::error::{Error, Result};
 use crate::sync::fs::FsFile;
+
+/// The first `size` bytes of a file as data extents and holes (a [`Source`]): holes found
+/// with `SEEK_DATA`/`SEEK_HOLE` are reported without being read; block devices and file
+/// systems that cannot tell are all data.
+pub struct Extents<'a> {
+    file: &'a File,
+    pos: u64,
+    size: u64,
+    /// End of the data extent `pos` is in (when `pos < data_end`).
+    data_end: u64,
+    seek: bool,
+}
+
+impl Source for Extents<'_> {
+    fn fill(&mut self, buf: &mut [u8]) -> std::io::Result<Segment> {
+        if self.pos >= self.size {
+            return Ok(Segment::End);
+        }
+        if self.pos >= self.data_end {
+            if self.seek {
+                match crate::sys::seek_data(self.file, self.pos) {
+                    Ok(data) => {
+                        let data = data.unwrap_or(self.size).min(self.size);
+                        if data > self.pos {
+                            let hole = data - self.pos;
+                            self.pos = data;
+                            return Ok(Segment::Zeros(hole));
+                        }
+                        self.data_end = crate::sys::seek_hole(self.file, self.pos)?
+                            .unwrap_or(self.size)
+                            .min(self.size);
+                    }
+                    // No hole tracking (or not a seekable file): all data.
+                    Err(_) => self.seek = false,
+                }
+            }
+            if !self.seek || self.data_end <= self.pos {
+                self.data_end = self.size;
+            }
+        }
+        let want = (self.data_end - self.pos).min(buf.len() as u64) as usize;
+        loop {
+            match self.file.read_at(&mut buf[..want], self.pos) {
+                // The file shrank: the caller sees the stream end early.
+                Ok(0) => return Ok(Segment::End),
+                Ok(n) => {
+                    self.pos += n as u64;
+                    return Ok(Segment::Data(n));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
 
 /// Whether a device is a regular file or a block device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,11 +155,6 @@ impl Device {
         self.size.load(Ordering::Relaxed)
     }
 
-    /// The underlying file, for sequential reading.
-    pub fn file(&self) -> &File {
-        &self.file
-    }
-
     /// Reads exactly `buf.len()` bytes at `offset`.
     ///
     /// # Errors
@@ -124,14 +175,18 @@ impl Device {
             .map_err(|e| Error::io("writing", &self.path, e))
     }
 
-    /// Makes `[offset, offset + len)` read as zeros: a hole on a regular file (falling
-    /// back to writing zeros where holes are unsupported), zeros on a block device.
+    /// Makes `[offset, offset + len)` read as zeros: a hole on a regular file, a zeroed
+    /// range on a block device (`FALLOC_FL_ZERO_RANGE`: write-zeroes or discard, no data
+    /// sent), falling back to writing zeros where neither is supported.
     ///
     /// # Errors
     /// [`Error::Io`] naming the path.
     pub fn write_zeros(&self, offset: u64, len: u64) -> Result<()> {
-        if self.kind == DeviceKind::File && crate::sys::punch_hole(&self.file, offset, len).is_ok()
-        {
+        let quick = match self.kind {
+            DeviceKind::File => crate::sys::punch_hole(&self.file, offset, len),
+            DeviceKind::BlockDevice => crate::sys::zero_range(&self.file, offset, len),
+        };
+        if quick.is_ok() {
             return Ok(());
         }
         static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
@@ -142,6 +197,33 @@ impl Device {
             done += n as u64;
         }
         Ok(())
+    }
+
+    /// Where the hole of a regular file that `offset` is in ends (`SEEK_DATA`): the bytes
+    /// from `offset` to there read as zeros. `offset` itself when there is data at
+    /// `offset`, on block devices, or when the file system cannot tell.
+    pub fn hole_end(&self, offset: u64) -> u64 {
+        if self.kind != DeviceKind::File {
+            return offset;
+        }
+        match crate::sys::seek_data(&self.file, offset) {
+            Ok(None) => self.size().max(offset),
+            Ok(Some(data)) => data.max(offset),
+            Err(_) => offset,
+        }
+    }
+
+    /// The image's bytes as [`Segments`](crate::chunker::Segments) for the chunker: holes
+    /// of a file (`SEEK_DATA`/`SEEK_HOLE`) are skipped without reading, and zero blocks
+    /// in the data read (allocated zeros, block devices) are found by a scan.
+    pub fn segments(&self, size: u64) -> ZeroScan<Extents<'_>> {
+        ZeroScan::new(Extents {
+            file: &self.file,
+            pos: 0,
+            size,
+            data_end: 0,
+            seek: self.kind == DeviceKind::File,
+        })
     }
 
     /// Flushes written data to stable storage.

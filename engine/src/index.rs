@@ -1,5 +1,6 @@
-//! The index: the ordered list of chunks that rebuilds an image (format v1, see
-//! `docs/FORMAT.md`).
+//! The index: the ordered list of chunks that rebuilds an image (formats v1 and v2, see
+//! `docs/FORMAT.md`). Version 2 stores each run of equal-length zero chunks as one record,
+//! so the index of a mostly-empty disk stays as small as the index of its data.
 //!
 //! Parsing treats every byte as hostile: lengths are checked against the real size of the
 //! input before anything is allocated from them, and the trailing checksum must match.
@@ -19,12 +20,22 @@ use crate::ChunkId;
 
 /// The first 8 bytes of every index file.
 pub const MAGIC: [u8; 8] = *b"TESSIDX\0";
-/// The only format version this build reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this build writes (it also reads [`FORMAT_VERSION_1`]).
+pub const FORMAT_VERSION: u32 = 2;
+/// The first format: one record per chunk, and the image hash is BLAKE3 of the image.
+pub const FORMAT_VERSION_1: u32 = 1;
 /// Bytes before the first chunk record.
 pub const HEADER_LEN: usize = 80;
-/// Bytes per chunk record: 32-byte id + little-endian u32 length.
+/// Bytes per record: 32-byte id + little-endian u32 length (v2: or a zero run, below).
 pub const RECORD_LEN: usize = 36;
+/// Bit 31 of a v2 record's length field: the record is a run of zero chunks, its first 8
+/// bytes the number of chunks and the next 24 zero.
+pub const ZERO_RUN_FLAG: u32 = 1 << 31;
+/// The most chunks (zero runs counted chunk by chunk) an index may hold: the engine keeps
+/// one entry per chunk in memory (48 bytes), so a v2 index of a few hundred bytes could
+/// otherwise claim more chunks than memory holds. 2^25 chunks is 2 TiB of 64 KiB chunks;
+/// larger images take larger chunk sizes.
+pub const MAX_CHUNKS: u64 = 1 << 25;
 /// Bytes of the trailing BLAKE3 checksum.
 pub const TRAILER_LEN: usize = 32;
 
@@ -51,6 +62,7 @@ impl ChunkEntry {
 /// A parsed (or freshly built) index.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Index {
+    version: u32,
     params: ChunkerParams,
     image_size: u64,
     image_hash: [u8; 32],
@@ -149,31 +161,134 @@ impl ZeroIds {
     }
 }
 
+/// Bytes per block of the v2 image hash (see [`ImageHasher`]).
+pub const IMAGE_HASH_BLOCK: usize = 1 << 20;
+
+/// The image hash of a v2 index: BLAKE3 over the BLAKE3 of each 1 MiB block of the image
+/// (the last one may be shorter), followed by the image size as a little-endian u64.
+///
+/// Unlike BLAKE3 of the whole image (the v1 image hash), a block of zeros hashes to the
+/// same value wherever it is, so a hole costs one 32-byte update per MiB instead of
+/// hashing its zeros: [`ImageHasher::zeros`].
+pub struct ImageHasher {
+    outer: blake3::Hasher,
+    block: Vec<u8>,
+    size: u64,
+    zero_block: Option<[u8; 32]>,
+}
+
+impl Default for ImageHasher {
+    fn default() -> Self {
+        ImageHasher {
+            outer: blake3::Hasher::new(),
+            block: Vec::with_capacity(IMAGE_HASH_BLOCK),
+            size: 0,
+            zero_block: None,
+        }
+    }
+}
+
+impl ImageHasher {
+    /// Feeds the next bytes of the image.
+    pub fn update(&mut self, mut bytes: &[u8]) {
+        self.size += bytes.len() as u64;
+        while !bytes.is_empty() {
+            if self.block.is_empty() && bytes.len() >= IMAGE_HASH_BLOCK {
+                // A whole block in place: hashed without a copy.
+                let (block, rest) = bytes.split_at(IMAGE_HASH_BLOCK);
+                self.outer.update(blake3::hash(block).as_bytes());
+                bytes = rest;
+                continue;
+            }
+            let n = (IMAGE_HASH_BLOCK - self.block.len()).min(bytes.len());
+            self.block.extend_from_slice(&bytes[..n]);
+            bytes = &bytes[n..];
+            if self.block.len() == IMAGE_HASH_BLOCK {
+                self.outer.update(blake3::hash(&self.block).as_bytes());
+                self.block.clear();
+            }
+        }
+    }
+
+    /// Feeds `len` zero bytes: whole blocks of zeros cost one update each.
+    pub fn zeros(&mut self, mut len: u64) {
+        static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+        while len > 0 && !self.block.is_empty() {
+            let n = (IMAGE_HASH_BLOCK - self.block.len()).min(ZEROS.len()) as u64;
+            let n = n.min(len);
+            self.update(&ZEROS[..n as usize]);
+            len -= n;
+        }
+        if len >= IMAGE_HASH_BLOCK as u64 {
+            let zero = *self
+                .zero_block
+                .get_or_insert_with(|| *blake3::hash(&vec![0; IMAGE_HASH_BLOCK]).as_bytes());
+            let blocks = len / IMAGE_HASH_BLOCK as u64;
+            for _ in 0..blocks {
+                self.outer.update(&zero);
+            }
+            self.size += blocks * IMAGE_HASH_BLOCK as u64;
+            len -= blocks * IMAGE_HASH_BLOCK as u64;
+        }
+        while len > 0 {
+            let n = len.min(ZEROS.len() as u64);
+            self.update(&ZEROS[..n as usize]);
+            len -= n;
+        }
+    }
+
+    /// The image hash of everything fed so far.
+    pub fn finalize(mut self) -> [u8; 32] {
+        if !self.block.is_empty() {
+            self.outer.update(blake3::hash(&self.block).as_bytes());
+        }
+        self.outer.update(&self.size.to_le_bytes());
+        *self.outer.finalize().as_bytes()
+    }
+}
+
+/// One record of a v2 index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Record {
+    /// A chunk that is not all zeros.
+    Chunk(ChunkId, u32),
+    /// `count` zero chunks of `len` bytes each.
+    Zeros { len: u32, count: u64 },
+}
+
 impl Index {
-    /// Builds an index from chunk `(id, len)` pairs in image order.
+    /// Builds an index (format v2) from chunk `(id, len)` pairs in image order.
+    /// `image_hash` is the v2 image hash ([`ImageHasher`]).
     ///
     /// # Errors
-    /// [`Error::InvalidInput`] if a length is zero or exceeds `params.max`, or if one id
-    /// is listed with two different lengths.
+    /// [`Error::InvalidInput`] if a length is zero or exceeds `params.max`, if one id
+    /// is listed with two different lengths, or if there are more than [`MAX_CHUNKS`].
     pub fn new(
         params: ChunkerParams,
         image_hash: [u8; 32],
         records: impl IntoIterator<Item = (ChunkId, u32)>,
     ) -> Result<Index> {
-        let (chunks, image_size) = entries(params, records).map_err(|e| match e {
-            Invalid::Length {
-                id, offset, len, ..
-            } => Error::InvalidInput(format!(
-                "chunk {id} at offset {offset} has length {len}, outside 1..={}",
-                params.max
-            )),
-            Invalid::Conflict { id, first, second } => Error::InvalidInput(format!(
-                "chunk {id} has length {} at position {} and length {} at position {}: \
-                 one id cannot have two lengths",
-                first.1, first.0, second.1, second.0
-            )),
-        })?;
+        let (chunks, image_size) =
+            entries(params, records, &mut ZeroIds::default()).map_err(|e| match e {
+                Invalid::Length {
+                    id, offset, len, ..
+                } => Error::InvalidInput(format!(
+                    "chunk {id} at offset {offset} has length {len}, outside 1..={}",
+                    params.max
+                )),
+                Invalid::Conflict { id, first, second } => Error::InvalidInput(format!(
+                    "chunk {id} has length {} at position {} and length {} at position {}: \
+                     one id cannot have two lengths",
+                    first.1, first.0, second.1, second.0
+                )),
+                Invalid::TooMany => Error::InvalidInput(format!(
+                    "the image has more than {MAX_CHUNKS} chunks, the most an index holds: \
+                     use larger chunk sizes (max {} now)",
+                    params.max
+                )),
+            })?;
         let mut index = Index {
+            version: FORMAT_VERSION,
             params,
             image_size,
             image_hash,
@@ -213,6 +328,12 @@ impl Index {
         self.digest
     }
 
+    /// The format version the index was read in (or [`FORMAT_VERSION`] for a new one);
+    /// [`Index::to_bytes`] writes it in the same version, so its root hash stays the same.
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+
     /// Chunker parameters the image was cut with.
     pub fn params(&self) -> ChunkerParams {
         self.params
@@ -223,7 +344,8 @@ impl Index {
         self.image_size
     }
 
-    /// BLAKE3 of the whole image.
+    /// The image hash: BLAKE3 of the whole image in a v1 index, the hash of
+    /// [`ImageHasher`] in a v2 index.
     pub fn image_hash(&self) -> [u8; 32] {
         self.image_hash
     }
@@ -246,12 +368,36 @@ impl Index {
         Some(self.chunks.partition_point(|c| c.end() <= offset))
     }
 
-    /// Encodes the index in format v1 (meaningful for BLAKE3 indexes only: see
-    /// [`Index::save`]).
+    /// The v2 records: each maximal run of zero chunks of one length is one record.
+    fn records_v2(&self) -> Vec<Record> {
+        let mut out: Vec<Record> = Vec::new();
+        for c in &self.chunks {
+            match out.last_mut() {
+                Some(Record::Zeros { len, count }) if c.zero && *len == c.len => *count += 1,
+                _ if c.zero => out.push(Record::Zeros {
+                    len: c.len,
+                    count: 1,
+                }),
+                _ => out.push(Record::Chunk(c.id, c.len)),
+            }
+        }
+        out
+    }
+
+    /// Encodes the index in its format version ([`Index::version`]); meaningful for
+    /// BLAKE3 indexes only (see [`Index::save`]).
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(HEADER_LEN + RECORD_LEN * self.chunks.len() + TRAILER_LEN);
+        let records = if self.version == FORMAT_VERSION_1 {
+            self.chunks
+                .iter()
+                .map(|c| Record::Chunk(c.id, c.len))
+                .collect()
+        } else {
+            self.records_v2()
+        };
+        let mut out = Vec::with_capacity(HEADER_LEN + RECORD_LEN * records.len() + TRAILER_LEN);
         out.extend_from_slice(&MAGIC);
-        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&self.version.to_le_bytes());
         out.extend_from_slice(&0u32.to_le_bytes()); // flags
         out.extend_from_slice(&ALGORITHM_FASTCDC2020_NC1.to_le_bytes());
         out.extend_from_slice(&self.params.min.to_le_bytes());
@@ -259,22 +405,35 @@ impl Index {
         out.extend_from_slice(&self.params.max.to_le_bytes());
         out.extend_from_slice(&self.image_size.to_le_bytes());
         out.extend_from_slice(&self.image_hash);
-        out.extend_from_slice(&(self.chunks.len() as u64).to_le_bytes());
+        out.extend_from_slice(&(records.len() as u64).to_le_bytes());
         debug_assert_eq!(out.len(), HEADER_LEN);
-        for c in &self.chunks {
-            out.extend_from_slice(c.id.as_bytes());
-            out.extend_from_slice(&c.len.to_le_bytes());
+        for r in records {
+            match r {
+                Record::Chunk(id, len) => {
+                    out.extend_from_slice(id.as_bytes());
+                    out.extend_from_slice(&len.to_le_bytes());
+                }
+                Record::Zeros { len, count } => {
+                    out.extend_from_slice(&count.to_le_bytes());
+                    out.extend_from_slice(&[0; 24]);
+                    out.extend_from_slice(&(len | ZERO_RUN_FLAG).to_le_bytes());
+                }
+            }
         }
         let sum = blake3::hash(&out);
         out.extend_from_slice(sum.as_bytes());
         out
     }
 
-    /// Parses an index; `origin` names where the bytes came from, for error messages.
+    /// Parses an index (v1 or v2); `origin` names where the bytes came from, for error
+    /// messages.
     ///
     /// Every invariant the rest of the engine relies on holds for an index this returns:
     /// lengths within `1..=params.max`, offsets contiguous from 0 to the image size, one
-    /// length per id, zero flags exact. Parsing is linear in the size of `bytes`.
+    /// length per id, zero flags exact, at most [`MAX_CHUNKS`] chunks. A v2 index is
+    /// accepted only in its one canonical encoding (zero chunks only in runs, runs
+    /// maximal), so that [`Index::to_bytes`] gives back the same bytes and the root hash
+    /// names one index. Parsing is linear in the size of `bytes` plus the chunk count.
     ///
     /// # Errors
     /// [`Error::InvalidIndex`] saying what is wrong and at which byte offset.
@@ -296,9 +455,10 @@ impl Index {
         let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().expect("4 bytes"));
         let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().expect("8 bytes"));
         let version = u32_at(8);
-        if version != FORMAT_VERSION {
+        if version != FORMAT_VERSION && version != FORMAT_VERSION_1 {
             return Err(bad(format!(
-                "format version {version} at offset 8 is not supported (this build reads version {FORMAT_VERSION})"
+                "format version {version} at offset 8 is not supported (this build reads \
+                 versions {FORMAT_VERSION_1} and {FORMAT_VERSION})"
             )));
         }
         let flags = u32_at(12);
@@ -322,7 +482,7 @@ impl Index {
             .and_then(|r| r.checked_add(HEADER_LEN + TRAILER_LEN));
         if expected_len != Some(bytes.len()) {
             return Err(bad(format!(
-                "chunk count {count} at offset 72 needs {} bytes, the index has {} (truncated or corrupted)",
+                "record count {count} at offset 72 needs {} bytes, the index has {} (truncated or corrupted)",
                 expected_len.map_or("more than addressable".to_string(), |l| l.to_string()),
                 bytes.len()
             )));
@@ -333,33 +493,130 @@ impl Index {
                 "checksum at offset {body_len} does not match the contents (corrupted)"
             )));
         }
-        let records = bytes[HEADER_LEN..body_len]
+        let record_at = |i: usize| HEADER_LEN + i * RECORD_LEN;
+        let raw = bytes[HEADER_LEN..body_len]
             .chunks_exact(RECORD_LEN)
             .map(|rec| {
-                let id = ChunkId(rec[..32].try_into().expect("32 bytes"));
                 (
-                    id,
+                    rec,
                     u32::from_le_bytes(rec[32..36].try_into().expect("4 bytes")),
                 )
             });
-        let record_at = |i: usize| HEADER_LEN + i * RECORD_LEN;
-        let (chunks, offset) = entries(params, records).map_err(|e| match e {
+        let mut zeros = ZeroIds::default();
+        let mut records = Vec::with_capacity(raw.len());
+        if version == FORMAT_VERSION_1 {
+            records.extend(
+                raw.map(|(rec, len)| {
+                    Record::Chunk(ChunkId(rec[..32].try_into().expect("32")), len)
+                }),
+            );
+        } else {
+            let mut chunks = 0u64;
+            // Bytes the records cover, checked against the header before any expansion.
+            let mut covered = 0u128;
+            for (i, (rec, field)) in raw.enumerate() {
+                let len = field & !ZERO_RUN_FLAG;
+                let at = record_at(i);
+                if len == 0 || len > params.max {
+                    return Err(bad(format!(
+                        "record {i} (at offset {at}) has chunk length {len}, outside 1..={} \
+                         (the index's maximum chunk size)",
+                        params.max
+                    )));
+                }
+                let record = if field & ZERO_RUN_FLAG == 0 {
+                    let id = ChunkId(rec[..32].try_into().expect("32 bytes"));
+                    if zeros.get(len) == id {
+                        return Err(bad(format!(
+                            "record {i} (at offset {at}) lists a zero chunk of length {len} \
+                             as a chunk: version {FORMAT_VERSION} writes zero chunks only as \
+                             zero runs"
+                        )));
+                    }
+                    chunks += 1;
+                    Record::Chunk(id, len)
+                } else {
+                    let n = u64::from_le_bytes(rec[..8].try_into().expect("8 bytes"));
+                    if rec[8..32].iter().any(|&b| b != 0) {
+                        return Err(bad(format!(
+                            "zero run record {i} (at offset {at}): bytes 8..32 must be zero"
+                        )));
+                    }
+                    if n == 0 {
+                        return Err(bad(format!(
+                            "zero run record {i} (at offset {at}) has a count of 0"
+                        )));
+                    }
+                    if matches!(records.last(), Some(Record::Zeros { len: l, .. }) if *l == len) {
+                        return Err(bad(format!(
+                            "zero run record {i} (at offset {at}) continues the run before it \
+                             (same length {len}): runs must be written whole"
+                        )));
+                    }
+                    chunks = chunks.saturating_add(n);
+                    Record::Zeros { len, count: n }
+                };
+                if chunks > MAX_CHUNKS {
+                    return Err(bad(format!(
+                        "record {i} (at offset {at}) takes the index past {MAX_CHUNKS} chunks, \
+                         the most this build holds"
+                    )));
+                }
+                covered += match record {
+                    Record::Chunk(_, len) => u128::from(len),
+                    Record::Zeros { len, count } => u128::from(len) * u128::from(count),
+                };
+                records.push(record);
+            }
+            if covered != u128::from(image_size) {
+                return Err(bad(format!(
+                    "chunk lengths add up to {covered} bytes but the header says the image \
+                     has {image_size}"
+                )));
+            }
+        }
+        // Chunk position where each record starts, to name records in errors.
+        let mut starts = Vec::with_capacity(records.len());
+        let mut position = 0u64;
+        for r in &records {
+            starts.push(position);
+            position += match r {
+                Record::Chunk(..) => 1,
+                Record::Zeros { count, .. } => *count,
+            };
+        }
+        let record_of = |position: usize| {
+            let r = starts.partition_point(|&s| s <= position as u64) - 1;
+            format!("record at offset {}", record_at(r))
+        };
+        let mut zero_ids = ZeroIds::default();
+        let expanded = records.iter().flat_map(|r| {
+            let (id, len, n) = match *r {
+                Record::Chunk(id, len) => (id, len, 1),
+                Record::Zeros { len, count } => (zero_ids.get(len), len, count),
+            };
+            std::iter::repeat_n((id, len), n as usize)
+        });
+        let (chunks, offset) = entries(params, expanded, &mut zeros).map_err(|e| match e {
             Invalid::Length { position, len, .. } => bad(format!(
-                "chunk {position} (record at offset {}) has length {len}, outside 1..={} \
+                "chunk {position} ({}) has length {len}, outside 1..={} \
                  (the index's maximum chunk size)",
-                record_at(position),
+                record_of(position),
                 params.max
             )),
             Invalid::Conflict { id, first, second } => bad(format!(
-                "chunk {id} is listed with length {} at position {} (record at offset {}) and \
-                 with length {} at position {} (record at offset {}): one id cannot have two \
+                "chunk {id} is listed with length {} at position {} ({}) and \
+                 with length {} at position {} ({}): one id cannot have two \
                  lengths",
                 first.1,
                 first.0,
-                record_at(first.0),
+                record_of(first.0),
                 second.1,
                 second.0,
-                record_at(second.0)
+                record_of(second.0)
+            )),
+            Invalid::TooMany => bad(format!(
+                "more than {MAX_CHUNKS} chunks, the most this build holds"
             )),
         })?;
         if offset != image_size {
@@ -368,6 +625,7 @@ impl Index {
             )));
         }
         Ok(Index {
+            version,
             params,
             image_size,
             image_hash,
@@ -387,7 +645,7 @@ impl Index {
     }
 
     /// Reads the bytes of an index file for [`Index::from_bytes`] without trusting the
-    /// file: the header comes first, and the rest only as far as the header's chunk count
+    /// file: the header comes first, and the rest only as far as the header's record count
     /// says (and one byte more, so that a longer file is seen as such). A file that is no
     /// index (an image given by mistake, `/dev/zero`) fails after its first bytes, and a
     /// regular file whose size does not match its header fails before the rest is read,
@@ -421,7 +679,7 @@ impl Index {
             return Err(Error::InvalidIndex {
                 origin: path.display().to_string(),
                 reason: format!(
-                    "chunk count {count} at offset 72 needs {expected} bytes, the file has {} \
+                    "record count {count} at offset 72 needs {expected} bytes, the file has {} \
                      (truncated or corrupted)",
                     meta.len()
                 ),
@@ -474,6 +732,8 @@ enum Invalid {
         first: (usize, u32),
         second: (usize, u32),
     },
+    /// More than [`MAX_CHUNKS`] records.
+    TooMany,
 }
 
 /// Turns `(id, len)` records into entries with offsets and zero flags, returning them and
@@ -481,14 +741,18 @@ enum Invalid {
 fn entries(
     params: ChunkerParams,
     records: impl IntoIterator<Item = (ChunkId, u32)>,
+    zeros: &mut ZeroIds,
 ) -> std::result::Result<(Vec<ChunkEntry>, u64), Invalid> {
     let records = records.into_iter();
-    let mut zeros = ZeroIds::default();
-    let mut chunks: Vec<ChunkEntry> = Vec::with_capacity(records.size_hint().0);
+    let hint = records.size_hint().0.min(MAX_CHUNKS as usize);
+    let mut chunks: Vec<ChunkEntry> = Vec::with_capacity(hint);
     // First position of each id, to refuse an id listed with two lengths.
-    let mut first: HashMap<ChunkId, usize> = HashMap::with_capacity(records.size_hint().0);
+    let mut first: HashMap<ChunkId, usize> = HashMap::with_capacity(hint);
     let mut offset = 0u64;
     for (i, (id, len)) in records.enumerate() {
+        if i as u64 >= MAX_CHUNKS {
+            return Err(Invalid::TooMany);
+        }
         if len == 0 || len > params.max {
             return Err(Invalid::Length {
                 position: i,
@@ -622,11 +886,11 @@ pub(crate) mod tests {
         }
     }
 
-    /// Encodes records as an index without checking them (what a hostile writer can do).
+    /// Encodes records as a v1 index without checking them (what a hostile writer can do).
     fn raw_index(params: ChunkerParams, records: &[(ChunkId, u32)]) -> Vec<u8> {
         let mut out = Vec::new();
         out.extend_from_slice(&MAGIC);
-        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&FORMAT_VERSION_1.to_le_bytes());
         out.extend_from_slice(&0u32.to_le_bytes());
         out.extend_from_slice(&ALGORITHM_FASTCDC2020_NC1.to_le_bytes());
         out.extend_from_slice(&params.min.to_le_bytes());
@@ -724,6 +988,185 @@ pub(crate) mod tests {
         let mut b = sample().to_bytes();
         b[72..80].copy_from_slice(&u64::MAX.to_le_bytes());
         let e = Index::from_bytes(&b, "t").unwrap_err().to_string();
-        assert!(e.contains("chunk count"), "{e}");
+        assert!(e.contains("record count"), "{e}");
+    }
+
+    /// Encodes raw v2 records (`(first 32 bytes, length field)`) with a right checksum.
+    fn raw_v2(params: ChunkerParams, size: u64, records: &[([u8; 32], u32)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&MAGIC);
+        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&ALGORITHM_FASTCDC2020_NC1.to_le_bytes());
+        out.extend_from_slice(&params.min.to_le_bytes());
+        out.extend_from_slice(&params.avg.to_le_bytes());
+        out.extend_from_slice(&params.max.to_le_bytes());
+        out.extend_from_slice(&size.to_le_bytes());
+        out.extend_from_slice(&[0; 32]);
+        out.extend_from_slice(&(records.len() as u64).to_le_bytes());
+        for (head, field) in records {
+            out.extend_from_slice(head);
+            out.extend_from_slice(&field.to_le_bytes());
+        }
+        let sum = blake3::hash(&out);
+        out.extend_from_slice(sum.as_bytes());
+        out
+    }
+
+    fn run(count: u64) -> [u8; 32] {
+        let mut head = [0; 32];
+        head[..8].copy_from_slice(&count.to_le_bytes());
+        head
+    }
+
+    #[test]
+    fn zero_runs_are_one_record_each() {
+        let p = ChunkerParams::default();
+        let mut z = ZeroIds::default();
+        let (a, b) = (ChunkId::of(b"a"), ChunkId::of(b"bb"));
+        let mut records = vec![(a, 1)];
+        records.extend(std::iter::repeat_n((z.get(p.max), p.max), 1000));
+        records.extend([(z.get(100), 100), (z.get(100), 100), (b, 2)]);
+        records.extend([(z.get(p.max), p.max), (z.get(7), 7)]);
+        let index = Index::new(p, [1; 32], records.clone()).unwrap();
+        assert_eq!(index.version(), FORMAT_VERSION);
+        assert_eq!(index.chunks().len(), 1006);
+        assert_eq!(index.chunks().iter().filter(|c| c.zero).count(), 1004);
+        let bytes = index.to_bytes();
+        // a, run of 1000, run of 2, b, run of 1, run of 1.
+        assert_eq!(bytes.len(), HEADER_LEN + 6 * RECORD_LEN + TRAILER_LEN);
+        assert_eq!(&bytes[72..80], &6u64.to_le_bytes());
+        let run_at = HEADER_LEN + RECORD_LEN;
+        assert_eq!(&bytes[run_at..run_at + 8], &1000u64.to_le_bytes());
+        assert_eq!(
+            &bytes[run_at + 32..run_at + 36],
+            &(p.max | ZERO_RUN_FLAG).to_le_bytes()
+        );
+        let back = Index::from_bytes(&bytes, "t").unwrap();
+        assert_eq!(back, index);
+        assert_eq!(back.root_hash(), *blake3::hash(&bytes).as_bytes());
+        assert_eq!(back.chunks()[1001].offset, 1 + 1000 * u64::from(p.max));
+        assert_eq!(back.image_size(), 3 + 1001 * u64::from(p.max) + 207);
+        // The same chunks in a v1 index: still read, and written back as v1 (same root).
+        let v1 = raw_index(p, &records);
+        let old = Index::from_bytes(&v1, "old").unwrap();
+        assert_eq!(old.version(), FORMAT_VERSION_1);
+        assert_eq!(old.chunks(), index.chunks());
+        assert_eq!(old.to_bytes(), v1);
+        assert_eq!(old.root_hash(), *blake3::hash(&v1).as_bytes());
+        // Every truncation and bit flip of a v2 index with runs is refused.
+        for n in 0..bytes.len() {
+            assert!(Index::from_bytes(&bytes[..n], "t").is_err(), "len {n}");
+        }
+        for i in 0..bytes.len() {
+            let mut b = bytes.clone();
+            b[i] ^= 0x04;
+            assert!(Index::from_bytes(&b, "t").is_err(), "flip at {i}");
+        }
+    }
+
+    #[test]
+    fn hostile_zero_runs_are_refused_with_their_offset() {
+        let p = ChunkerParams::default();
+        let zero = *ZeroIds::default().get(100).as_bytes();
+        let flag = 100 | ZERO_RUN_FLAG;
+        let err = |bytes: Vec<u8>| Index::from_bytes(&bytes, "h.tidx").unwrap_err().to_string();
+        // A zero chunk written as a chunk record: a second encoding of the same index.
+        let e = err(raw_v2(p, 100, &[(zero, 100)]));
+        assert!(
+            e.contains("h.tidx") && e.contains("record 0 (at offset 80)"),
+            "{e}"
+        );
+        assert!(e.contains("only as zero runs"), "{e}");
+        // A run split in two.
+        let e = err(raw_v2(p, 500, &[(run(2), flag), (run(3), flag)]));
+        assert!(e.contains("record 1 (at offset 116)"), "{e}");
+        assert!(e.contains("runs must be written whole"), "{e}");
+        // Two runs of different lengths side by side are fine.
+        let ok = raw_v2(
+            p,
+            399,
+            &[(run(2), flag), (run(1), 100), (run(1), 99 | ZERO_RUN_FLAG)],
+        );
+        assert!(Index::from_bytes(&ok, "t").is_ok());
+        // A count of 0, padding that is not zero, a length past the maximum or of 0.
+        let e = err(raw_v2(p, 0, &[(run(0), flag)]));
+        assert!(e.contains("count of 0"), "{e}");
+        let mut padded = run(1);
+        padded[31] = 1;
+        let e = err(raw_v2(p, 100, &[(padded, flag)]));
+        assert!(e.contains("bytes 8..32 must be zero"), "{e}");
+        let e = err(raw_v2(p, 0, &[(run(1), (p.max + 1) | ZERO_RUN_FLAG)]));
+        assert!(e.contains("outside 1..=65536"), "{e}");
+        let e = err(raw_v2(p, 0, &[(run(1), ZERO_RUN_FLAG)]));
+        assert!(e.contains("outside 1..="), "{e}");
+        // Lengths that do not add up to the header's size.
+        let e = err(raw_v2(p, 199, &[(run(2), flag)]));
+        assert!(e.contains("add up to 200"), "{e}");
+    }
+
+    #[test]
+    fn a_tiny_index_cannot_claim_more_chunks_than_memory_holds() {
+        let p = ChunkerParams::default();
+        let flag = p.max | ZERO_RUN_FLAG;
+        let size = u64::MAX;
+        for records in [
+            vec![(run(u64::MAX), flag)],
+            vec![(run(MAX_CHUNKS + 1), flag)],
+            vec![(run(MAX_CHUNKS), flag), (ChunkId::of(b"x").0, 1)],
+        ] {
+            let e = Index::from_bytes(&raw_v2(p, size, &records), "t")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("past {MAX_CHUNKS} chunks")), "{e}");
+        }
+        // Index::new refuses to build one as well.
+        let zero = ZeroIds::default().get(1);
+        let too_many = std::iter::repeat_n((zero, 1), MAX_CHUNKS as usize + 1);
+        let e = Index::new(p, [0; 32], too_many).unwrap_err().to_string();
+        assert!(e.contains("use larger chunk sizes"), "{e}");
+    }
+
+    #[test]
+    fn image_hash_of_holes_equals_hash_of_written_zeros() {
+        let mut data = vec![0u8; 5 * IMAGE_HASH_BLOCK + 12_345];
+        for (i, b) in data.iter_mut().enumerate() {
+            if (i / 300_000) % 3 == 1 {
+                *b = (i % 251) as u8 | 1;
+            }
+        }
+        let mut whole = ImageHasher::default();
+        whole.update(&data);
+        let want = whole.finalize();
+        // The definition: BLAKE3 over the hashes of 1 MiB blocks, then the size.
+        let mut outer = blake3::Hasher::new();
+        for block in data.chunks(IMAGE_HASH_BLOCK) {
+            outer.update(blake3::hash(block).as_bytes());
+        }
+        outer.update(&(data.len() as u64).to_le_bytes());
+        assert_eq!(want, *outer.finalize().as_bytes());
+        // Zero runs fed as zeros (any split) give the same hash.
+        let mut sparse = ImageHasher::default();
+        let mut at = 0;
+        while at < data.len() {
+            let zero = data[at] == 0;
+            let n = data[at..]
+                .iter()
+                .position(|&b| (b == 0) != zero)
+                .unwrap_or(data.len() - at);
+            if zero {
+                sparse.zeros(n as u64);
+            } else {
+                sparse.update(&data[at..at + n]);
+            }
+            at += n;
+        }
+        assert_eq!(sparse.finalize(), want);
+        let mut empty = ImageHasher::default();
+        empty.zeros(0);
+        assert_eq!(
+            empty.finalize(),
+            *blake3::hash(&0u64.to_le_bytes()).as_bytes()
+        );
     }
 }

@@ -50,6 +50,63 @@ pub(crate) fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Where `lseek` with `whence` (`SEEK_DATA` or `SEEK_HOLE`) from `offset` lands: `None`
+/// when there is no data at or after `offset` (`ENXIO`).
+fn seek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+    let off = i64::try_from(offset)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
+    // SAFETY: lseek takes plain integers; the fd is owned by `file` and stays open. Only
+    // positional reads and writes use this fd, so moving its offset disturbs nothing.
+    let rc = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENXIO) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    Ok(Some(rc as u64))
+}
+
+/// The start of the first data at or after `offset` (`SEEK_DATA`), `None` if only a hole
+/// follows. File systems without hole tracking report everything as data.
+pub(crate) fn seek_data(file: &File, offset: u64) -> io::Result<Option<u64>> {
+    seek(file, offset, libc::SEEK_DATA)
+}
+
+/// The start of the first hole at or after `offset` (`SEEK_HOLE`; the end of the file
+/// counts as one), `None` if `offset` is past the end.
+pub(crate) fn seek_hole(file: &File, offset: u64) -> io::Result<Option<u64>> {
+    seek(file, offset, libc::SEEK_HOLE)
+}
+
+/// Makes `[offset, offset + len)` of a block device read as zeros without writing them
+/// (`fallocate` with `FALLOC_FL_ZERO_RANGE`: the device's write-zeroes or discard path).
+pub(crate) fn zero_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let (off, len) = match (i64::try_from(offset), i64::try_from(len)) {
+        (Ok(o), Ok(l)) => (o, l),
+        _ => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "range too large",
+            ))
+        }
+    };
+    // SAFETY: fallocate takes plain integers; the fd is owned by `file` and stays open.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+            off,
+            len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Flushes the whole filesystem holding `path` (one call instead of an fsync per file).
 pub(crate) fn syncfs(path: &Path) -> io::Result<()> {
     let dir = File::open(path)?;

@@ -1,6 +1,7 @@
-//! Index files: `Index::from_bytes` must reject anything malformed with an error, never
-//! panic or allocate from an unchecked count, and whatever it accepts must encode back to
-//! the same bytes and hold every invariant the engine relies on.
+//! Index files (v1, and v2 with its zero-run records): `Index::from_bytes` must reject
+//! anything malformed with an error, never panic or allocate from an unchecked count (a
+//! zero run's count included), and whatever it accepts must encode back to the same bytes
+//! and hold every invariant the engine relies on.
 //!
 //! Random bytes almost never carry a valid trailing checksum, so each input is parsed
 //! twice: as it is, and with its record count and checksum fixed up, so that the
@@ -11,7 +12,7 @@
 use std::collections::HashMap;
 
 use libfuzzer_sys::fuzz_target;
-use tessera_engine::index::{ZeroIds, HEADER_LEN, RECORD_LEN, TRAILER_LEN};
+use tessera_engine::index::{ZeroIds, HEADER_LEN, MAX_CHUNKS, RECORD_LEN, TRAILER_LEN};
 use tessera_engine::{ChunkId, Index};
 
 /// `data` as a well-formed index: the header's count matches the whole records that
@@ -35,10 +36,21 @@ fn check(data: &[u8]) {
     };
     assert_eq!(index.to_bytes(), data, "accepted index does not round-trip");
     assert_eq!(index.root_hash(), *ChunkId::of(data).as_bytes());
-    assert_eq!(
-        data.len(),
-        HEADER_LEN + index.chunks().len() * RECORD_LEN + TRAILER_LEN
-    );
+    let records = u64::from_le_bytes(data[72..80].try_into().unwrap()) as usize;
+    assert_eq!(data.len(), HEADER_LEN + records * RECORD_LEN + TRAILER_LEN);
+    assert!(index.chunks().len() as u64 <= MAX_CHUNKS);
+    if index.version() == 1 {
+        assert_eq!(index.chunks().len(), records);
+    } else {
+        // v2: one record per chunk, except runs of equal zero chunks share one.
+        let mut runs = 0;
+        for w in index.chunks().windows(2) {
+            if w[0].zero && w[1].zero && w[0].len == w[1].len {
+                runs += 1;
+            }
+        }
+        assert_eq!(index.chunks().len() - runs, records);
+    }
     let max = index.params().max;
     let mut zeros = ZeroIds::default();
     let mut lengths: HashMap<ChunkId, u32> = HashMap::new();

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use serde::Serialize;
-use tessera_engine::index::{hex, FORMAT_VERSION};
+use tessera_engine::index::hex;
 use tessera_engine::{ChunkerParams, Index};
 
 use crate::output::{human_bytes, Output};
@@ -44,7 +44,7 @@ pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
     ids.sort_unstable();
     ids.dedup();
     let info = Info {
-        format_version: FORMAT_VERSION,
+        format_version: index.version(),
         image_size: index.image_size(),
         chunk_count: index.chunks().len() as u64,
         unique_chunks: ids.len() as u64,

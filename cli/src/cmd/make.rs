@@ -30,6 +30,11 @@ use crate::store_args::StoreArgs;
 /// must not be links. While it runs, make keeps a marker in STORE/makes/ so that a
 /// `tessera prune` of the same store deletes nothing meanwhile; before publishing it waits
 /// for a running prune to end and runs again if that prune deleted a pack it reuses.
+///
+/// Sparse images cost what their data costs: the holes of a file are skipped
+/// (SEEK_DATA/SEEK_HOLE) and all-zero blocks read from a block device are found by a scan,
+/// never chunked or hashed byte by byte; each run of zeros is one record of the index.
+/// The index is the same whether the zeros are holes or written.
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// The image: a file, a block device, or `-` to read it from stdin (read once, in

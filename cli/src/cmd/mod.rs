@@ -3,8 +3,8 @@
 mod attach;
 mod check;
 mod commit;
-mod import;
 mod generate;
+mod import;
 mod info;
 mod keygen;
 mod make;

@@ -22,6 +22,12 @@ pub trait ReadAt: Send + Sync {
     /// # Errors
     /// [`Error::Io`] naming the device, including reads past the end.
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+    /// Where the hole that `offset` is in ends: bytes from `offset` up to the returned
+    /// offset are known to read as zeros without reading them (a hole of a regular file).
+    /// `offset` itself when there is data there or nothing is known.
+    fn hole_end(&self, offset: u64) -> u64 {
+        offset
+    }
 }
 
 /// A device sync may write: positional writes, zeroing, and a durability barrier.
@@ -60,6 +66,9 @@ impl ReadAt for Device {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         Device::read_exact_at(self, buf, offset)
     }
+    fn hole_end(&self, offset: u64) -> u64 {
+        Device::hole_end(self, offset)
+    }
 }
 
 impl WriteAt for Device {
@@ -89,6 +98,9 @@ impl ReadAt for TargetRead<'_> {
     }
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.0.read_exact_at(buf, offset)
+    }
+    fn hole_end(&self, offset: u64) -> u64 {
+        self.0.hole_end(offset)
     }
 }
 

@@ -8,6 +8,9 @@
 //! chunk of the image at its own place, reusing the cut's hash when the ranges coincide:
 //! that tells which chunks are already in place (nothing is written there).
 //!
+//! A segment that lies in a hole of its file (`SEEK_DATA`) is not read: it holds no chunk
+//! worth finding, and the image's zero chunks there are in place.
+//!
 //! A seed with an index (`--seed-index`) is not read at all here: its index gives
 //! unverified locations, which the executor hashes when it reads them.
 
@@ -189,6 +192,22 @@ fn scan_segment(
     // exactly as a sequential scan would.
     let limit = (end + 2 * max).min(src.len);
     let buf_end = (end + 3 * max).min(src.len);
+    if src.reader.hole_end(start) >= buf_end {
+        // All zeros, known without reading: no chunk worth finding (zero chunks are not
+        // wanted), and the target holds every zero chunk of the image that starts here.
+        if src.holder == Holder::Target {
+            let chunks = index.chunks();
+            let first = chunks.partition_point(|c| c.offset < start);
+            let mut f = found.lock().expect("scan results");
+            for (k, c) in chunks.iter().enumerate().skip(first) {
+                if c.offset >= end || c.end() > src.len {
+                    break;
+                }
+                f.in_place[k] |= c.zero;
+            }
+        }
+        return Ok(());
+    }
     buf.resize((buf_end - start) as usize, 0);
     src.reader.read_exact_at(buf, start)?;
     let mut cuts: Vec<(u64, u32, ChunkId)> = Vec::new();

@@ -18,7 +18,7 @@ use super::{Holder, ReadAt, SeedSpec};
 use crate::chunk::VerifiedChunk;
 use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::index::{hex, ChunkEntry, Index};
+use crate::index::{hex, ChunkEntry, ImageHasher, Index, FORMAT_VERSION_1};
 use crate::progress::Progress;
 use crate::store::{ChunkStore, Fetched};
 use crate::ChunkId;
@@ -127,7 +127,7 @@ pub fn sync_stream(
         f.chunk.into_data()
     };
     let zeros = vec![0u8; index.params().max as usize];
-    let mut hasher = blake3::Hasher::new();
+    let mut hasher = StreamHasher::for_index(index);
     progress.start("writing", index.image_size());
     for c in index.chunks() {
         let owned: Vec<u8>;
@@ -185,8 +185,8 @@ pub fn sync_stream(
     }
     out.flush()
         .map_err(|e| Error::io("writing the image to", out_name, e))?;
-    let hash = *hasher.finalize().as_bytes();
-    if hash != index.image_hash() {
+    let hash = hasher.finalize();
+    if index.image_hash() != [0; 32] && hash != index.image_hash() {
         return Err(Error::VerifyFailed(format!(
             "the image written to {out_name} hashes to {} instead of the index's image hash \
              {}: the consumer must discard it",
@@ -213,4 +213,38 @@ fn from_seeds(
         ReadAt::read_exact_at(dev, &mut buf, l.offset).ok()?;
         VerifiedChunk::verify(c.id, buf, &dev.path().display().to_string()).ok()
     })
+}
+
+/// Hashes the image as written, the way the index's format version defines its image
+/// hash (v1: BLAKE3 of the whole image; v2: [`ImageHasher`]). An index that records no
+/// image hash (all zeros: `commit`, casync) is checked chunk by chunk only.
+enum StreamHasher {
+    V1(blake3::Hasher),
+    V2(Box<ImageHasher>),
+}
+
+impl StreamHasher {
+    fn for_index(index: &Index) -> StreamHasher {
+        if index.version() == FORMAT_VERSION_1 {
+            StreamHasher::V1(blake3::Hasher::new())
+        } else {
+            StreamHasher::V2(Box::default())
+        }
+    }
+
+    fn update(&mut self, bytes: &[u8]) {
+        match self {
+            StreamHasher::V1(h) => {
+                h.update(bytes);
+            }
+            StreamHasher::V2(h) => h.update(bytes),
+        }
+    }
+
+    fn finalize(self) -> [u8; 32] {
+        match self {
+            StreamHasher::V1(h) => *h.finalize().as_bytes(),
+            StreamHasher::V2(h) => h.finalize(),
+        }
+    }
 }

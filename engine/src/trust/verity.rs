@@ -163,6 +163,9 @@ struct Level {
     used: usize,
     next: u64,
     end: u64,
+    /// The last block written at this level and its digest: runs of zeros give runs of
+    /// identical hash blocks, hashed once.
+    last: Option<(Vec<u8>, [u8; 32])>,
 }
 
 /// Builds a dm-verity hash tree from data streamed through [`VerityBuilder::update`].
@@ -175,6 +178,8 @@ pub struct VerityBuilder {
     data_blocks: u64,
     blocks_seen: u64,
     pending: Vec<u8>,
+    /// Salted digest of a block of zeros, once needed.
+    zero_block: Option<[u8; 32]>,
     levels: Vec<Level>,
     layout: Layout,
     root: Option<[u8; 32]>,
@@ -213,6 +218,7 @@ impl VerityBuilder {
                 used: 0,
                 next: start,
                 end: start + size,
+                last: None,
             })
             .collect();
         Ok(VerityBuilder {
@@ -223,6 +229,7 @@ impl VerityBuilder {
             data_blocks,
             blocks_seen: 0,
             pending: Vec::with_capacity(BLOCK_SIZE),
+            zero_block: None,
             levels,
             layout,
             root: None,
@@ -262,10 +269,14 @@ impl VerityBuilder {
         if l.next >= l.end {
             return Err(self.overflow());
         }
-        let (block, at) = (l.block.clone(), l.next * BLOCK_SIZE as u64);
-        self.write_at(&block, at)?;
-        let digest = self.salted(&block);
+        let at = l.next * BLOCK_SIZE as u64;
+        self.write_at(&l.block, at)?;
+        let digest = match &l.last {
+            Some((block, digest)) if *block == l.block => *digest,
+            _ => self.salted(&l.block),
+        };
         let l = &mut self.levels[level];
+        l.last = Some((l.block.clone(), digest));
         l.next += 1;
         l.used = 0;
         l.block.fill(0);
@@ -318,6 +329,37 @@ impl VerityBuilder {
         }
         self.pending.extend_from_slice(blocks.remainder());
         Ok(())
+    }
+
+    /// Feeds `len` zero bytes: each whole block of zeros costs one digest (computed once),
+    /// not a SHA-256 of its bytes.
+    ///
+    /// # Errors
+    /// As [`VerityBuilder::update`].
+    pub fn zeros(&mut self, mut len: u64) -> Result<()> {
+        static ZEROS: [u8; BLOCK_SIZE] = [0; BLOCK_SIZE];
+        if !self.pending.is_empty() {
+            let take = ((BLOCK_SIZE - self.pending.len()) as u64).min(len);
+            self.update(&ZEROS[..take as usize])?;
+            len -= take;
+        }
+        if len >= BLOCK_SIZE as u64 {
+            let digest = *self.zero_block.get_or_insert_with(|| {
+                let mut h = Sha256::new();
+                h.update(&self.salt);
+                h.update(ZEROS);
+                h.finalize().into()
+            });
+            for _ in 0..len / BLOCK_SIZE as u64 {
+                if self.blocks_seen == self.data_blocks {
+                    return Err(self.overflow());
+                }
+                self.blocks_seen += 1;
+                self.push(0, digest)?;
+            }
+            len %= BLOCK_SIZE as u64;
+        }
+        self.update(&ZEROS[..len as usize])
     }
 
     /// Pads the last block, completes every level, writes the superblock, makes the file
@@ -502,7 +544,12 @@ pub fn build_verity(
                     c.id
                 )));
             }
-            builder.update(bytes)
+            if bytes.is_empty() {
+                // A zero chunk in a hole of the target.
+                builder.zeros(u64::from(c.len))
+            } else {
+                builder.update(bytes)
+            }
         },
     )?;
     let hash_size = builder.hash_size();
@@ -578,6 +625,41 @@ mod tests {
             assert_eq!(&file[BLOCK_SIZE..], &want[..], "{blocks} blocks");
             assert_eq!(&file[..8], b"verity\0\0");
         }
+    }
+
+    #[test]
+    fn zero_runs_give_the_tree_of_their_bytes() {
+        let mut d = data(1300 * BLOCK_SIZE + 777);
+        // Zeros unaligned, across many blocks (identical hash blocks), and at the end.
+        d[1000..(1200 * BLOCK_SIZE + 5)].fill(0);
+        let tail = d.len() - 3000;
+        d[tail..].fill(0);
+        let (want, want_root) = build(&d, b"salt", 65536);
+        let (naive_root, levels) = naive(&d, b"salt");
+        assert_eq!(want_root, naive_root);
+        assert!(want.ends_with(&levels[0]));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h");
+        let mut b = VerityBuilder::new(&path, d.len() as u64, b"salt", [9; 16]).unwrap();
+        let mut at = 0;
+        while at < d.len() {
+            let zero = d[at] == 0;
+            let n = d[at..]
+                .iter()
+                .position(|&x| (x == 0) != zero)
+                .unwrap_or(d.len() - at);
+            if zero {
+                b.zeros(n as u64).unwrap();
+            } else {
+                b.update(&d[at..at + n]).unwrap();
+            }
+            at += n;
+        }
+        assert_eq!(b.finish().unwrap(), want_root);
+        assert_eq!(std::fs::read(&path).unwrap(), want);
+        // More zeros than announced is the same error as more bytes.
+        let mut b = VerityBuilder::new(&path, 10, b"s", [9; 16]).unwrap();
+        assert!(b.zeros(2 * BLOCK_SIZE as u64).is_err());
     }
 
     #[test]
