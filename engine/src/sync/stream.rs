@@ -219,14 +219,14 @@ fn from_seeds(
 /// hash (v1: BLAKE3 of the whole image; v2: [`ImageHasher`]). An index that records no
 /// image hash (all zeros: `commit`, casync) is checked chunk by chunk only.
 enum StreamHasher {
-    V1(blake3::Hasher),
+    V1(Box<blake3::Hasher>),
     V2(Box<ImageHasher>),
 }
 
 impl StreamHasher {
     fn for_index(index: &Index) -> StreamHasher {
         if index.version() == FORMAT_VERSION_1 {
-            StreamHasher::V1(blake3::Hasher::new())
+            StreamHasher::V1(Box::default())
         } else {
             StreamHasher::V2(Box::default())
         }
