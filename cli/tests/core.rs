@@ -635,7 +635,9 @@ fn make_killed_after_some_packs_leaves_a_store_the_next_make_completes() {
         let Ok(fans) = fs::read_dir(store.join("packs")) else {
             return 0;
         };
-        fans.flat_map(|f| fs::read_dir(f.unwrap().path()).unwrap())
+        // Fan-out directories only: packs in the making are files in packs/.
+        fans.filter(|f| f.as_ref().unwrap().file_type().unwrap().is_dir())
+            .flat_map(|f| fs::read_dir(f.unwrap().path()).unwrap())
             .filter(|f| {
                 let name = f.as_ref().unwrap().file_name();
                 let name = name.to_string_lossy();

@@ -597,6 +597,7 @@ fn process(
 ) -> Result<Done> {
     if let Some((len, count)) = cut.zeros {
         progress.advance(u64::from(len) * count);
+        progress.chunks(count);
         return Ok(Done {
             seq: cut.seq,
             id: zeros.get(len),
