@@ -441,3 +441,14 @@ mod tests {
         assert!(!dir.path().join("nowhere").exists());
     }
 }
+
+/// Makes glibc's allocator keep one arena for all threads (`M_ARENA_MAX` 1); nothing
+/// elsewhere (musl has no arenas).
+pub(crate) fn one_malloc_arena() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only changes a setting of the allocator; M_ARENA_MAX limits the
+    // arenas created from then on.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
