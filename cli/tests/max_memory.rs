@@ -78,6 +78,8 @@ struct Measured {
 fn run_measured(dir: &Path, args: &[&dyn AsRef<std::ffi::OsStr>]) -> Measured {
     let err_path = dir.join("stderr");
     let out_path = dir.join("stdout");
+    // Reaped by wait4 below, which std's `Child::wait` cannot replace: it has no rusage.
+    #[allow(clippy::zombie_processes)]
     let child = tessera()
         .args(args.iter().map(|a| a.as_ref()))
         .env("TESSERA_STATE_DIR", dir.join("state"))
