@@ -91,9 +91,10 @@ struct InPlaceArgs {
     /// Memory budget of the sync (K, M, G suffixes; at least 8M): bounds together the
     /// scan's buffers (half of it), the scratch (a quarter), the requests in flight and
     /// fetched chunks waiting (an eighth of it counted in compressed bytes, whatever
-    /// --jobs says: requests beyond it wait) and the chunks read ahead of the writes (an
-    /// eighth). Peak memory is about this plus 8 MiB for the program, the index and the
-    /// plan (docs/SYNC.md, "Memory"). A smaller budget makes more, smaller requests.
+    /// --jobs says: requests beyond it wait), the chunks read ahead of the writes (an
+    /// eighth) and, with TARGET `-`, the chunks kept for their repeats (a quarter). Peak
+    /// memory is about this plus 8 MiB for the program, the index and the plan
+    /// (docs/SYNC.md, "Memory"). A smaller budget makes more, smaller requests.
     #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "64M")]
     max_memory: u64,
     /// Scan TARGET and every --seed even when tessera remembers what they hold. By
