@@ -407,6 +407,17 @@ pub(crate) fn random_bytes(buf: &mut [u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// Makes glibc's allocator keep one arena for all threads (`M_ARENA_MAX` 1); nothing
+/// elsewhere (musl has no arenas).
+pub(crate) fn one_malloc_arena() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only changes a setting of the allocator; M_ARENA_MAX limits the
+    // arenas created from then on.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

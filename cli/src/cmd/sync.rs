@@ -84,9 +84,19 @@ struct InPlaceArgs {
     #[arg(long, value_name = "PATH")]
     journal: Option<PathBuf>,
     /// Memory for breaking cycles of moves within TARGET (K, M, G suffixes); moves that
-    /// do not fit are fetched from the store instead [default: 16M].
+    /// do not fit are fetched from the store instead [default: a quarter of --max-memory,
+    /// at most 16M]. More than a quarter of --max-memory is refused.
     #[arg(long, value_name = "BYTES", value_parser = parse_size)]
     scratch_size: Option<u64>,
+    /// Memory budget of the sync (K, M, G suffixes; at least 8M): bounds together the
+    /// scan's buffers (half of it), the scratch (a quarter), the requests in flight and
+    /// fetched chunks waiting (an eighth of it counted in compressed bytes, whatever
+    /// --jobs says: requests beyond it wait), the chunks read ahead of the writes (an
+    /// eighth) and, with TARGET `-`, the chunks kept for their repeats (a quarter). Peak
+    /// memory is about this plus 8 MiB for the program, the index and the plan
+    /// (docs/SYNC.md, "Memory"). A smaller budget makes more, smaller requests.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "64M")]
+    max_memory: u64,
     /// Scan TARGET and every --seed even when tessera remembers what they hold. By
     /// default, a verified sync records the index TARGET then holds in the state
     /// directory ($TESSERA_STATE_DIR or ~/.local/state/tessera, in seeds/), and a later
@@ -107,6 +117,14 @@ struct InPlaceArgs {
 
 impl InPlaceArgs {
     fn options(&self) -> anyhow::Result<SyncOptions> {
+        tessera_engine::sync::memory::set_max_memory(self.max_memory).context("--max-memory")?;
+        let scratch_size = match self.scratch_size {
+            Some(s) => {
+                tessera_engine::sync::memory::check_scratch(s).context("--scratch-size")?;
+                s
+            }
+            None => DEFAULT_SCRATCH_SIZE.min(tessera_engine::sync::memory::max_scratch()),
+        };
         let mut seeds: Vec<SeedSpec> = self
             .seed
             .iter()
@@ -128,7 +146,7 @@ impl InPlaceArgs {
             seeds,
             journal: self.journal.clone(),
             dry_run: self.dry_run,
-            scratch_size: self.scratch_size.unwrap_or(DEFAULT_SCRATCH_SIZE),
+            scratch_size,
             force: self.force,
             max_download: self.max_download,
             ..SyncOptions::default()

@@ -8,14 +8,16 @@
 //! [`StoreRead::in_flight`] of them at once on its own threads, splits each answer into
 //! frames and verifies each chunk there (decompressed bounded to the index's length, then
 //! hashed against its id), and yields the chunks in the order asked. Bytes held ahead of
-//! the consumer (requests running plus chunks not yet taken) stay under a 64 MiB window.
+//! the consumer (requests running plus chunks not yet taken) stay under a window (64 MiB,
+//! or what [`set_fetch_window`] says: a sync sets an eighth of its memory budget), and a
+//! coalesced request is at most a quarter of that window.
 //!
 //! A chunk that fails verification is fetched again on its own, up to
 //! [`StoreRead::retries`] times, before its error is yielded: a hostile or damaged
 //! location file or pack can make a fetch fail, never deliver wrong bytes.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
@@ -49,7 +51,26 @@ fn max_gap() -> u64 {
 pub const MAX_REQUEST: u64 = 8 << 20;
 /// Bytes held ahead of the consumer of [`ChunkStore::fetch_ordered`] (requests running
 /// plus verified chunks waiting), beyond the request the consumer waits for.
-const WINDOW: u64 = 64 << 20;
+static WINDOW: AtomicU64 = AtomicU64::new(64 << 20);
+/// Smallest window: one request of 256 KiB at a time, four of them at most.
+const MIN_WINDOW: u64 = 1 << 20;
+
+/// Sets the window of every later [`ChunkStore::fetch_ordered`] of this process (at least
+/// 1 MiB): bytes of requests running plus verified chunks waiting. Requests coalesce up to
+/// a quarter of it (at most [`MAX_REQUEST`]); a single frame larger than that still gets
+/// a request of its own.
+pub fn set_fetch_window(bytes: u64) {
+    WINDOW.store(bytes.max(MIN_WINDOW), Ordering::Relaxed);
+}
+
+fn window() -> u64 {
+    WINDOW.load(Ordering::Relaxed)
+}
+
+/// Largest coalesced request under the current window.
+fn max_request() -> u64 {
+    (window() / 4).min(MAX_REQUEST)
+}
 /// Frame bytes of consecutive wanted chunks that one round of coalescing considers
 /// together: a request never covers chunks needed further apart than this.
 const SEGMENT: u64 = 16 << 20;
@@ -368,7 +389,7 @@ impl Shared {
                 Err(err) => unplaced.push((i, err)),
             }
         }
-        let queue = plan_requests(&wants, self.max_gap, MAX_REQUEST, SEGMENT)
+        let queue = plan_requests(&wants, self.max_gap, max_request(), SEGMENT)
             .into_iter()
             .map(|mut r| {
                 for w in &mut r.wants {
@@ -466,7 +487,7 @@ impl Ordered<'_> {
             let Some(head) = self.queue.front() else {
                 break;
             };
-            if !self.running.is_empty() && self.held + head.len > WINDOW {
+            if !self.running.is_empty() && self.held + head.len > window() {
                 break;
             }
             let req = self.queue.pop_front().expect("queue has a head");

@@ -33,7 +33,7 @@ use std::fmt;
 use std::str::FromStr;
 
 pub use cache::{CacheOptions, CacheStore};
-pub use fetch::{PackFetcher, MAX_GAP, MAX_REQUEST};
+pub use fetch::{set_fetch_window, PackFetcher, MAX_GAP, MAX_REQUEST};
 pub use local::LocalStore;
 
 use crate::chunk::VerifiedChunk;

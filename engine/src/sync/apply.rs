@@ -342,7 +342,10 @@ impl<'a> Executor<'a> {
         if ops.is_empty() {
             return Ok(());
         }
-        let window = (self.workers * 8).max(self.store.in_flight() * 2).max(16);
+        let window = super::memory::look_ahead(
+            u64::from(self.index.params().max),
+            (self.workers * 8).max(self.store.in_flight() * 2).max(16),
+        );
         let (token_tx, token_rx) = bounded::<()>(window);
         for _ in 0..window {
             token_tx.send(()).expect("receiver alive");

@@ -22,6 +22,7 @@ mod apply;
 pub mod fs;
 mod io;
 mod journal;
+pub mod memory;
 mod order;
 mod plan;
 mod seed;
@@ -57,7 +58,8 @@ use crate::progress::Progress;
 use crate::store::{ChunkStore, Estimate};
 use crate::ChunkId;
 
-/// Default bound of the scratch buffer that breaks move cycles: 16 MiB.
+/// Default bound of the scratch buffer that breaks move cycles: 16 MiB (a quarter of the
+/// default memory budget, [`memory::DEFAULT_MAX_MEMORY`]).
 pub const DEFAULT_SCRATCH_SIZE: u64 = 16 << 20;
 
 /// A seed: a file or block device that may hold chunks of the image.
@@ -456,6 +458,8 @@ pub fn sync_io(
     progress: &dyn Progress,
 ) -> Result<SyncReport> {
     check_size(index, io.target)?;
+    memory::check_scratch(io.scratch_size)?;
+    memory::apply_fetch_window();
     let identity = journal_identity(index, &io);
     let mut journal = None;
     let mut resume = None;
@@ -502,6 +506,8 @@ pub fn apply(
     progress: &dyn Progress,
 ) -> Result<SyncReport> {
     check_size(index, io.target)?;
+    memory::check_scratch(io.scratch_size)?;
+    memory::apply_fetch_window();
     let identity = journal_identity(index, &io);
     let journal = match io.journal.take() {
         Some(j) => Some(Journal::open(j, identity, index, io.seeds.len())?.0),

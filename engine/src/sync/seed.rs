@@ -26,8 +26,6 @@ use crate::index::Index;
 use crate::progress::Progress;
 use crate::ChunkId;
 
-/// Bytes a scan worker reads and cuts at once (plus a few maximum chunks of overlap).
-const SEGMENT: u64 = 32 << 20;
 /// Locations kept per chunk id: enough to choose a source that no write destroys.
 const MAX_LOCATIONS: usize = 8;
 
@@ -106,11 +104,13 @@ pub(crate) fn scan(
     progress: &dyn Progress,
 ) -> Result<Found> {
     let wanted = wanted(index);
+    // Bytes a scan worker reads and cuts at once (plus a few maximum chunks of overlap).
+    let segment = super::memory::scan_segment(workers, u64::from(index.params().max));
     let mut tasks = Vec::new();
     for (s, src) in sources.iter().enumerate() {
         let mut start = 0;
         while start < src.len {
-            let end = (start + SEGMENT).min(src.len);
+            let end = (start + segment).min(src.len);
             tasks.push((s, start, end));
             start = end;
         }

@@ -23,10 +23,6 @@ use crate::progress::Progress;
 use crate::store::{ChunkStore, Fetched};
 use crate::ChunkId;
 
-/// Bytes of fetched chunks kept for their later occurrences in the image; past this a
-/// later occurrence is fetched again.
-const REPEAT_CACHE: usize = 32 << 20;
-
 /// What [`sync_stream`] did.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 pub struct StreamReport {
@@ -69,6 +65,8 @@ pub fn sync_stream(
     workers: usize,
     progress: &dyn Progress,
 ) -> Result<StreamReport> {
+    super::memory::apply_fetch_window();
+    let repeat_cache = super::memory::repeat_cache();
     let devices = seeds
         .iter()
         .map(|s| Device::open_read(&s.path))
@@ -175,7 +173,7 @@ pub fn sync_stream(
                 if let Some(k) = kept.remove(&c.id) {
                     kept_bytes -= k.len();
                 }
-            } else if !kept.contains_key(&c.id) && kept_bytes + data.len() <= REPEAT_CACHE {
+            } else if !kept.contains_key(&c.id) && kept_bytes + data.len() <= repeat_cache {
                 kept_bytes += data.len();
                 kept.insert(c.id, data.to_vec());
             }
