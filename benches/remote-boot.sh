@@ -48,7 +48,7 @@ done
 [[ -f $IMG ]] || { echo "no image at $IMG (build the ext4 fixture pair: benches/remote.sh)" >&2; exit 1; }
 $PY -c 'import nbd' || { echo "missing python3-libnbd for $PY" >&2; exit 1; }
 nbdkit curl --dump-plugin >/dev/null 2>&1 \
-    || { echo "missing the nbdkit curl plugin (apt-get install nbdkit-plugin-curl)" >&2; exit 1; }
+    || { echo "missing the nbdkit curl plugin (apt-get install nbdkit; nbdkit-plugin-curl on some releases)" >&2; exit 1; }
 
 echo "== building (release)" >&2
 cargo build --release -q -p tessera-cli --manifest-path "$ROOT/Cargo.toml"
