@@ -30,7 +30,8 @@ use crate::store::ChunkStore;
 use crate::VerifiedChunk;
 use cache::{ChunkCache, Slot};
 
-/// Reads at least this long fetch their chunks in parallel.
+/// Reads at least this long fetch their chunks in parallel; from a remote store (one
+/// with more than one request in flight) any read over several chunks does.
 const PARALLEL_READ: usize = 1 << 20;
 
 /// Settings of an [`ImageReader`].
@@ -283,8 +284,11 @@ impl ImageReader {
             .chunk_at(offset)
             .expect("offset checked to be inside");
         // A large read has the background threads fetch its later chunks while this one
-        // fetches the first (smaller reads come many at a time, already in parallel).
-        if buf.len() >= PARALLEL_READ && chunks[i].end() < end {
+        // fetches the first. So does a small read over a chunk boundary from a remote
+        // store: a lone reader (a booting VM) would otherwise wait one round trip per
+        // chunk. Small reads from a local store come many at a time, already in parallel.
+        let parallel = buf.len() >= PARALLEL_READ || self.inner.store.in_flight() > 1;
+        if parallel && chunks[i].end() < end {
             self.enqueue(chunks[i].end(), end);
         }
         let mut pos = 0usize;

@@ -291,6 +291,104 @@ fn prefetch_fetches_its_range_once_and_reads_then_hit_the_cache() {
     );
 }
 
+/// A local store posing as a remote one (several requests in flight) whose range
+/// requests each wait until a second one is in flight, or 30 s (then it notes that the
+/// requests came one after the other).
+struct Rendezvous {
+    inner: LocalStore,
+    requests: Mutex<u64>,
+    arrived: Condvar,
+    alone: AtomicU64,
+}
+
+impl StoreRead for Rendezvous {
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+    fn read_file(&self, rel: &str, limit: u64) -> Result<Option<Vec<u8>>> {
+        self.inner.read_file(rel, limit)
+    }
+    fn read_range(&self, rel: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let mut n = self.requests.lock().unwrap();
+        *n += 1;
+        self.arrived.notify_all();
+        while *n < 2 {
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                self.alone.fetch_add(1, Ordering::SeqCst);
+                break;
+            }
+            n = self.arrived.wait_timeout(n, deadline - now).unwrap().0;
+        }
+        drop(n);
+        self.inner.read_range(rel, offset, len)
+    }
+    fn file_size(&self, rel: &str) -> Result<Option<u64>> {
+        self.inner.file_size(rel)
+    }
+    fn list_packs(&self) -> Result<Vec<crate::PackId>> {
+        self.inner.list_packs()
+    }
+    fn in_flight(&self) -> usize {
+        4
+    }
+}
+
+#[test]
+fn a_small_read_across_chunks_of_a_remote_store_fetches_them_at_once() {
+    let f = fixture();
+    let remote = Arc::new(Rendezvous {
+        inner: f.store.clone(),
+        requests: Mutex::new(0),
+        arrived: Condvar::new(),
+        alone: AtomicU64::new(0),
+    });
+    let fetcher = PackFetcher::open(remote.clone(), &f.index).unwrap();
+    let r = ImageReader::new(
+        f.index.clone(),
+        Arc::new(fetcher),
+        ReaderOptions {
+            readahead_bytes: 0,
+            ..Default::default()
+        },
+    );
+    let chunks = f.index.chunks();
+    // Two stored chunks in a row, and a 4 KiB read with 2 KiB in each.
+    let i = (0..chunks.len() - 1)
+        .find(|&i| !chunks[i].zero && !chunks[i + 1].zero && chunks[i].id != chunks[i + 1].id)
+        .expect("two stored chunks in a row");
+    assert!(chunks[i].len >= 2048 && chunks[i + 1].len >= 2048);
+    let at = chunks[i + 1].offset - 2048;
+    let mut buf = vec![0u8; 4096];
+    r.read_at(at, &mut buf).unwrap();
+    assert!(buf == f.data[at as usize..at as usize + 4096]);
+    // Each request found the other in flight: the chunks were fetched at the same time.
+    assert_eq!(*remote.requests.lock().unwrap(), 2);
+    assert_eq!(
+        remote.alone.load(Ordering::SeqCst),
+        0,
+        "one chunk after the other"
+    );
+    assert_eq!(r.stats().fetches, 2);
+    // Both are cached now: reading again asks nothing of the store.
+    r.read_at(at, &mut buf).unwrap();
+    assert!(buf == f.data[at as usize..at as usize + 4096]);
+    assert_eq!(*remote.requests.lock().unwrap(), 2);
+    // Small reads stay right when some of their chunks are cached and some are not.
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    for _ in 0..300 {
+        let off = rng.gen_range(0..f.data.len() as u64 - 70_000);
+        let len = rng.gen_range(1..70_000usize);
+        let mut buf = vec![0xAA; len];
+        r.read_at(off, &mut buf).unwrap();
+        assert!(
+            buf == f.data[off as usize..off as usize + len],
+            "{len} at {off}"
+        );
+    }
+}
+
 #[test]
 fn sequential_reads_queue_read_ahead() {
     let f = fixture();
