@@ -450,7 +450,9 @@ mod tests {
     fn a_write_into_zeros_reads_neither_the_rest_of_them_nor_more() {
         let report = commit_edit(|overlay, image, bytes| {
             let at = (1 << 20) + 4196;
-            overlay.write_at(image, at as u64, b"inside", false).unwrap();
+            overlay
+                .write_at(image, at as u64, b"inside", false)
+                .unwrap();
             bytes[at..at + 6].copy_from_slice(b"inside");
         });
         // The cuts after the write are out of step with the base's all through the 2 MiB
