@@ -26,28 +26,7 @@ pub(crate) fn block_device_size(file: &File) -> io::Result<u64> {
 /// Deallocates `[offset, offset + len)` of a regular file, keeping its size; reads of the
 /// range return zeros afterwards.
 pub(crate) fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
-    let (off, len) = match (i64::try_from(offset), i64::try_from(len)) {
-        (Ok(o), Ok(l)) => (o, l),
-        _ => {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "range too large",
-            ))
-        }
-    };
-    // SAFETY: fallocate takes plain integers; the fd is owned by `file` and stays open.
-    let rc = unsafe {
-        libc::fallocate(
-            file.as_raw_fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            off,
-            len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    fallocate(file, libc::FALLOC_FL_PUNCH_HOLE, offset, len)
 }
 
 /// Where `lseek` with `whence` (`SEEK_DATA` or `SEEK_HOLE`) from `offset` lands: `None`
@@ -83,24 +62,20 @@ pub(crate) fn seek_hole(file: &File, offset: u64) -> io::Result<Option<u64>> {
 /// Makes `[offset, offset + len)` of a block device read as zeros without writing them
 /// (`fallocate` with `FALLOC_FL_ZERO_RANGE`: the device's write-zeroes or discard path).
 pub(crate) fn zero_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
-    let (off, len) = match (i64::try_from(offset), i64::try_from(len)) {
-        (Ok(o), Ok(l)) => (o, l),
-        _ => {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "range too large",
-            ))
-        }
+    fallocate(file, libc::FALLOC_FL_ZERO_RANGE, offset, len)
+}
+
+/// `fallocate(file, mode | FALLOC_FL_KEEP_SIZE, offset, len)`.
+fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+    let (Ok(off), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "range too large",
+        ));
     };
     // SAFETY: fallocate takes plain integers; the fd is owned by `file` and stays open.
-    let rc = unsafe {
-        libc::fallocate(
-            file.as_raw_fd(),
-            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
-            off,
-            len,
-        )
-    };
+    let rc =
+        unsafe { libc::fallocate(file.as_raw_fd(), mode | libc::FALLOC_FL_KEEP_SIZE, off, len) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
