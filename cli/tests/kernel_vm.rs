@@ -20,7 +20,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tessera_fixtures::{Fixtures, Params};
-use util::{run_ok, skip_unless, tessera};
+use util::{run_ok, sh, skip_unless, tessera};
 
 /// Where `.ci/install-deps.sh` unpacks the kernel package.
 fn kernel_cache() -> PathBuf {
@@ -91,19 +91,6 @@ fn prerequisites() -> Option<(PathBuf, PathBuf)> {
         return None;
     }
     Some((kernel?, modules?))
-}
-
-fn sh(cmd: &mut Command) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn sha256(path: &Path) -> String {

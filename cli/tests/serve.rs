@@ -8,16 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use util::{is_root, pack_frames, random_bytes, run_err, run_ok, skip_unless, tessera};
-
-/// True when `tool` can be run; skips (or fails under CI=true) otherwise.
-fn have(tool: &str) -> bool {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    !skip_unless(found, tool)
-}
+use util::{have, is_root, pack_frames, random_bytes, run_err, run_ok, sh, skip_unless, tessera};
 
 /// A `tessera serve` child process; SIGTERM'd when dropped.
 struct Served {
@@ -115,19 +106,6 @@ fn wait_for(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-fn sh(cmd: &mut Command) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// 16 MiB: 6 MiB random, 4 MiB zeros, 6 MiB random.

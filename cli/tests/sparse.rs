@@ -9,7 +9,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use util::{is_root, json, random_bytes, run_ok, skip_unless, tessera, LoopDevice};
+use util::{have, is_root, json, random_bytes, run_ok, sh, skip_unless, tessera, LoopDevice};
 
 const SIZE: u64 = 8 << 30;
 
@@ -20,28 +20,6 @@ const PIECES: [(u64, usize); 4] = [
     (5 << 30, 24 << 20),
     (SIZE - (4 << 20) - 100, 4 << 20),
 ];
-
-/// True when `tool` can be run; skips (or fails under CI=true) otherwise.
-fn have(tool: &str) -> bool {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    !skip_unless(found, tool)
-}
-
-fn sh(cmd: &mut Command) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// A smaller one for block devices, which are read whole: 1 GiB with 6 MiB of data.
 const DEV_SIZE: u64 = 1 << 30;

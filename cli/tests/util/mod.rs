@@ -164,3 +164,26 @@ pub fn frame_bytes(pack: &Path, e: &tessera_engine::pack::TocEntry) -> Vec<u8> {
     let bytes = std::fs::read(pack).unwrap();
     bytes[e.offset as usize..(e.offset + u64::from(e.clen)) as usize].to_vec()
 }
+
+/// True when `tool` can be run; skips (or fails under CI=true) otherwise.
+pub fn have(tool: &str) -> bool {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    !skip_unless(found, tool)
+}
+
+/// Runs `cmd`, asserts it succeeded (showing its output otherwise), returns its stdout.
+pub fn sh(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
