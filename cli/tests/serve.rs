@@ -769,6 +769,8 @@ h.flush()
     let out = dir.path().join("out.img");
     run_ok(&[&"sync", &new, &out, &"--store", &store, &"-q"]);
     assert!(std::fs::read(&out).unwrap() == want, "the release differs");
+    let info = run_ok(&[&"info", &new]);
+    assert!(info.contains("image hash     not recorded"), "{info}");
 
     // A missing overlay is an error, not a new empty overlay.
     let missing = dir.path().join("missing.overlay");

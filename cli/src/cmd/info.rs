@@ -71,7 +71,12 @@ pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
             "chunker        FastCDC 2020, min {} avg {} max {}",
             info.chunker.min, info.chunker.avg, info.chunker.max
         ));
-        out.line(format!("image hash     {}", info.image_hash));
+        if index.image_hash() == [0; 32] {
+            // An index written by `commit`, or a casync one: no image hash recorded.
+            out.line("image hash     not recorded");
+        } else {
+            out.line(format!("image hash     {}", info.image_hash));
+        }
         out.line(format!("root hash      {}", info.root_hash));
     }
     Ok(ExitCode::SUCCESS)
