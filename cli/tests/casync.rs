@@ -136,6 +136,35 @@ fn sync_and_verify_with_each_compressor_and_digest() {
         );
         let verified = run_ok(&[&"verify", &p.caibx, &target]);
         assert!(verified.contains("OK"), "{verified}");
+        // Through pipes, chunks are checked with the index's digest too: verify reads
+        // stdin, and a stream takes every chunk from a seed that holds it.
+        let piped = tessera()
+            .args(["verify".as_ref(), p.caibx.as_os_str(), "-".as_ref()])
+            .stdin(fs::File::open(&target).unwrap())
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&piped.stdout);
+        assert!(
+            piped.status.success() && said.contains("OK"),
+            "{extra:?}: {said}"
+        );
+        let streamed = tessera()
+            .arg("sync")
+            .args([
+                p.caibx.as_os_str(),
+                "-".as_ref(),
+                "--store".as_ref(),
+                p.store.as_os_str(),
+            ])
+            .args(["--seed".as_ref(), target.as_os_str(), "--json".as_ref()])
+            .output()
+            .unwrap();
+        let report = String::from_utf8_lossy(&streamed.stderr);
+        assert!(streamed.status.success(), "{extra:?}: {report}");
+        assert!(streamed.stdout == fs::read(&p.image).unwrap(), "{extra:?}");
+        let report = json(&report);
+        assert_eq!(report["fallbacks"], 0, "{extra:?}: {report}");
+        assert_eq!(report["chunks_fetched"], 0, "{extra:?}: {report}");
         // One byte changed: verify names the chunk.
         let mut bytes = fs::read(&target).unwrap();
         bytes[4_500_000] ^= 1;

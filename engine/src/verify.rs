@@ -87,7 +87,7 @@ pub fn verify_stream(
             }
             return Err(Error::io("reading", name, e));
         }
-        if crate::ChunkId::of(&buf) != c.id {
+        if index.digest().id(&buf) != c.id {
             bad_chunks += 1;
             first_bad_offset.get_or_insert(c.offset);
         }

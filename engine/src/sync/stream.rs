@@ -17,6 +17,7 @@ use super::seed::{self, Found, ScanSource};
 use super::{Holder, ReadAt, SeedSpec};
 use crate::chunk::VerifiedChunk;
 use crate::device::Device;
+use crate::digest::ChunkDigest;
 use crate::error::{Error, Result};
 use crate::index::{hex, ChunkEntry, ImageHasher, Index, FORMAT_VERSION_1};
 use crate::progress::Progress;
@@ -136,7 +137,7 @@ pub fn sync_stream(
             owned = k.clone();
             &owned
         } else if let Some(locations) = found.locations.get(&c.id) {
-            owned = match from_seeds(c, locations, &devices) {
+            owned = match from_seeds(index.digest(), c, locations, &devices) {
                 Some(k) => {
                     report.bytes_from_seeds += u64::from(c.len);
                     k.into_data()
@@ -198,6 +199,7 @@ pub fn sync_stream(
 
 /// The chunk `c` from the first seed copy that hashes to its id.
 fn from_seeds(
+    digest: ChunkDigest,
     c: &ChunkEntry,
     locations: &[super::Location],
     devices: &[Device],
@@ -209,7 +211,7 @@ fn from_seeds(
         let dev = devices.get(usize::from(n))?;
         let mut buf = vec![0u8; c.len as usize];
         ReadAt::read_exact_at(dev, &mut buf, l.offset).ok()?;
-        VerifiedChunk::verify(c.id, buf, &dev.path().display().to_string()).ok()
+        VerifiedChunk::verify_with(digest, c.id, buf, &dev.path().display().to_string()).ok()
     })
 }
 
