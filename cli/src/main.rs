@@ -96,16 +96,8 @@ fn exit_code(err: &anyhow::Error) -> u8 {
         return 1;
     };
     match e {
-        Error::Io { path, .. } => {
-            let remote = ["http://", "https://", "s3://"]
-                .iter()
-                .any(|scheme| path.to_string_lossy().starts_with(scheme));
-            if remote {
-                EXIT_RETRY
-            } else {
-                EXIT_BROKEN
-            }
-        }
+        Error::Io { .. } if e.is_remote() => EXIT_RETRY,
+        Error::Io { .. } => EXIT_BROKEN,
         _ => match e.kind() {
             ErrorKind::MissingChunk => EXIT_RETRY,
             ErrorKind::Untrusted | ErrorKind::InvalidIndex | ErrorKind::CorruptChunk => {

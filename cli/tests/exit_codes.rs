@@ -50,6 +50,28 @@ fn network_failures_say_retry_later() {
 }
 
 #[test]
+fn every_mirror_unreachable_says_retry_later() {
+    let dir = TempDir::new().unwrap();
+    let (_, _, index) = made(dir.path());
+    let dead = |_| format!("http://127.0.0.1:{}", free_port());
+    let (one, two) = (dead(1), dead(2));
+    let target = dir.path().join("t.raw");
+    let (c, err) = code(&[
+        &"sync",
+        &index,
+        &target,
+        &"--store",
+        &one,
+        &"--store",
+        &two,
+        &"--retries",
+        &"0",
+    ]);
+    assert_eq!(c, 3, "{err}");
+    assert!(err.contains("every mirror failed"), "{err}");
+}
+
+#[test]
 fn a_store_missing_a_pack_says_retry_later() {
     let dir = TempDir::new().unwrap();
     let (_, store, index) = made(dir.path());

@@ -42,11 +42,14 @@ pub enum Error {
     Io {
         /// What was being done ("reading", "writing"...).
         what: &'static str,
-        /// The file, device or store path involved.
+        /// The file, device or store path involved (a URL for a remote store).
         path: PathBuf,
         /// The underlying error.
         #[source]
         source: io::Error,
+        /// Whether it happened on the network (a remote store or index): worth retrying
+        /// later, unlike a local disk's failure.
+        remote: bool,
     },
     /// A malformed index.
     #[error("invalid index {origin}: {reason}")]
@@ -119,6 +122,23 @@ impl Error {
             what,
             path: path.into(),
             source,
+            remote: false,
         }
+    }
+
+    /// An I/O error on the network: `url` (redacted) could not be reached, answered an
+    /// error, or cut its answer short.
+    pub fn remote_io(what: &'static str, url: impl Into<PathBuf>, source: io::Error) -> Self {
+        Error::Io {
+            what,
+            path: url.into(),
+            source,
+            remote: true,
+        }
+    }
+
+    /// Whether this is an I/O error on the network (see [`Error::remote_io`]).
+    pub fn is_remote(&self) -> bool {
+        matches!(self, Error::Io { remote: true, .. })
     }
 }

@@ -204,7 +204,7 @@ pub(crate) fn no_headers_for_s3(spec: &str, opts: &StoreOptions) -> Result<()> {
 }
 
 fn not_found(spec: &str) -> Error {
-    Error::io(
+    Error::remote_io(
         "fetching index",
         PathBuf::from(redact(spec)),
         std::io::Error::new(std::io::ErrorKind::NotFound, "not found (HTTP 404)"),

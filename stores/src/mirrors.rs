@@ -131,6 +131,8 @@ impl MirrorStore {
         let mut lacking = Vec::new();
         let mut failures = Vec::new();
         let mut refused = true;
+        // Retrying later helps when any mirror failed on the network.
+        let mut remote = false;
         for (k, &i) in order.iter().enumerate() {
             let next = order
                 .get(k + 1)
@@ -151,6 +153,7 @@ impl MirrorStore {
                 Outcome::Failed(e) => {
                     let msg = chain(&e);
                     refused &= is_refused(&e);
+                    remote |= e.is_remote();
                     self.demote(i);
                     self.warn_once(i, "failed", || {
                         format!("failed: {msg}; it is tried last from now on{next}")
@@ -167,7 +170,8 @@ impl MirrorStore {
                 } else {
                     std::io::ErrorKind::Other
                 };
-                Err(Error::io(
+                let fail = if remote { Error::remote_io } else { Error::io };
+                Err(fail(
                     "fetching",
                     std::path::PathBuf::from(what),
                     std::io::Error::new(

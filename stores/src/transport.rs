@@ -163,11 +163,11 @@ impl Transport {
                 Err(Failure::Fatal(msg)) => return Err(remote_error(what, url, msg)),
                 Err(Failure::Refused(msg)) => {
                     let source = io::Error::new(io::ErrorKind::PermissionDenied, msg);
-                    return Err(Error::io(what, PathBuf::from(url), source));
+                    return Err(Error::remote_io(what, PathBuf::from(url), source));
                 }
                 Err(Failure::TooLarge(msg)) => {
                     let source = io::Error::new(io::ErrorKind::FileTooLarge, msg);
-                    return Err(Error::io(what, PathBuf::from(url), source));
+                    return Err(Error::remote_io(what, PathBuf::from(url), source));
                 }
                 Err(Failure::Retry(msg)) if n >= self.retries => {
                     let msg = format!("{msg} (gave up after {} attempts)", n + 1);
@@ -788,7 +788,7 @@ fn base64(bytes: &[u8]) -> String {
 
 /// An engine error naming the URL; `msg` becomes the source so `{:#}` prints both once.
 pub(crate) fn remote_error(what: &'static str, url: &str, msg: String) -> Error {
-    Error::io(what, PathBuf::from(url), io::Error::other(msg))
+    Error::remote_io(what, PathBuf::from(url), io::Error::other(msg))
 }
 
 #[cfg(test)]
