@@ -39,17 +39,11 @@ fn dir() -> PathBuf {
     tessera_engine::sync::state_dir().join("seeds")
 }
 
-/// Whether the records directory is tessera's own: a real directory owned by this user,
-/// writable by no one else (whoever can write it could only make syncs scan less well,
-/// but its records are not used then).
-fn private(dir: &Path) -> bool {
-    fs::symlink_metadata(dir)
-        .is_ok_and(|m| m.is_dir() && m.uid() == euid() && m.mode() & 0o022 == 0)
-}
-
-/// This process's effective uid: the owner of its `/proc/self`.
-fn euid() -> u32 {
-    fs::metadata("/proc/self").map_or(u32::MAX, |m| m.uid())
+/// Refuses a records directory that is not tessera's own: a real directory owned by this
+/// user, writable by no one else (whoever can write it could only make syncs scan less
+/// well, but its records are not used then).
+fn check_private(dir: &Path) -> tessera_engine::Result<()> {
+    tessera_engine::sync::check_private_dir(dir, "seed record directory", "fix or remove it")
 }
 
 /// The canonical path of `path`, its record's file stem, and its identity now.
@@ -77,9 +71,7 @@ fn identify(path: &Path) -> std::io::Result<(PathBuf, String, String)> {
 /// a sync of it is unfinished). A record that does not match is removed; `note` hears why.
 pub fn recall(path: &Path, pending: bool, note: &dyn Fn(String)) -> Option<Index> {
     let dir = dir();
-    if !private(&dir) {
-        return None;
-    }
+    check_private(&dir).ok()?;
     let (canonical, tag, identity) = identify(path).ok()?;
     let json = dir.join(format!("{tag}.json"));
     let text = fs::read(&json).ok()?;
@@ -154,11 +146,7 @@ pub fn remember(path: &Path, index: &Index) -> anyhow::Result<()> {
         .mode(0o700)
         .create(&dir)
         .with_context(|| format!("creating {}", dir.display()))?;
-    anyhow::ensure!(
-        private(&dir),
-        "{} is not a directory of this user's that no one else can write",
-        dir.display()
-    );
+    check_private(&dir)?;
     let (canonical, tag, identity) =
         identify(path).with_context(|| format!("inspecting {}", path.display()))?;
     tessera_engine::write_atomic(&dir.join(format!("{tag}.tidx")), &index.to_bytes())?;

@@ -218,15 +218,19 @@ pub fn state_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/var/lib/tessera"))
 }
 
-/// Refuses a journal directory that others could change: it must be a directory itself
-/// (not a symbolic link), owned by this user, and writable by no one else. A missing one
-/// is fine (nothing is created by a dry run).
-fn check_private_dir(dir: &Path) -> Result<()> {
+/// Refuses a directory of tessera's state (`what`: "journal directory", ...) that others
+/// could change: it must be a directory itself (not a symbolic link), owned by this user,
+/// and writable by no one else. A missing one is fine (nothing is created by a dry run).
+/// `remedy` ends the error message.
+///
+/// # Errors
+/// [`Error::InvalidInput`] saying what is wrong; [`Error::Io`] if it cannot be inspected.
+pub fn check_private_dir(dir: &Path, what: &str, remedy: &str) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
     let m = match stdfs::symlink_metadata(dir) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(Error::io("inspecting journal directory", dir, e)),
+        Err(e) => return Err(Error::io("inspecting", dir, e)),
     };
     let euid = crate::sys::euid();
     let found = if m.file_type().is_symlink() {
@@ -243,9 +247,9 @@ fn check_private_dir(dir: &Path) -> Result<()> {
     match found {
         None => Ok(()),
         Some(found) => Err(Error::InvalidInput(format!(
-            "journal directory {} is {found}: it must be a real directory owned by uid \
-             {euid} and writable by no one else, since whoever can change it can replace \
-             the journal (fix or remove it, or name a journal with --journal)",
+            "{what} {} is {found}: it must be a real directory owned by uid {euid} and \
+             writable by no one else, since whoever can change it can replace what is in \
+             it ({remedy})",
             dir.display()
         ))),
     }
@@ -391,7 +395,11 @@ pub fn sync_with_fs<F: Fs>(
                 if !opts.dry_run {
                     self::fs::create_dir_durably(fs, &dir)?;
                 }
-                check_private_dir(&dir)?;
+                check_private_dir(
+                    &dir,
+                    "journal directory",
+                    "fix or remove it, or name a journal with --journal",
+                )?;
             }
             path
         }
