@@ -19,6 +19,8 @@ use crate::sync::fs::FsFile;
 /// systems that cannot tell are all data.
 pub struct Extents<'a> {
     file: &'a File,
+    /// The device's count of bytes read through [`Device::segments`].
+    read: &'a AtomicU64,
     pos: u64,
     size: u64,
     /// End of the data extent `pos` is in (when `pos < data_end`).
@@ -60,6 +62,7 @@ impl Source for Extents<'_> {
                 Ok(0) => return Ok(Segment::End),
                 Ok(n) => {
                     self.pos += n as u64;
+                    self.read.fetch_add(n as u64, Ordering::Relaxed);
                     return Ok(Segment::Data(n));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -88,6 +91,8 @@ pub struct Device {
     size: AtomicU64,
     /// `(device, inode)` of a file, `(u64::MAX, device number)` of a block device.
     node: (u64, u64),
+    /// Bytes read through [`Device::segments`] (holes are not read).
+    read: AtomicU64,
 }
 
 impl Device {
@@ -137,7 +142,13 @@ impl Device {
             kind,
             size: AtomicU64::new(size),
             node,
+            read: AtomicU64::new(0),
         })
+    }
+
+    /// Bytes read so far through [`Device::segments`]: the data, not the holes.
+    pub fn bytes_read(&self) -> u64 {
+        self.read.load(Ordering::Relaxed)
     }
 
     /// The path it was opened with.
@@ -219,6 +230,7 @@ impl Device {
     pub fn segments(&self, size: u64) -> ZeroScan<Extents<'_>> {
         ZeroScan::new(Extents {
             file: &self.file,
+            read: &self.read,
             pos: 0,
             size,
             data_end: 0,
