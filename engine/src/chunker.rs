@@ -103,6 +103,12 @@ impl ChunkerParams {
         (MASKS[bits + 1], MASKS[bits - 1])
     }
 
+    /// Length of the chunk that starts where at least `max` zero bytes follow: every
+    /// chunk cut inside a long run of zeros has this length.
+    pub fn zero_cut_len(&self) -> u32 {
+        self.cut_len(&vec![0; self.max as usize]) as u32
+    }
+
     /// Length of the chunk that starts at `data[0]`.
     ///
     /// The cut is the one a stream would get only when `data` holds at least `max` bytes
@@ -367,7 +373,7 @@ impl<S: Segments> Chunker<S> {
             eof: false,
             offset: 0,
             pending: 0,
-            zero_cut: params.cut_len(&vec![0; params.max as usize]) as u32,
+            zero_cut: params.zero_cut_len(),
         }
     }
 

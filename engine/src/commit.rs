@@ -9,7 +9,7 @@
 //! The bytes read are those of the changed chunks and of the few chunks it takes the cuts
 //! to fall back into step; the rest costs one bitmap lookup per base chunk. Where the cuts
 //! are out of step in a run of zeros (which the base index and the bitmap show without
-//! reading), each chunk is `max` long, as `make` cuts zeros, and nothing is read either.
+//! reading), each chunk is cut as `make` cuts zeros, and nothing is read either.
 //!
 //! The new chunks go into new packs of the store (streamed like `make`'s); a new chunk
 //! that the base index already holds, and every unchanged chunk, keeps its place in the
@@ -110,6 +110,7 @@ pub fn commit(
     let mut placer = Placer::new(store, base_places);
     let mut records: Vec<(ChunkId, u32)> = Vec::with_capacity(chunks.len());
     let mut buf = vec![0u8; params.max as usize];
+    let zero_cut = params.zero_cut_len();
     // `next`: the first base chunk starting at or after `pos`.
     let (mut pos, mut next) = (0u64, 0usize);
     while pos < size {
@@ -134,11 +135,11 @@ pub fn commit(
         }
         let max = u64::from(params.max);
         if pos + max <= size && zeros_ahead(base, overlay, pos, max)? {
-            // The next `max` bytes are zeros: no cut is found in zeros, so the chunk is
-            // `max` long (as `make` cuts a zero run), known without reading it.
-            records.push((zeros.get(params.max), params.max));
-            pos += max;
-            progress.advance(max);
+            // The next `max` bytes are zeros: the chunk is cut as `make` cuts a zero run,
+            // known without reading it.
+            records.push((zeros.get(zero_cut), zero_cut));
+            pos += u64::from(zero_cut);
+            progress.advance(u64::from(zero_cut));
             continue;
         }
         let want = (size - pos).min(max) as usize;
