@@ -251,23 +251,39 @@ impl StoreArgs {
     /// The URL cannot be fetched, or its index is larger than --max-index-size.
     pub fn fetch_index(&self, index: &Path) -> anyhow::Result<IndexSource> {
         let spec = index.to_string_lossy();
-        tessera_stores::fetch_index(&spec, &self.options()?).map_err(|e| {
-            let too_large = matches!(
-                &e,
-                tessera_engine::Error::Io { source, .. }
-                    if source.kind() == std::io::ErrorKind::FileTooLarge
-            );
-            if too_large {
-                anyhow::Error::new(e).context(format!(
-                    "index {} is larger than --max-index-size ({} bytes); raise it if the \
-                     index is genuine",
-                    tessera_stores::redact(&spec),
-                    self.max_index_size
-                ))
-            } else {
-                e.into()
-            }
-        })
+        tessera_stores::fetch_index(&spec, &self.options()?).map_err(|e| self.index_error(&spec, e))
+    }
+
+    /// The index named by `index` (a path or URL, fetched as [`StoreArgs::fetch_index`]
+    /// does), parsed, without trust checks (for `check`, `prune` and `commit`, which verify
+    /// every chunk they use); `what` names it in errors ("kept index").
+    ///
+    /// # Errors
+    /// As [`StoreArgs::fetch_index`], and a malformed index.
+    pub fn load_index(&self, index: &Path, what: &str) -> anyhow::Result<Index> {
+        let spec = index.to_string_lossy();
+        tessera_stores::load_index(&spec, &self.options()?)
+            .map_err(|e| self.index_error(&spec, e))
+            .with_context(|| format!("loading {what} {}", tessera_stores::redact(&spec)))
+    }
+
+    /// Explains an index over --max-index-size; other errors as they are.
+    fn index_error(&self, spec: &str, e: tessera_engine::Error) -> anyhow::Error {
+        let too_large = matches!(
+            &e,
+            tessera_engine::Error::Io { source, .. }
+                if source.kind() == std::io::ErrorKind::FileTooLarge
+        );
+        if too_large {
+            anyhow::Error::new(e).context(format!(
+                "index {} is larger than --max-index-size ({} bytes); raise it if the index \
+                 is genuine",
+                tessera_stores::redact(spec),
+                self.max_index_size
+            ))
+        } else {
+            e.into()
+        }
     }
 
     /// Where `make` writes an index given as a path or s3:// URL: write to

@@ -45,15 +45,11 @@ struct Json<'a> {
 
 pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
     let store = args.store.open_single("check")?;
-    let opts = args.store.options()?;
-    let mut indexes = Vec::new();
-    for spec in &args.indexes {
-        let spec = spec.to_string_lossy();
-        indexes.push(
-            tessera_stores::load_index(&spec, &opts)
-                .with_context(|| format!("loading index {}", tessera_stores::redact(&spec)))?,
-        );
-    }
+    let indexes = args
+        .indexes
+        .iter()
+        .map(|spec| args.store.load_index(spec, "index"))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let report = check(&*store, &indexes)
         .with_context(|| format!("checking store {}", args.store.shown()))?;
     let ok = report.ok();

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use tessera_engine::store::prune::MakeGuard;
-use tessera_engine::{ImageReader, Index, Overlay, ReaderOptions, StoreRead};
+use tessera_engine::{ImageReader, Overlay, ReaderOptions, StoreRead};
 
 use crate::output::{human_bytes, Output};
 use crate::store_args::StoreArgs;
@@ -28,7 +28,7 @@ use crate::store_args::StoreArgs;
 pub struct Args {
     /// The overlay file (`serve --overlay`).
     overlay: PathBuf,
-    /// The index the overlay belongs to.
+    /// The index the overlay belongs to: a path or URL.
     #[arg(long, value_name = "INDEX")]
     base: PathBuf,
     /// The store holding the base image's packs and location file, where the new chunks go.
@@ -43,7 +43,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
-    let base = Index::load(&args.base)?;
+    let base = args.store.load_index(&args.base, "base index")?;
     // `Overlay::open` creates a missing overlay: a commit needs one that exists.
     std::fs::symlink_metadata(&args.overlay)
         .with_context(|| format!("opening the overlay {}", args.overlay.display()))?;

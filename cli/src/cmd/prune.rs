@@ -73,15 +73,11 @@ fn parse_duration(s: &str) -> anyhow::Result<Duration> {
 
 pub fn run(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
     let store = args.store.open_for_write()?;
-    let opts = args.store.options()?;
-    let mut keep = Vec::new();
-    for spec in &args.keep {
-        let spec = spec.to_string_lossy();
-        keep.push(
-            tessera_stores::load_index(&spec, &opts)
-                .with_context(|| format!("loading kept index {}", tessera_stores::redact(&spec)))?,
-        );
-    }
+    let keep = args
+        .keep
+        .iter()
+        .map(|spec| args.store.load_index(spec, "kept index"))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let popts = PruneOptions {
         grace: args.grace,
         dry_run: args.dry_run,
