@@ -308,3 +308,28 @@ fn verify_reads_stdin() {
     cat.wait().unwrap();
     assert!(out.status.success());
 }
+
+#[test]
+fn flags_of_an_in_place_sync_are_refused_for_a_stream() {
+    let dir = TempDir::new().unwrap();
+    let (_, v2) = releases();
+    let (store, index) = make(dir.path(), "v2", &v2);
+    let journal = dir.path().join("j");
+    for flag in [
+        &[&"--dry-run" as &dyn AsRef<std::ffi::OsStr>][..],
+        &[&"--journal", &journal],
+        &[&"--force"],
+        &[&"--rescan"],
+        &[&"--scratch-size", &"1M"],
+    ] {
+        let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> =
+            vec![&"sync", &index, &"-", &"--store", &store];
+        args.extend_from_slice(flag);
+        let out = piped(&args, b"");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{err}");
+        let name = flag[0].as_ref().to_string_lossy();
+        assert!(err.contains(&format!("{name} does not apply")), "{err}");
+        assert!(out.stdout.is_empty(), "{name}: bytes written");
+    }
+}

@@ -289,12 +289,13 @@ fn run_stream(args: Args, out: &Output) -> anyhow::Result<ExitCode> {
         ("--journal", p.journal.is_some()),
         ("--scratch-size", p.scratch_size.is_some()),
         ("--force", p.force),
+        ("--rescan", p.rescan),
         ("--verity-hash-file", args.verity_hash_file.is_some()),
     ] {
         anyhow::ensure!(
             !given,
             "{flag} does not apply to `sync INDEX -` (a stream to stdout: nothing to plan in \
-             place, resume or hash again)"
+             place, resume, remember or hash again)"
         );
     }
     let stdout = std::io::stdout();
